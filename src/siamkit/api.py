@@ -1,0 +1,86 @@
+"""The Python API: ``siamkit.load(run_or_checkpoint)`` -> Verifier."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data.sources import decode_image
+from .data.transforms import Preprocess, image_to_uint8
+from .errors import SiamkitError
+from .eval.embed import embed_images
+from .eval.verification import pair_scores
+from .models.siamese import ModelSpec, SiameseNet
+from .train.checkpoint import load_checkpoint, resolve_checkpoint
+
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[SiameseNet, dict]:
+    """Rebuild the network from a checkpoint alone; returns (model in eval mode, checkpoint)."""
+    ckpt_path = resolve_checkpoint(path)
+    ckpt = load_checkpoint(ckpt_path)
+    try:
+        model = SiameseNet(ModelSpec(**ckpt["model_spec"]))
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise SiamkitError(f"{ckpt_path} does not match this version of siamkit's models ({type(e).__name__}: {str(e)[:120]})") from None
+    return model.to(device).eval(), ckpt
+
+
+class Verifier:
+    """Embeds images and says whether two show the same identity, with the model's own preprocessing."""
+
+    def __init__(self, model: SiameseNet, preprocess: Preprocess, threshold: float | None, score: str, device="cpu"):
+        self.model, self.preprocess, self.threshold, self.score_name = model, preprocess, threshold, score
+        self.device = torch.device(device)
+
+    def _to_uint8(self, image) -> torch.Tensor:
+        if isinstance(image, (str, os.PathLike)):
+            try:
+                return decode_image(image, self.preprocess)
+            except ValueError as e:
+                raise SiamkitError(f"cannot read image {image}: {e}") from None
+            except FileNotFoundError:
+                raise SiamkitError(f"image {image} does not exist") from None
+        if isinstance(image, torch.Tensor):
+            image = image.detach().cpu().numpy()
+            if image.ndim == 3 and image.shape[0] in (1, 3):
+                image = image.transpose(1, 2, 0)
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8:
+                image = np.clip(np.rint(image * 255.0 if image.max() <= 1.0 else image), 0, 255).astype(np.uint8)
+            image = Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[-1] == 1 else image)
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"cannot embed a {type(image).__name__}; pass paths, PIL images, arrays or tensors")
+        return image_to_uint8(image, self.preprocess)
+
+    def embed(self, images: Sequence, flip: bool = False) -> np.ndarray:
+        """Embeddings [N, D] of image paths, PIL images, HxW(xC) arrays or CxHxW tensors."""
+        batch = torch.stack([self._to_uint8(im) for im in images])
+        return embed_images(self.model, batch, self.preprocess, self.device, flip=flip)
+
+    def score(self, a, b) -> float | np.ndarray:
+        """Similarity of a and b (higher = more alike); a list of images on each side gives an array."""
+        single = not isinstance(a, (list, tuple))
+        ea, eb = self.embed([a] if single else a), self.embed([b] if single else b)
+        s = pair_scores(ea, eb, self.score_name)
+        return float(s[0]) if single else s
+
+    def verify(self, a, b, threshold: float | None = None) -> bool | np.ndarray:
+        """True where a and b show the same identity (score >= threshold)."""
+        t = self.threshold if threshold is None else threshold
+        if t is None:
+            raise SiamkitError("this checkpoint has no calibrated threshold (no held-out evaluation); pass threshold=")
+        s = self.score(a, b)
+        return bool(s >= t) if isinstance(s, float) else s >= t
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Verifier:
+    """A Verifier for a run folder (its best.pt or last.pt) or a checkpoint file."""
+    model, ckpt = load_model(path, device)
+    threshold = ckpt.get("threshold")
+    return Verifier(model, Preprocess.from_dict(ckpt["preprocess"]), threshold, ckpt.get("score", "cosine"), device)

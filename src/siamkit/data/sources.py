@@ -1,0 +1,295 @@
+"""Data sources: a folder of identity sub-folders, or scikit-learn's digits, Olivetti and LFW.
+
+Every source becomes an IdentityDataset of decoded uint8 images kept in memory, so that an epoch
+never decodes a file twice.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import SiamkitError, warn
+from .transforms import Preprocess, image_to_uint8
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+BUILTIN_SOURCES = ("digits", "olivetti", "lfw")
+# Refuse images above this many pixels before decoding them (decompression-bomb guard).
+MAX_IMAGE_PIXELS = 40_000_000
+# Keep decoded images in memory only while they take at most this share of the machine's RAM.
+MAX_MEMORY_SHARE = 0.5
+
+
+@dataclass
+class IdentityDataset:
+    """Decoded images with identity labels."""
+
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: np.ndarray  # int64 [N], 0..n_identities-1
+    names: list[str]  # identity names, indexed by label
+    paths: list[str]  # one per image: path relative to the root, or a synthetic id for built-in sets
+    root: str = ""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def n_identities(self) -> int:
+        return len(self.names)
+
+    def subset(self, identity_ids: np.ndarray) -> "IdentityDataset":
+        """The images of the given identities, with labels renumbered 0..len(identity_ids)-1."""
+        identity_ids = np.asarray(sorted(int(i) for i in identity_ids))
+        remap = np.full(self.n_identities, -1, dtype=np.int64)
+        remap[identity_ids] = np.arange(len(identity_ids))
+        keep = np.flatnonzero(remap[self.labels] >= 0)
+        return IdentityDataset(
+            images=self.images[torch.from_numpy(keep)],
+            labels=remap[self.labels[keep]],
+            names=[self.names[i] for i in identity_ids],
+            paths=[self.paths[i] for i in keep],
+            root=self.root,
+        )
+
+
+def default_preprocess(source: str, image_size=None, center_crop=None, grayscale=False) -> Preprocess:
+    """The preprocessing a source gets unless the user overrides it."""
+    defaults = {"digits": ((32, 32), 1.0), "olivetti": ((64, 64), 1.0), "lfw": ((64, 64), 0.5)}
+    size, crop = defaults.get(source, ((64, 64), 1.0))
+    channels = 1 if grayscale else 3
+    return Preprocess(
+        image_size=tuple(image_size) if image_size else size,
+        center_crop=float(center_crop) if center_crop is not None else crop,
+        channels=channels,
+        mean=(0.5,) * channels,
+        std=(0.5,) * channels,
+    )
+
+
+def load_source(source: str, pre: Preprocess, data_home: str | None = None) -> IdentityDataset:
+    """Load ``source`` (a folder or a built-in name) decoded with ``pre``."""
+    if source == "digits":
+        return _load_digits(pre)
+    if source == "olivetti":
+        return _load_olivetti(pre, data_home)
+    if source == "lfw":
+        return _load_lfw(pre, data_home)
+    return load_folder(source, pre)
+
+
+def _check_memory(n_images: int, pre: Preprocess) -> None:
+    need = n_images * pre.channels * pre.image_size[0] * pre.image_size[1]
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > MAX_MEMORY_SHARE * total:
+        raise SiamkitError(
+            f"{n_images} images at {pre.image_size[0]}x{pre.image_size[1]} need {need / 2**30:.1f} GiB decoded, "
+            f"more than half of this machine's memory; pass a smaller --image-size"
+        )
+
+
+def list_folder(root: str | os.PathLike) -> tuple[list[str], list[list[Path]]]:
+    """Identity names and their candidate image files, sorted; clear errors for unusable folders."""
+    root_path = Path(root)
+    if not root_path.exists():
+        raise SiamkitError(
+            f"data folder {root} does not exist; pass a folder with one sub-folder per identity, "
+            f"or one of: {', '.join(BUILTIN_SOURCES)}"
+        )
+    if not root_path.is_dir():
+        raise SiamkitError(f"--data {root} is a file, not a folder; pass a folder with one sub-folder per identity")
+    names: list[str] = []
+    files: list[list[Path]] = []
+    try:
+        entries = sorted(os.scandir(root_path), key=lambda e: e.name)
+    except OSError as e:
+        raise SiamkitError(f"cannot read data folder {root}: {e.strerror}") from None
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            is_dir = entry.is_dir()  # follows links; a link loop just reads as "not a folder"
+        except OSError:
+            is_dir = False
+        if not is_dir:
+            continue
+        try:
+            images = sorted(
+                Path(f.path)
+                for f in os.scandir(entry.path)
+                if not f.name.startswith(".") and f.name.lower().endswith(IMAGE_EXTENSIONS) and _is_file(f)
+            )
+        except OSError as e:
+            warn(f"skipped identity folder {entry.path}: {e.strerror}")
+            continue
+        if images:
+            names.append(entry.name)
+            files.append(images)
+    if not names:
+        raise SiamkitError(
+            f"data folder {root} has no identity sub-folders with images; expected {root}/<identity>/<image>.jpg "
+            f"(formats: {', '.join(e[1:] for e in IMAGE_EXTENSIONS)})"
+        )
+    return names, files
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
+def decode_image(path: str | os.PathLike, pre: Preprocess) -> torch.Tensor:
+    """Decode one image file; raise ValueError with a short reason if it is unusable."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise ValueError(f"{w}x{h} pixels is too large (limit {MAX_IMAGE_PIXELS:,})")
+            if w == 0 or h == 0:
+                raise ValueError("image has no pixels")
+            img.load()
+            return image_to_uint8(img, pre)
+    except ValueError:
+        raise
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(str(e) or type(e).__name__) from None
+
+
+def load_folder(root: str | os.PathLike, pre: Preprocess) -> IdentityDataset:
+    """Decode every image of a folder of identity sub-folders, skipping unreadable files with one warning."""
+    names, files = list_folder(root)
+    flat = [(label, path) for label, paths in enumerate(files) for path in paths]
+    _check_memory(len(flat), pre)
+
+    def work(item: tuple[int, Path]):
+        try:
+            return decode_image(item[1], pre)
+        except ValueError as e:
+            return str(e)
+
+    # Pillow releases the GIL while decoding, so threads decode in parallel.
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        decoded = list(pool.map(work, flat))
+
+    bad = [(path, why) for (_, path), out in zip(flat, decoded) if isinstance(out, str)]
+    if bad:
+        shown = "; ".join(f"{p} ({why})" for p, why in bad[:5])
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        warn(f"skipped {len(bad)} unreadable image(s): {shown}{more}")
+    good = [(label, path, out) for (label, path), out in zip(flat, decoded) if not isinstance(out, str)]
+    if not good:
+        raise SiamkitError(f"no readable images in {root}; check the files are images Pillow can open")
+    used_labels = sorted({label for label, _, _ in good})
+    remap = {old: new for new, old in enumerate(used_labels)}
+    root_path = Path(root)
+    return IdentityDataset(
+        images=torch.stack([t for _, _, t in good]),
+        labels=np.array([remap[label] for label, _, _ in good], dtype=np.int64),
+        names=[names[i] for i in used_labels],
+        paths=[str(p.relative_to(root_path)) for _, p, _ in good],
+        root=str(root_path),
+    )
+
+
+def _from_arrays(name: str, images: np.ndarray, labels: np.ndarray, pre: Preprocess, names=None) -> IdentityDataset:
+    """Float images in [0, 1] ([N, H, W] or [N, H, W, 3]) -> IdentityDataset through the usual preprocessing."""
+    arr = np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
+    tensors = [image_to_uint8(Image.fromarray(a), pre) for a in arr]
+    labels = np.asarray(labels, dtype=np.int64)
+    uniq = np.unique(labels)
+    remap = np.searchsorted(uniq, labels)
+    if names is None:
+        names = [str(u) for u in uniq]
+    else:
+        names = [str(names[u]) for u in uniq]
+    return IdentityDataset(
+        images=torch.stack(tensors),
+        labels=remap.astype(np.int64),
+        names=names,
+        paths=[f"{name}/{names[remap[i]]}/{i}" for i in range(len(labels))],
+        root=name,
+    )
+
+
+def _load_digits(pre: Preprocess) -> IdentityDataset:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()  # bundled with scikit-learn: works offline
+    return _from_arrays("digits", digits.images / 16.0, digits.target, pre)
+
+
+def _fetch_failed(what: str, error: Exception, hint: str) -> SiamkitError:
+    return SiamkitError(f"could not get {what} through scikit-learn ({type(error).__name__}: {error}); {hint}")
+
+
+def _load_olivetti(pre: Preprocess, data_home: str | None) -> IdentityDataset:
+    from sklearn.datasets import fetch_olivetti_faces
+
+    try:
+        faces = fetch_olivetti_faces(data_home=data_home, download_if_missing=True)
+    except Exception as e:  # offline, proxy, corrupt cache: all end the same way for the user
+        raise _fetch_failed(
+            "the Olivetti faces",
+            e,
+            "connect to the internet once so scikit-learn can cache them (see sklearn.datasets.get_data_home()), "
+            "or pass a folder of identity sub-folders with --data (the AT&T faces are the same 400 images)",
+        ) from None
+    return _from_arrays("olivetti", faces.images, faces.target, pre)
+
+
+def _load_lfw(pre: Preprocess, data_home: str | None) -> IdentityDataset:
+    from sklearn.datasets import fetch_lfw_people
+
+    try:
+        # The full 250x250 images (slice_=None); --center-crop picks the face region.
+        lfw = fetch_lfw_people(
+            data_home=data_home, min_faces_per_person=2, color=pre.channels == 3, resize=1.0, slice_=None,
+            download_if_missing=True,
+        )
+    except Exception as e:
+        raise _fetch_failed(
+            "LFW",
+            e,
+            "connect to the internet once so scikit-learn can cache it (about 200 MB), "
+            "or pass the extracted lfw folder (one sub-folder per person) with --data",
+        ) from None
+    images = lfw.images / 255.0 if lfw.images.max() > 1.0 else lfw.images
+    return _from_arrays("lfw", images, lfw.target, pre, names=list(lfw.target_names))
+
+
+def split_identities(
+    ds: IdentityDataset, val_identities: float, seed: int
+) -> tuple[IdentityDataset, IdentityDataset | None]:
+    """Hold out whole identities (a fraction < 1 or a count >= 1), chosen with ``seed``."""
+    n = ds.n_identities
+    if val_identities <= 0:
+        return ds, None
+    n_val = int(val_identities) if val_identities >= 1 else max(1, round(val_identities * n))
+    if n - n_val < 2 or n_val < 2:
+        raise SiamkitError(
+            f"--val-identities {val_identities:g} holds out {n_val} of {n} identities; training and validation "
+            f"each need at least 2 (pass a smaller value, or 0 to skip validation)"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    return ds.subset(order[n_val:]), ds.subset(order[:n_val])
+
+
+def require_trainable(ds: IdentityDataset, what: str = "training data") -> None:
+    """At least two identities, and at least one with two images (a genuine pair)."""
+    counts = np.bincount(ds.labels, minlength=ds.n_identities)
+    if ds.n_identities < 2:
+        raise SiamkitError(f"{what} has {ds.n_identities} identity; verification needs at least 2 identities")
+    singles = int((counts < 2).sum())
+    if singles == ds.n_identities:
+        raise SiamkitError(f"every identity in {what} has a single image; genuine pairs need identities with 2+ images")
+    if singles:
+        warn(f"{singles} identities in {what} have a single image: used only as impostors")

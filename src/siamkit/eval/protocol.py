@@ -1,0 +1,68 @@
+"""Verification protocol: which pairs to score, embed each image once, score, report."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.pairs import folder_pairs, read_lfw_pairs
+from ..data.sources import IdentityDataset
+from ..data.transforms import Preprocess
+from ..errors import SiamkitError
+from .embed import embed_images
+from .verification import pair_scores, verification_report
+
+
+@dataclass
+class PairSet:
+    idx_a: np.ndarray
+    idx_b: np.ndarray
+    same: np.ndarray
+    fold: np.ndarray
+
+
+def pairs_for(ds: IdentityDataset, pairs_file: str | None, seed: int) -> PairSet:
+    """Pairs of a pairs.txt file (folds = its sets), or all genuine + as many impostor pairs, 10 folds."""
+    if pairs_file is None:
+        return PairSet(*folder_pairs(ds.labels, seed=seed, n_folds=10))
+    if not ds.root or ds.root in ("digits", "olivetti", "lfw"):
+        raise SiamkitError("--pairs needs --data to be the folder the pairs file refers to")
+    pairs = read_lfw_pairs(pairs_file, ds.root)
+    index = {p: i for i, p in enumerate(ds.paths)}
+    missing = sorted({p for pair in pairs for p in (pair.left, pair.right) if p not in index})
+    if missing:
+        raise SiamkitError(
+            f"{len(missing)} image(s) named in {pairs_file} could not be read from {ds.root}, e.g. "
+            f"{', '.join(missing[:3])}; fix or remove those pairs"
+        )
+    return PairSet(
+        idx_a=np.array([index[p.left] for p in pairs]),
+        idx_b=np.array([index[p.right] for p in pairs]),
+        same=np.array([p.same for p in pairs], dtype=bool),
+        fold=np.array([p.fold for p in pairs]),
+    )
+
+
+def evaluate(
+    model: torch.nn.Module,
+    pre: Preprocess,
+    ds: IdentityDataset,
+    *,
+    pairs_file: str | None = None,
+    score: str = "cosine",
+    flip: bool = False,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    batch_size: int = 256,
+) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(report, scores, same) for ``ds`` under the pair protocol; each used image is embedded once."""
+    pairs = pairs_for(ds, pairs_file, seed)
+    used = np.unique(np.concatenate([pairs.idx_a, pairs.idx_b]))
+    emb = embed_images(model, ds.images[torch.from_numpy(used)], pre, device, batch_size, flip)
+    row = np.full(len(ds), -1, dtype=np.int64)
+    row[used] = np.arange(len(used))
+    scores = pair_scores(emb[row[pairs.idx_a]], emb[row[pairs.idx_b]], score)
+    report = verification_report(scores, pairs.same, pairs.fold, score)
+    return report, scores, pairs.same

@@ -1,0 +1,83 @@
+"""Write an evaluation's report.json, roc.png and scores.png, and summarise it in a few lines."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure  # a bare Figure needs no pyplot and no GUI backend
+
+from ..fileio import atomic_write_bytes, atomic_write_json
+from .verification import roc_curve
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def _roc_png(report: dict, scores: np.ndarray, same: np.ndarray) -> bytes:
+    far, tar, _ = roc_curve(scores, same)
+    n_impostor = int(np.count_nonzero(~same))
+    # A log axis cannot show FAR = 0; start half a step below the smallest reachable FAR instead.
+    floor = 0.5 / n_impostor
+    fig = Figure(figsize=(5, 4.5))
+    ax = fig.add_subplot()
+    ax.plot(np.maximum(far, floor), tar, lw=1.5, label="ROC")
+    eer = report["eer"]
+    ax.plot([max(eer, floor)], [1.0 - eer], "o", color="C3", label=f"EER = {eer:.2%}")
+    ax.set_xscale("log")
+    ax.set_xlim(floor, 1.0)
+    ax.set_ylim(0.0, 1.01)
+    ax.set_xlabel("false accept rate (FAR)")
+    ax.set_ylabel("true accept rate (TAR)")
+    ax.set_title(f"ROC ({report['score']}), AUC = {report['roc_auc']:.4f}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _scores_png(report: dict, scores: np.ndarray, same: np.ndarray) -> bytes:
+    bins = np.histogram_bin_edges(scores, bins=50)  # shared bins so the two histograms compare
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    ax.hist(scores[same], bins=bins, alpha=0.6, color="C2", label=f"genuine ({int(same.sum())})")
+    ax.hist(scores[~same], bins=bins, alpha=0.6, color="C3", label=f"impostor ({int((~same).sum())})")
+    ax.axvline(report["threshold"], color="k", ls="--", label=f"threshold = {report['threshold']:.4g}")
+    ax.set_xlabel(f"{report['score']} score")
+    ax.set_ylabel("pairs")
+    ax.set_title("score distributions")
+    ax.legend()
+    fig.tight_layout()
+    return _png(fig)
+
+
+def write_report(report: dict, scores, same, out_dir: str | os.PathLike) -> None:
+    """Write report.json, roc.png and scores.png into ``out_dir``, each atomically."""
+    scores = np.asarray(scores, dtype=np.float64)
+    same = np.asarray(same).astype(bool)
+    # Draw everything before writing anything: a plotting failure leaves no partial set of outputs.
+    roc, hist = _roc_png(report, scores, same), _scores_png(report, scores, same)
+    out_dir = Path(out_dir)
+    atomic_write_bytes(out_dir / "roc.png", roc)
+    atomic_write_bytes(out_dir / "scores.png", hist)
+    atomic_write_json(out_dir / "report.json", report)
+
+
+def format_summary(report: dict) -> str:
+    """A few human-readable lines of report.json, for the end of ``siamkit evaluate``."""
+    tars = "  ".join(f"{tar:.2%} @ FAR {key}" for key, tar in report["tar_at_far"].items())
+    return "\n".join(
+        [
+            f"pairs:     {report['n_pairs']} ({report['n_genuine']} genuine, {report['n_impostor']} impostor), "
+            f"{report['score']} score",
+            f"ROC AUC:   {report['roc_auc']:.4f}    EER: {report['eer']:.2%}",
+            f"TAR:       {tars}",
+            f"accuracy:  {report['accuracy_mean']:.2%} ± {report['accuracy_std']:.2%} "
+            f"(per fold, threshold chosen on the other folds)",
+            f"threshold: {report['threshold']:.6g} (chosen on all pairs; score >= threshold means same)",
+        ]
+    )

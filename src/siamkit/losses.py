@@ -1,0 +1,191 @@
+"""Metric losses, online miners and the joint (metric + classification) loss.
+
+Everything here is fixed-shape batched tensor code: mining is done with masks over the
+B x B distance matrix, never with index lists whose size depends on the data, so that
+``torch.compile`` keeps the whole step in one graph.
+
+Every metric loss takes ``(embeddings [N, D], labels [N])``. For explicit tuples the rows are
+branch-major: [anchors; seconds] for pairs, [anchors; positives; negatives] for triplets.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_EPS = 1e-12  # keeps sqrt's gradient finite at distance 0
+
+
+def euclidean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise Euclidean distance."""
+    return torch.sqrt(((a - b) ** 2).sum(dim=1).clamp_min(_EPS))
+
+
+def distance_matrix(x: torch.Tensor) -> torch.Tensor:
+    """All pairwise Euclidean distances of the rows of x (B x B)."""
+    sq = (x * x).sum(dim=1)
+    d2 = sq[:, None] + sq[None, :] - 2.0 * (x @ x.t())
+    return torch.sqrt(d2.clamp_min(_EPS))
+
+
+class ContrastiveLoss(nn.Module):
+    """Pairs: mean of y·d² + (1−y)·max(margin − d, 0)² (Hadsell, Chopra & LeCun 2006)."""
+
+    n_branches = 2
+
+    def __init__(self, margin: float = 1.0):
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        a, b = embeddings.chunk(2)
+        la, lb = labels.chunk(2)
+        same = (la == lb).to(a.dtype)
+        d2 = ((a - b) ** 2).sum(dim=1)
+        d = torch.sqrt(d2.clamp_min(_EPS))
+        return (same * d2 + (1 - same) * F.relu(self.margin - d) ** 2).mean()
+
+
+class TripletLoss(nn.Module):
+    """Explicit triplets: mean of max(d(a, p) − d(a, n) + margin, 0)."""
+
+    n_branches = 3
+
+    def __init__(self, margin: float = 0.2):
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        a, p, n = embeddings.chunk(3)
+        return F.relu(euclidean(a, p) - euclidean(a, n) + self.margin).mean()
+
+
+def _masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive mask without the diagonal, negative mask) of a PK batch."""
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    return same & ~eye, ~same
+
+
+class BatchHardTripletLoss(nn.Module):
+    """For each anchor: its farthest positive and nearest negative (Hermans et al. 2017)."""
+
+    n_branches = 1
+
+    def __init__(self, margin: float = 0.2):
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        d = distance_matrix(embeddings)
+        pos, neg = _masks(labels)
+        hardest_pos = torch.where(pos, d, torch.zeros_like(d)).amax(dim=1)
+        hardest_neg = torch.where(neg, d, torch.full_like(d, float("inf"))).amin(dim=1)
+        valid = (pos.any(dim=1) & neg.any(dim=1)).to(d.dtype)
+        losses = F.relu(hardest_pos - hardest_neg + self.margin) * valid
+        return losses.sum() / valid.sum().clamp_min(1)
+
+
+class SemiHardTripletLoss(nn.Module):
+    """FaceNet's semi-hard negatives (Schroff et al. 2015), over every anchor-positive pair.
+
+    For each (a, p): the nearest negative that is farther than p; if there is none, the farthest
+    negative. The loss is the mean of max(d(a, p) − d(a, n) + margin, 0) over all (a, p).
+    """
+
+    n_branches = 1
+
+    def __init__(self, margin: float = 0.2):
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        d = distance_matrix(embeddings)
+        pos, neg = _masks(labels)
+        d_ap = d[:, :, None]  # [a, p, 1]
+        d_an = d[:, None, :]  # [a, 1, n]
+        neg3 = neg[:, None, :]
+        semi = neg3 & (d_an > d_ap)
+        inf = torch.full_like(d_an.expand_as(semi), float("inf"))
+        nearest_semi = torch.where(semi, d_an.expand_as(semi), inf).amin(dim=2)
+        farthest_neg = torch.where(neg, d, torch.full_like(d, -float("inf"))).amax(dim=1, keepdim=True)
+        chosen = torch.where(semi.any(dim=2), nearest_semi, farthest_neg.expand_as(nearest_semi))
+        valid = pos & neg.any(dim=1, keepdim=True)
+        losses = torch.where(valid, F.relu(d - chosen + self.margin), torch.zeros_like(d))
+        return losses.sum() / valid.sum().clamp_min(1)
+
+
+class BatchAllTripletLoss(nn.Module):
+    """Every valid triplet of the batch; the mean over those with a positive loss (Hermans et al. 2017)."""
+
+    n_branches = 1
+
+    def __init__(self, margin: float = 0.2):
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        d = distance_matrix(embeddings)
+        pos, neg = _masks(labels)
+        valid = pos[:, :, None] & neg[:, None, :]
+        losses = F.relu(d[:, :, None] - d[:, None, :] + self.margin) * valid
+        active = (losses > 0).sum()
+        return losses.sum() / active.clamp_min(1)
+
+
+class PairwiseContrastiveLoss(nn.Module):
+    """Contrastive loss over every pair of a PK batch: half the mean genuine term plus half the mean impostor term.
+
+    That weighting matches explicit pairs drawn half genuine, half impostor.
+    """
+
+    n_branches = 1
+
+    def __init__(self, margin: float = 1.0):
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        d = distance_matrix(embeddings)
+        pos, neg = _masks(labels)
+        upper = torch.ones_like(pos).triu(diagonal=1)
+        pos, neg = pos & upper, neg & upper
+        genuine = torch.where(pos, d * d, torch.zeros_like(d)).sum() / pos.sum().clamp_min(1)
+        impostor = torch.where(neg, F.relu(self.margin - d) ** 2, torch.zeros_like(d)).sum() / neg.sum().clamp_min(1)
+        return 0.5 * (genuine + impostor)
+
+
+def build_metric_loss(loss: str, mining: str, margin: float) -> nn.Module:
+    """The metric loss for a --loss / --mining combination."""
+    if mining == "none":
+        return ContrastiveLoss(margin) if loss == "contrastive" else TripletLoss(margin)
+    if loss == "contrastive":
+        return PairwiseContrastiveLoss(margin)
+    return {"batch-hard": BatchHardTripletLoss, "semi-hard": SemiHardTripletLoss, "all": BatchAllTripletLoss}[mining](
+        margin
+    )
+
+
+class JointLoss(nn.Module):
+    """metric loss + weight × (mean over branches of the cross-entropy of each branch's logits).
+
+    Branches have equal sizes, so the mean of per-branch mean cross-entropies is the mean over all rows.
+    """
+
+    def __init__(self, metric: nn.Module, classification_weight: float = 0.0):
+        super().__init__()
+        self.metric = metric
+        self.classification_weight = classification_weight
+
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        metric = self.metric(embeddings.float(), labels)
+        if logits is None or self.classification_weight == 0:
+            return {"loss": metric, "metric": metric}
+        classification = F.cross_entropy(logits.float(), labels)
+        return {
+            "loss": metric + self.classification_weight * classification,
+            "metric": metric,
+            "classification": classification,
+        }

@@ -1,0 +1,120 @@
+"""torchvision backbones with their classification layer removed."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+
+from ..errors import SiamkitError
+
+# name -> (attribute holding the ImageNet classifier, feature width)
+_HEADS = {
+    "resnet18": ("fc", 512),
+    "resnet34": ("fc", 512),
+    "resnet50": ("fc", 2048),
+    "mobilenet_v3_small": ("classifier", 576),
+    "mobilenet_v3_large": ("classifier", 960),
+}
+# Stages of a torchvision ResNet, in forward order, for --freeze-until.
+RESNET_STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4", "avgpool")
+_RESNET_STAGE_MODULES = {
+    "conv1": ("conv1", "bn1"),
+    "layer1": ("layer1",),
+    "layer2": ("layer2",),
+    "layer3": ("layer3",),
+    "layer4": ("layer4",),
+    "avgpool": ("avgpool",),
+}
+
+
+def build_backbone(name: str, pretrained: str = "none", in_channels: int = 3) -> tuple[nn.Module, int]:
+    """A torchvision model without its classifier, and the width of the features it returns."""
+    if name not in _HEADS:
+        raise SiamkitError(f"--backbone {name!r} is not known; choose one of: {', '.join(_HEADS)}")
+    head_attr, width = _HEADS[name]
+    if pretrained == "imagenet":
+        model = _download_imagenet(name)
+    else:
+        model = models.get_model(name, weights=None)
+        if pretrained not in ("none", "", None):
+            _load_local_weights(model, pretrained, head_attr)
+    setattr(model, head_attr, nn.Identity())
+    if in_channels != 3:
+        _set_input_channels(model, in_channels)
+    return model, width
+
+
+def _download_imagenet(name: str) -> nn.Module:
+    try:
+        return models.get_model(name, weights="DEFAULT")
+    except Exception as e:  # URLError, ConnectionError, hash mismatch...
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        raise SiamkitError(
+            f"could not download torchvision's ImageNet weights for {name} ({type(e).__name__}: {e}); "
+            f"connect to the internet once (they are cached in {cache}), or pass a local state-dict file with "
+            f"--pretrained PATH"
+        ) from None
+
+
+def _load_local_weights(model: nn.Module, path: str, head_attr: str) -> None:
+    """Load a torchvision-format state dict, ignoring its ImageNet classifier entries."""
+    if not os.path.isfile(path):
+        raise SiamkitError(f"--pretrained {path}: no such file; pass none, imagenet, or a torchvision state-dict file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SiamkitError(f"--pretrained {path} is not a readable PyTorch state dict ({type(e).__name__})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise SiamkitError(f"--pretrained {path} holds a {type(state).__name__}, not a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(head_attr + ".")}
+    own = {k for k in model.state_dict() if not k.startswith(head_attr + ".")}
+    missing, unexpected = own - state.keys(), state.keys() - own
+    if missing or unexpected:
+        example = sorted(missing or unexpected)[:3]
+        raise SiamkitError(
+            f"--pretrained {path} does not fit this backbone ({len(missing)} missing and {len(unexpected)} "
+            f"unexpected entries, e.g. {', '.join(example)}); pass weights of the same torchvision model"
+        )
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise SiamkitError(f"--pretrained {path} has tensors of the wrong shape for this backbone: {str(e)[:200]}") from None
+
+
+def _set_input_channels(model: nn.Module, in_channels: int) -> None:
+    """Swap the first convolution for one with ``in_channels`` inputs (RGB weights summed for greyscale)."""
+    parent, attr, conv = _first_conv(model)
+    new = nn.Conv2d(
+        in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
+        bias=conv.bias is not None,
+    )
+    with torch.no_grad():
+        if in_channels == 1:
+            new.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    setattr(parent, attr, new)
+
+
+def _first_conv(model: nn.Module) -> tuple[nn.Module, str, nn.Conv2d]:
+    for parent in model.modules():
+        for attr, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                return parent, attr, child
+    raise SiamkitError("backbone has no convolution to adapt to greyscale input")
+
+
+def stage_modules(backbone_name: str, backbone: nn.Module, until: str) -> list[nn.Module]:
+    """The backbone modules up to and including stage ``until`` (ResNets only)."""
+    if not backbone_name.startswith("resnet"):
+        raise SiamkitError(f"--freeze-until works with ResNet backbones; {backbone_name} has no named stages")
+    if until not in RESNET_STAGES:
+        raise SiamkitError(f"--freeze-until {until!r} is not a stage; choose one of: {', '.join(RESNET_STAGES)}")
+    names = [m for stage in RESNET_STAGES[: RESNET_STAGES.index(until) + 1] for m in _RESNET_STAGE_MODULES[stage]]
+    return [getattr(backbone, n) for n in names]

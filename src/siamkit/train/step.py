@@ -1,0 +1,33 @@
+"""The fused training step: one module from images to every loss term, so it compiles as one graph."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..batchnorm import forward_branches
+from ..losses import JointLoss
+from ..models.siamese import SiameseNet
+
+
+class TrainStep(nn.Module):
+    """images [n_branches*B, C, H, W] + labels -> {"loss", "metric", ["classification"]}.
+
+    With the joint (or frozen) BN policy the backbone runs once over all branches and both heads
+    read that one pass: triplet + a classifier on each branch ("six networks") costs one forward.
+    """
+
+    def __init__(self, model: SiameseNet, loss: JointLoss, n_branches: int, runner: nn.Module | None = None):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+        self.n_branches = n_branches
+        # What runs the backbone: the model itself, or its DistributedDataParallel wrapper.
+        self.runner = runner if runner is not None else model
+        self.classify = model.classifier is not None and loss.classification_weight > 0
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        features, embeddings = forward_branches(
+            self.runner, x, self.n_branches, self.model.spec.bn_policy, self.model.bn
+        )
+        logits = self.model.classify(features, labels) if self.classify else None
+        return self.loss(embeddings, labels, logits)

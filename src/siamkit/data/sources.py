@@ -227,6 +227,13 @@ def _load_digits(pre: Preprocess) -> IdentityDataset:
     return _from_arrays("digits", digits.images / 16.0, digits.target, pre)
 
 
+def _no_retries(fetch) -> dict:
+    """Fail fast offline: scikit-learn >= 1.5 retries downloads (with delays) unless told not to."""
+    import inspect
+
+    return {"n_retries": 0} if "n_retries" in inspect.signature(fetch).parameters else {}
+
+
 def _fetch_failed(what: str, error: Exception, hint: str) -> SiamkitError:
     return SiamkitError(f"could not get {what} through scikit-learn ({type(error).__name__}: {error}); {hint}")
 
@@ -235,7 +242,7 @@ def _load_olivetti(pre: Preprocess, data_home: str | None) -> IdentityDataset:
     from sklearn.datasets import fetch_olivetti_faces
 
     try:
-        faces = fetch_olivetti_faces(data_home=data_home, download_if_missing=True)
+        faces = fetch_olivetti_faces(data_home=data_home, download_if_missing=True, **_no_retries(fetch_olivetti_faces))
     except Exception as e:  # offline, proxy, corrupt cache: all end the same way for the user
         raise _fetch_failed(
             "the Olivetti faces",
@@ -253,7 +260,7 @@ def _load_lfw(pre: Preprocess, data_home: str | None) -> IdentityDataset:
         # The full 250x250 images (slice_=None); --center-crop picks the face region.
         lfw = fetch_lfw_people(
             data_home=data_home, min_faces_per_person=2, color=pre.channels == 3, resize=1.0, slice_=None,
-            download_if_missing=True,
+            download_if_missing=True, **_no_retries(fetch_lfw_people),
         )
     except Exception as e:
         raise _fetch_failed(

@@ -58,7 +58,7 @@ def _train_parser(sub) -> None:
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--betas", type=float, nargs=2, default=d.betas)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--steps", type=int, default=0, help="total steps of the run (default: 600 unless --epochs)")
+    g.add_argument("--steps", type=int, default=0, help="total steps of the run (default: 200 unless --epochs)")
     g.add_argument("--epochs", type=int, default=0, help="total epochs of the run")
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)

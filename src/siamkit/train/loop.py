@@ -32,7 +32,7 @@ from .logging import MetricsLog
 from .step import TrainStep
 
 # Step budget when neither --steps nor --epochs is given.
-DEFAULT_STEPS = 600
+DEFAULT_STEPS = 200
 
 
 class StopRequested:

@@ -306,7 +306,7 @@ def test_gradients_match_the_hand_written_reference(n_branches, momentum):
 def test_bn_policy_is_saved_in_config_and_checkpoint(cli, tmp_path):
     out = tmp_path / "run"
     r = cli("train", "--data", "digits", "--steps", "2", "--image-size", "32", "32", "--batch-size", "4",
-            "--bn-policy", "mean", "--out", str(out), "--no-progress")
+            "--bn-policy", "mean", "--val-identities", "0", "--out", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "config.json").read_text())["bn_policy"] == "mean"
     ckpt = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)

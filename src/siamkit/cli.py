@@ -196,8 +196,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"siamkit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("siamkit: interrupted", file=sys.stderr)
+        # Every file siamkit writes is replaced atomically: an interrupt leaves the old or the new one, never half.
+        print("siamkit: interrupted; files written so far are intact (checkpoints are replaced atomically)", file=sys.stderr)
         return 130
+    except OSError as e:
+        # Last resort for a file problem no check foresaw: still one line, never a traceback.
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"siamkit: error: {where}{e.strerror or e}; check the path, its permissions and the free disk space", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ never decodes a file twice.
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,13 @@ from .transforms import Preprocess, image_to_uint8
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 BUILTIN_SOURCES = ("digits", "olivetti", "lfw")
+# The Pillow decoders tried on a file, whatever its extension: the formats above and no others (e.g. not EPS,
+# which hands the file to Ghostscript), so a disguised file meets only the common, well-fuzzed decoders.
+PILLOW_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP", "GIF")
 # Refuse images above this many pixels before decoding them (decompression-bomb guard).
 MAX_IMAGE_PIXELS = 40_000_000
+# Our own guard (above) refuses such images with a clear reason; Pillow's warning would only add noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # Keep decoded images in memory only while they take at most this share of the machine's RAM.
 MAX_MEMORY_SHARE = 0.5
 
@@ -115,8 +121,9 @@ def list_folder(root: str | os.PathLike) -> tuple[list[str], list[list[Path]]]:
         if entry.name.startswith("."):
             continue
         try:
-            is_dir = entry.is_dir()  # follows links; a link loop just reads as "not a folder"
-        except OSError:
+            is_dir = entry.is_dir()  # follows links; a broken link reads as "not a folder"
+        except OSError as e:  # a symlink loop (ELOOP) or an unreadable entry
+            warn(f"skipped {entry.path}: {e.strerror}")
             is_dir = False
         if not is_dir:
             continue
@@ -150,7 +157,7 @@ def _is_file(entry: os.DirEntry) -> bool:
 def decode_image(path: str | os.PathLike, pre: Preprocess) -> torch.Tensor:
     """Decode one image file; raise ValueError with a short reason if it is unusable."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=PILLOW_FORMATS) as img:
             w, h = img.size
             if w * h > MAX_IMAGE_PIXELS:
                 raise ValueError(f"{w}x{h} pixels is too large (limit {MAX_IMAGE_PIXELS:,})")
@@ -160,8 +167,19 @@ def decode_image(path: str | os.PathLike, pre: Preprocess) -> torch.Tensor:
             return image_to_uint8(img, pre)
     except ValueError:
         raise
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(str(e) or type(e).__name__) from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"too large, refused before decoding ({_first_line(e)})") from None
+    except (OSError, SyntaxError) as e:
+        raise ValueError(_first_line(e)) from None
+    except MemoryError:
+        raise ValueError("too large to decode in memory") from None
+    except Exception as e:  # Pillow's decoders raise many types on crafted files (struct.error, IndexError...)
+        raise ValueError(f"not a decodable image ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def load_folder(root: str | os.PathLike, pre: Preprocess) -> IdentityDataset:

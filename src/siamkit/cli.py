@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -189,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The command line speaks in one-line messages: Pillow's warnings about a file (decompression bomb, truncated
+    # TIFF) only repeat what siamkit's own "skipped" line says, with a source line attached.
+    warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
     try:
         args = build_parser().parse_args(argv)
         return {"train": _train, "evaluate": _evaluate, "verify": _verify, "embed": _embed}[args.command](args)

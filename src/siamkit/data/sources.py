@@ -6,7 +6,6 @@ never decodes a file twice.
 from __future__ import annotations
 
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,6 @@ BUILTIN_SOURCES = ("digits", "olivetti", "lfw")
 PILLOW_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP", "GIF")
 # Refuse images above this many pixels before decoding them (decompression-bomb guard).
 MAX_IMAGE_PIXELS = 40_000_000
-# Our own guard (above) refuses such images with a clear reason; Pillow's warning would only add noise.
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # Keep decoded images in memory only while they take at most this share of the machine's RAM.
 MAX_MEMORY_SHARE = 0.5
 
@@ -151,7 +148,7 @@ def _is_file(entry: os.DirEntry) -> bool:
     try:
         return entry.is_file()
     except OSError:
-        return False
+        return True  # a symlink loop or unreadable entry: decoding reports it among the skipped images
 
 
 def decode_image(path: str | os.PathLike, pre: Preprocess) -> torch.Tensor:
@@ -198,7 +195,7 @@ def load_folder(root: str | os.PathLike, pre: Preprocess) -> IdentityDataset:
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
         decoded = list(pool.map(work, flat))
 
-    bad = [(path, why) for (_, path), out in zip(flat, decoded) if isinstance(out, str)]
+    bad = [(path, out) for (_, path), out in zip(flat, decoded) if isinstance(out, str)]
     if bad:
         shown = "; ".join(f"{p} ({why})" for p, why in bad[:5])
         more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""

@@ -300,6 +300,9 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
     last_plot = time.perf_counter()
     bar = tqdm(total=total, initial=start_step, disable=not (progress and ctx.is_main), desc="train", dynamic_ncols=True)
     model.train()
+    # BatchNorm updates its running statistics in the forward pass, before the loss is known to be finite:
+    # a skipped step puts them back, so a NaN batch cannot poison the statistics used at evaluation.
+    buffers = list(model.buffers())
     with StopRequested() as stop:
         while step < total and stop.signal_name is None:
             idx = torch.from_numpy(sampler.batch(step).reshape(-1)).to(device)
@@ -309,6 +312,7 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
                 x = augment(x, gen, flip=True, shift=shift)
             x = normalize(x, pre, cfg.channels_last)
             y = labels[idx]
+            saved_buffers = [b.detach().clone() for b in buffers]
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = step_fn(x, y)
             loss = out["loss"]
@@ -319,7 +323,10 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
             finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
             if not finite and cfg.amp != "fp16":
                 bad_steps += 1
-                warn(f"step {step}: non-finite loss or gradient; step skipped ({bad_steps} in a row)")
+                with torch.no_grad():
+                    for b, saved in zip(buffers, saved_buffers):
+                        b.copy_(saved)
+                warn(f"step {step + 1}: non-finite loss or gradient; step skipped ({bad_steps} in a row)")
                 if bad_steps >= cfg.max_bad_steps:
                     bar.close()
                     kept = (
@@ -327,7 +334,7 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
                         if saved_step[0] is not None else "no checkpoint had been written yet"
                     )
                     raise SiamkitError(
-                        f"{bad_steps} non-finite steps in a row (steps {step - bad_steps + 1}-{step}): training "
+                        f"{bad_steps} non-finite steps in a row (steps {step - bad_steps + 2}-{step + 1}): training "
                         f"stopped; {kept}; lower --lr or check the data (--max-bad-steps sets the limit)"
                     )
                 optimizer.zero_grad(set_to_none=True)

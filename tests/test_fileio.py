@@ -102,7 +102,7 @@ def test_fsync_failure_is_a_write_error_too(tmp_path, monkeypatch):
 def test_path_under_a_regular_file(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    with pytest.raises(WriteError, match=r"could not write .*a_file/run/x\.json: Not a directory"):
+    with pytest.raises(WriteError, match=r"could not write .*a_file/run/x\.json: .*a_file is a file, not a folder; pick another path"):
         atomic_write_json(blocker / "run" / "x.json", {})
     assert blocker.read_text() == "not a folder"
 

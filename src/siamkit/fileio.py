@@ -26,9 +26,19 @@ def write_error(path: str | os.PathLike, error: OSError, hint: str = "") -> Writ
         why, fix = f"the disk holding {path.parent} is full", "free some space there"
     elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         why, fix = f"{path.parent} is not writable ({error.strerror})", "pick a writable folder"
+    elif error.errno in (errno.ENOTDIR, errno.EEXIST) and _file_above(path) is not None:
+        why, fix = f"{_file_above(path)} is a file, not a folder", "pick another path"
     else:
         why, fix = error.strerror or type(error).__name__, "check the path and the disk"
     return WriteError(f"could not write {path}: {why}; {hint + '; ' if hint else ''}{fix} and run the command again")
+
+
+def _file_above(path: Path) -> Path | None:
+    """The first of ``path``'s folders that exists as something other than a folder, if any."""
+    for parent in reversed(path.parents):
+        if parent.exists() and not parent.is_dir():
+            return parent
+    return None
 
 
 def atomic_write(

@@ -19,6 +19,9 @@ from .transforms import Preprocess, image_to_uint8
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 BUILTIN_SOURCES = ("digits", "olivetti", "lfw")
+# The Pillow decoders tried on a file, whatever its extension: the formats above and no others (e.g. not EPS,
+# which hands the file to Ghostscript), so a disguised file meets only the common, well-fuzzed decoders.
+PILLOW_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP", "GIF")
 # Refuse images above this many pixels before decoding them (decompression-bomb guard).
 MAX_IMAGE_PIXELS = 40_000_000
 # Keep decoded images in memory only while they take at most this share of the machine's RAM.
@@ -115,8 +118,9 @@ def list_folder(root: str | os.PathLike) -> tuple[list[str], list[list[Path]]]:
         if entry.name.startswith("."):
             continue
         try:
-            is_dir = entry.is_dir()  # follows links; a link loop just reads as "not a folder"
-        except OSError:
+            is_dir = entry.is_dir()  # follows links; a broken link reads as "not a folder"
+        except OSError as e:  # a symlink loop (ELOOP) or an unreadable entry
+            warn(f"skipped {entry.path}: {e.strerror}")
             is_dir = False
         if not is_dir:
             continue
@@ -144,13 +148,13 @@ def _is_file(entry: os.DirEntry) -> bool:
     try:
         return entry.is_file()
     except OSError:
-        return False
+        return True  # a symlink loop or unreadable entry: decoding reports it among the skipped images
 
 
 def decode_image(path: str | os.PathLike, pre: Preprocess) -> torch.Tensor:
     """Decode one image file; raise ValueError with a short reason if it is unusable."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=PILLOW_FORMATS) as img:
             w, h = img.size
             if w * h > MAX_IMAGE_PIXELS:
                 raise ValueError(f"{w}x{h} pixels is too large (limit {MAX_IMAGE_PIXELS:,})")
@@ -160,8 +164,19 @@ def decode_image(path: str | os.PathLike, pre: Preprocess) -> torch.Tensor:
             return image_to_uint8(img, pre)
     except ValueError:
         raise
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(str(e) or type(e).__name__) from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"too large, refused before decoding ({_first_line(e)})") from None
+    except (OSError, SyntaxError) as e:
+        raise ValueError(_first_line(e)) from None
+    except MemoryError:
+        raise ValueError("too large to decode in memory") from None
+    except Exception as e:  # Pillow's decoders raise many types on crafted files (struct.error, IndexError...)
+        raise ValueError(f"not a decodable image ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def load_folder(root: str | os.PathLike, pre: Preprocess) -> IdentityDataset:
@@ -180,7 +195,7 @@ def load_folder(root: str | os.PathLike, pre: Preprocess) -> IdentityDataset:
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
         decoded = list(pool.map(work, flat))
 
-    bad = [(path, why) for (_, path), out in zip(flat, decoded) if isinstance(out, str)]
+    bad = [(path, out) for (_, path), out in zip(flat, decoded) if isinstance(out, str)]
     if bad:
         shown = "; ".join(f"{p} ({why})" for p, why in bad[:5])
         more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""

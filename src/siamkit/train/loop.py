@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import math
-import os
 import random
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -23,11 +23,13 @@ from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess, augment, 
 from ..errors import SiamkitError, warn
 from ..eval.protocol import evaluate
 from ..eval.report import format_summary, write_report
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json, write_error
 from ..losses import JointLoss, build_metric_loss
 from ..models.siamese import ModelSpec, SiameseNet
 from . import distributed
-from .checkpoint import load_checkpoint, prune_checkpoints, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    load_checkpoint, prune_checkpoints, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state,
+)
 from .logging import MetricsLog
 from .step import TrainStep
 
@@ -72,16 +74,30 @@ def resolve_device(name: str, ctx: distributed.DistContext) -> torch.device:
 
 
 def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to touch an earlier run unless asked; nothing is created here."""
+    """Refuse to touch an earlier run unless asked; nothing is left behind here."""
+    if resume and overwrite:
+        raise SiamkitError("--resume continues a run and --overwrite replaces it: pass only one of them")
     if resume:
         if not (run_dir / "checkpoints" / "last.pt").is_file():
             raise SiamkitError(f"--resume: {run_dir}/checkpoints/last.pt does not exist; pass the --out of an earlier run")
-        return
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not overwrite:
-        raise SiamkitError(f"run folder {run_dir} already exists; pass --resume to continue it, --overwrite to replace it, or another --out")
-    probe = run_dir if run_dir.exists() else next((p for p in run_dir.parents if p.exists()), Path("."))
-    if not os.access(probe, os.W_OK):
-        raise SiamkitError(f"cannot write the run folder {run_dir}: {probe} is not writable; pass another --out")
+        probe = run_dir / "checkpoints"
+    else:
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not overwrite:
+            raise SiamkitError(
+                f"run folder {run_dir} already exists; pass --resume to continue it, --overwrite to replace it, "
+                f"or another --out"
+            )
+        probe = run_dir if run_dir.is_dir() else next((p for p in run_dir.parents if p.exists()), Path("."))
+    if not probe.is_dir():
+        raise SiamkitError(f"cannot create the run folder {run_dir}: {probe} is a file, not a folder; pass another --out")
+    # Create and delete a file: os.access says yes to root even on read-only or virtual file systems.
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise SiamkitError(
+            f"cannot write the run folder {run_dir}: {probe} is not writable ({e.strerror}); pass another --out"
+        ) from None
 
 
 def build_model(cfg: TrainConfig, n_classes: int, in_channels: int) -> SiameseNet:
@@ -147,6 +163,7 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
     _check_run_dir(run_dir, resume, overwrite)
     checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt") if resume else None
     random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
@@ -159,6 +176,13 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
     train_ds, val_ds = split_identities(dataset, cfg.val_identities, cfg.seed)
     require_trainable(train_ds)
     if cfg.pk_batches:
+        batch_images = cfg.identities_per_batch * cfg.images_per_identity * ctx.world
+        if batch_images > len(train_ds):
+            raise SiamkitError(
+                f"a PK batch of P={cfg.identities_per_batch} x K={cfg.images_per_identity} images"
+                + (f" x {ctx.world} processes" if ctx.world > 1 else "")
+                + f" is larger than the {len(train_ds)} training images; pass a smaller P or K"
+            )
         sampler = PKSampler(train_ds.labels, cfg.identities_per_batch, cfg.images_per_identity, cfg.seed, ctx.rank, ctx.world)
     else:
         sampler = TupleSampler(train_ds.labels, cfg.n_branches, cfg.batch_size, cfg.seed, ctx.rank, ctx.world)
@@ -194,6 +218,7 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
         start_step = int(checkpoint["step"])
         best_accuracy = float(checkpoint.get("best_accuracy", -1.0))
         set_rng_state(checkpoint["rng"])
+        _check_resume(checkpoint, cfg, train_ds, sampler.steps_per_epoch, run_dir)
 
     n_train = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
@@ -211,7 +236,11 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
     if ctx.is_main:
         if overwrite and run_dir.exists() and not resume:
             shutil.rmtree(run_dir) if run_dir.is_dir() else run_dir.unlink()
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error(ckpt_dir, e) from e
+        remove_stale_temp_files(ckpt_dir)
         config = {**cfg.to_dict(), "siamkit_version": __version__, "world_size": ctx.world}
         atomic_write_json(run_dir / "config.json", config)
     log = MetricsLog(run_dir, resume=resume) if ctx.is_main else None
@@ -229,6 +258,13 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
             "scaler": scaler.state_dict(),
             "step": step,
             "epoch": step // sampler.steps_per_epoch,
+            # Samplers are pure functions of (seed, step, rank): this is all it takes to continue the same draws.
+            "sampler": {
+                "type": type(sampler).__name__, "seed": cfg.seed, "step": step,
+                "steps_per_epoch": sampler.steps_per_epoch, "world": ctx.world,
+            },
+            # Loss sums since the last metrics row, so that a resumed run logs the same rows.
+            "log_window": dict(window),
             "rng": rng_state(),
             "identities": list(train_ds.names),
             "score": score_for(cfg.embedding_activation),
@@ -236,7 +272,10 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
             **extra,
         }
 
+    saved_step = [start_step if checkpoint is not None else None]  # the step last.pt holds
+
     def save(step: int, **extra) -> None:
+        saved_step[0] = step
         if ctx.is_main:
             save_checkpoint(ckpt_dir / "last.pt", state(step, **extra))
             if cfg.keep_checkpoints > 1:
@@ -253,11 +292,17 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
 
     bad_steps, step = 0, start_step
     window = {"loss": 0.0, "metric": 0.0, "classification": 0.0, "n": 0}
+    if checkpoint is not None and "log_window" in checkpoint:
+        window = {k: type(v)(checkpoint["log_window"][k]) for k, v in window.items()}
+    timed_steps = 0  # steps since t_window: images/s counts only the steps timed in this process
     t_window, t_start = time.perf_counter(), time.perf_counter()
     elapsed_before = float(log.rows[-1]["elapsed_s"]) if (log is not None and log.rows) else 0.0
     last_plot = time.perf_counter()
     bar = tqdm(total=total, initial=start_step, disable=not (progress and ctx.is_main), desc="train", dynamic_ncols=True)
     model.train()
+    # BatchNorm updates its running statistics in the forward pass, before the loss is known to be finite:
+    # a skipped step puts them back, so a NaN batch cannot poison the statistics used at evaluation.
+    buffers = list(model.buffers())
     with StopRequested() as stop:
         while step < total and stop.signal_name is None:
             idx = torch.from_numpy(sampler.batch(step).reshape(-1)).to(device)
@@ -267,6 +312,7 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
                 x = augment(x, gen, flip=True, shift=shift)
             x = normalize(x, pre, cfg.channels_last)
             y = labels[idx]
+            saved_buffers = [b.detach().clone() for b in buffers]
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = step_fn(x, y)
             loss = out["loss"]
@@ -277,11 +323,19 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
             finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
             if not finite and cfg.amp != "fp16":
                 bad_steps += 1
-                warn(f"step {step}: non-finite loss or gradient; step skipped ({bad_steps} in a row)")
+                with torch.no_grad():
+                    for b, saved in zip(buffers, saved_buffers):
+                        b.copy_(saved)
+                warn(f"step {step + 1}: non-finite loss or gradient; step skipped ({bad_steps} in a row)")
                 if bad_steps >= cfg.max_bad_steps:
+                    bar.close()
+                    kept = (
+                        f"the last good checkpoint {ckpt_dir / 'last.pt'} (step {saved_step[0]}) is intact"
+                        if saved_step[0] is not None else "no checkpoint had been written yet"
+                    )
                     raise SiamkitError(
-                        f"{bad_steps} non-finite steps in a row at step {step}; stopped with the last good checkpoint "
-                        f"in {ckpt_dir} intact; lower --lr or check the data"
+                        f"{bad_steps} non-finite steps in a row (steps {step - bad_steps + 2}-{step + 1}): training "
+                        f"stopped; {kept}; lower --lr or check the data (--max-bad-steps sets the limit)"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -295,13 +349,14 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
             step += 1
             bar.update(1)
             window["n"] += 1
+            timed_steps += 1
             for key in ("loss", "metric", "classification"):
                 if key in out:
                     window[key] += float(out[key].detach())
             if step % cfg.log_every == 0 or step == total:
                 now = time.perf_counter()
                 n = max(1, window["n"])
-                images_per_s = n * x.shape[0] * ctx.world / (now - t_window)
+                images_per_s = timed_steps * x.shape[0] * ctx.world / (now - t_window)
                 row = {
                     "step": step,
                     "epoch": step // sampler.steps_per_epoch,
@@ -319,7 +374,7 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
                         log.plot()
                         last_plot = now
                 window = {"loss": 0.0, "metric": 0.0, "classification": 0.0, "n": 0}
-                t_window = time.perf_counter()
+                timed_steps, t_window = 0, time.perf_counter()
             if cfg.eval_every and val_ds is not None and step % cfg.eval_every == 0 and step < total:
                 report = _evaluate_held_out(model, pre, val_ds, cfg, device)
                 if ctx.is_main and report["accuracy_mean"] > best_accuracy:
@@ -354,6 +409,27 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
         print(f"held-out identities ({val_ds.n_identities}), {run_dir / 'eval' / 'report.json'}:")
         print(format_summary(report))
     return run_dir
+
+
+def _check_resume(checkpoint: dict, cfg: TrainConfig, train_ds: IdentityDataset, steps_per_epoch: int, run_dir: Path) -> None:
+    """Refuse to continue a run on other data (the draws would differ); warn about changed options."""
+    saved = checkpoint.get("sampler", {})
+    if list(checkpoint.get("identities", train_ds.names)) != list(train_ds.names) or saved.get(
+        "steps_per_epoch", steps_per_epoch
+    ) != steps_per_epoch:
+        raise SiamkitError(
+            f"--resume: the training data differs from the run in {run_dir} "
+            f"({train_ds.n_identities} identities, {steps_per_epoch} steps per epoch now); "
+            f"pass the same --data, --val-identities, --seed and batch options as the run"
+        )
+    old = checkpoint.get("config", {})
+    changed = [
+        f"--{k.replace('_', '-')} {old[k]} -> {v}"
+        for k, v in cfg.to_dict().items()
+        if k in old and k != "out" and old[k] != v
+    ]
+    if changed:
+        warn(f"--resume with options other than the run's: {', '.join(changed)}; the run continues with the new ones")
 
 
 def _evaluate_held_out(model, pre, val_ds: IdentityDataset, cfg: TrainConfig, device, with_scores=False):

@@ -1,7 +1,6 @@
 """Checkpoints: complete, written atomically, and loaded without running any code from the file."""
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import random
@@ -29,9 +28,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     A failed write (full disk, lost permission) raises WriteError and leaves the previous file at ``path`` intact.
     """
     state = {"format": FORMAT, "siamkit_version": __version__, **state}
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write(path, lambda f: f.write(buffer.getbuffer()), hint="the previous checkpoint there is intact (continue with --resume)")
+    # Serialised straight into the temporary file: no second copy of the whole state in memory.
+    atomic_write(path, lambda f: torch.save(state, f), hint="the previous checkpoint there is intact (continue with --resume)")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -32,6 +32,7 @@ from .checkpoint import (
 )
 from .logging import MetricsLog
 from .step import TrainStep
+from .sync_bn import convert_to_sync_bn
 
 # Step budget when neither --steps nor --epochs is given.
 DEFAULT_STEPS = 200
@@ -153,15 +154,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     ctx = distributed.setup(cfg.device)
     try:
         return _train(cfg, ctx, resume=resume, overwrite=overwrite, progress=progress)
+    except Exception as e:
+        if ctx.enabled and distributed.is_comm_failure(e):
+            raise SiamkitError(distributed.comm_failure_message(ctx, e)) from None
+        raise
     finally:
-        distributed.teardown()
+        distributed.teardown(ctx)
 
 
 def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, overwrite: bool, progress: bool) -> Path:
     device = resolve_device(cfg.device, ctx)
     run_dir = Path(cfg.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
-    _check_run_dir(run_dir, resume, overwrite)
-    checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt") if resume else None
+    # Every process checks before rank 0 creates anything, and all stop if any check fails.
+    distributed.agree(ctx, lambda: _check_run_dir(run_dir, resume, overwrite))
+    checkpoint = distributed.agree(ctx, lambda: load_checkpoint(run_dir / "checkpoints" / "last.pt")) if resume else None
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -191,6 +197,9 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
     # Model, loss, optimizer.
     n_classes = train_ds.n_identities if cfg.classification_weight > 0 else 0
     model = build_model(cfg, n_classes, pre.channels).to(device)
+    sync_bn, gather = distributed.plan(cfg, ctx)
+    if sync_bn:
+        convert_to_sync_bn(model, device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = JointLoss(build_metric_loss(cfg.loss, cfg.mining, cfg.resolved_margin), cfg.classification_weight)
@@ -226,7 +235,8 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
         print(
             f"siamkit: {len(train_ds)} training images of {train_ds.n_identities} identities"
             + (f", {len(val_ds)} held-out images of {val_ds.n_identities} identities" if val_ds else "")
-            + f"; {cfg.backbone} on {device}, {n_train:,} of {n_total:,} parameters train; "
+            + f"; {cfg.backbone} on {device}" + (f" x {ctx.world} processes" if ctx.enabled else "")
+            + f", {n_train:,} of {n_total:,} parameters train; "
             f"{total} steps ({sampler.steps_per_epoch} per epoch)",
             file=sys.stderr,
         )
@@ -276,6 +286,7 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
 
     def save(step: int, **extra) -> None:
         saved_step[0] = step
+        ctx.checkpoint, ctx.checkpoint_step = ckpt_dir / "last.pt", step
         if ctx.is_main:
             save_checkpoint(ckpt_dir / "last.pt", state(step, **extra))
             if cfg.keep_checkpoints > 1:
@@ -284,13 +295,15 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
 
     images = train_ds.images.to(device)
     labels = torch.from_numpy(train_ds.labels).to(device)
-    step_module = TrainStep(model, loss_fn, cfg.n_branches)
+    # DDP runs the backbone passes; heads and loss run on the model itself (see TrainStep).
+    runner = distributed.wrap_ddp(model, device) if ctx.enabled else None
+    step_module = TrainStep(model, loss_fn, cfg.n_branches, runner, distributed.gather_with_grad if gather else None)
     step_fn = torch.compile(step_module) if cfg.compile else step_module
     aug = _augment_mode(cfg)
     shift = max(1, round(min(pre.image_size) / 16)) if aug == "flip-shift" else 0
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
 
-    bad_steps, step = 0, start_step
+    bad_steps, step, stopping = 0, start_step, False
     window = {"loss": 0.0, "metric": 0.0, "classification": 0.0, "n": 0}
     if checkpoint is not None and "log_window" in checkpoint:
         window = {k: type(v)(checkpoint["log_window"][k]) for k, v in window.items()}
@@ -304,7 +317,7 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
     # a skipped step puts them back, so a NaN batch cannot poison the statistics used at evaluation.
     buffers = list(model.buffers())
     with StopRequested() as stop:
-        while step < total and stop.signal_name is None:
+        while step < total and not stopping:
             idx = torch.from_numpy(sampler.batch(step).reshape(-1)).to(device)
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             x = images[idx]
@@ -320,13 +333,19 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
-            finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+            # Decided together: a process skipping a step, or stopping on a signal, alone would leave
+            # the others waiting at the next collective.
+            bad, stopping = distributed.any_rank(
+                ctx, device, ~(torch.isfinite(loss) & torch.isfinite(grad_norm)), stop.signal_name is not None
+            )
+            finite = not bad
             if not finite and cfg.amp != "fp16":
                 bad_steps += 1
                 with torch.no_grad():
                     for b, saved in zip(buffers, saved_buffers):
                         b.copy_(saved)
-                warn(f"step {step + 1}: non-finite loss or gradient; step skipped ({bad_steps} in a row)")
+                if ctx.is_main:
+                    warn(f"step {step + 1}: non-finite loss or gradient; step skipped ({bad_steps} in a row)")
                 if bad_steps >= cfg.max_bad_steps:
                     bar.close()
                     kept = (
@@ -345,6 +364,8 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
             bad_steps = 0
             scaler.step(optimizer)
             scaler.update()
+            if not sync_bn:
+                distributed.average_running_stats(ctx, model.bn)
             scheduler.step()
             step += 1
             bar.update(1)
@@ -356,6 +377,9 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
             if step % cfg.log_every == 0 or step == total:
                 now = time.perf_counter()
                 n = max(1, window["n"])
+                window["loss"], window["metric"], window["classification"] = distributed.mean_over_ranks(
+                    ctx, device, [window["loss"], window["metric"], window["classification"]]
+                )
                 images_per_s = timed_steps * x.shape[0] * ctx.world / (now - t_window)
                 row = {
                     "step": step,
@@ -376,23 +400,25 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
                 window = {"loss": 0.0, "metric": 0.0, "classification": 0.0, "n": 0}
                 timed_steps, t_window = 0, time.perf_counter()
             if cfg.eval_every and val_ds is not None and step % cfg.eval_every == 0 and step < total:
-                report = _evaluate_held_out(model, pre, val_ds, cfg, device)
+                report = _evaluate_held_out(model, pre, val_ds, cfg, device, sharded=ctx.enabled)
                 if ctx.is_main and report["accuracy_mean"] > best_accuracy:
                     best_accuracy = report["accuracy_mean"]
                     save_checkpoint(ckpt_dir / "best.pt", state(step, threshold=report["threshold"]))
             if step % cfg.checkpoint_every == 0 and step < total:
                 save(step)
         bar.close()
-        if stop.signal_name is not None:
+        if stopping:
             save(step)
             if log is not None:
                 log.plot()
-            print(
-                f"siamkit: {stop.signal_name} received: stopped after step {step} of {total}; checkpoint saved to "
-                f"{ckpt_dir / 'last.pt'}; continue with the same command plus --resume",
-                file=sys.stderr,
-            )
-            raise SystemExit(130 if stop.signal_name == "SIGINT" else 143)
+            signal_name = stop.signal_name or "SIGTERM"  # None: the signal reached another process
+            if ctx.is_main:
+                print(
+                    f"siamkit: {signal_name} received: stopped after step {step} of {total}; checkpoint saved to "
+                    f"{ckpt_dir / 'last.pt'}; continue with the same command plus --resume",
+                    file=sys.stderr,
+                )
+            raise SystemExit(130 if signal_name == "SIGINT" else 143)
 
     # Final checkpoint, then the held-out evaluation that calibrates the threshold.
     save(step)
@@ -401,13 +427,15 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
     if val_ds is None:
         if ctx.is_main:
             print("siamkit: no identities held out (--val-identities 0): no evaluation", file=sys.stderr)
+        distributed.barrier(ctx)  # return once rank 0 has written everything: the run is complete
         return run_dir
-    report, scores, same = _evaluate_held_out(model, pre, val_ds, cfg, device, with_scores=True)
+    report, scores, same = _evaluate_held_out(model, pre, val_ds, cfg, device, with_scores=True, sharded=ctx.enabled)
     if ctx.is_main:
         write_report(report, scores, same, run_dir / "eval")
         save(step, threshold=report["threshold"])
         print(f"held-out identities ({val_ds.n_identities}), {run_dir / 'eval' / 'report.json'}:")
         print(format_summary(report))
+    distributed.barrier(ctx)
     return run_dir
 
 
@@ -432,9 +460,9 @@ def _check_resume(checkpoint: dict, cfg: TrainConfig, train_ds: IdentityDataset,
         warn(f"--resume with options other than the run's: {', '.join(changed)}; the run continues with the new ones")
 
 
-def _evaluate_held_out(model, pre, val_ds: IdentityDataset, cfg: TrainConfig, device, with_scores=False):
+def _evaluate_held_out(model, pre, val_ds: IdentityDataset, cfg: TrainConfig, device, with_scores=False, sharded=False):
     report, scores, same = evaluate(
         model, pre, val_ds, score=score_for(cfg.embedding_activation), flip=cfg.eval_flip, device=device,
-        seed=cfg.seed,
+        seed=cfg.seed, sharded=sharded,
     )
     return (report, scores, same) if with_scores else report

@@ -134,13 +134,15 @@ def test_python_api_agrees_with_the_cli(att_run, att_faces):
         (["--data", "/nonexistent/faces"], "does not exist"),
     ],
 )
-def test_bad_train_options_fail_with_one_line_and_write_nothing(args, message, cli, tmp_path):
+def test_bad_train_options_fail_with_one_line_and_write_nothing(args, message, tmp_path, capsys):
+    from siamkit.cli import main
+
     out = tmp_path / "run"
-    result = cli("train", "--out", str(out), "--steps", "1", *FAST, *args)
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("siamkit: error:")
+    assert main(["train", "--out", str(out), "--steps", "1", *FAST, *args]) == 2  # in-process: same code path
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("siamkit: error:")
     assert not out.exists()
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -58,7 +59,7 @@ def _train_parser(sub) -> None:
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--betas", type=float, nargs=2, default=d.betas)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--steps", type=int, default=0, help="total steps of the run (default: 600 unless --epochs)")
+    g.add_argument("--steps", type=int, default=0, help="total steps of the run (default: 200 unless --epochs)")
     g.add_argument("--epochs", type=int, default=0, help="total epochs of the run")
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
@@ -189,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The command line speaks in one-line messages: Pillow's warnings about a file (decompression bomb, truncated
+    # TIFF) only repeat what siamkit's own "skipped" line says, with a source line attached.
+    warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
     try:
         args = build_parser().parse_args(argv)
         return {"train": _train, "evaluate": _evaluate, "verify": _verify, "embed": _embed}[args.command](args)
@@ -196,8 +200,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"siamkit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("siamkit: interrupted", file=sys.stderr)
+        # Every file siamkit writes is replaced atomically: an interrupt leaves the old or the new one, never half.
+        print("siamkit: interrupted; files written so far are intact (checkpoints are replaced atomically)", file=sys.stderr)
         return 130
+    except OSError as e:
+        # Last resort for a file problem no check foresaw: still one line, never a traceback.
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"siamkit: error: {where}{e.strerror or e}; check the path, its permissions and the free disk space", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ class TrainConfig:
     images_per_identity: int = 0  # K of a PK batch
     # multi-branch training
     bn_policy: str = "joint"
-    classification_weight: float = 0.0
+    classification_weight: float = 1.0  # classifier on every branch (0 = metric loss only)
     classifier: str = "softmax"
     scale: float = 30.0
     class_margin: float = 0.3

@@ -28,14 +28,22 @@ def distance_matrix(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(d2.clamp_min(_EPS))
 
 
-class ContrastiveLoss(nn.Module):
+class MarginLoss(nn.Module):
+    """Base of the metric losses: a margin, and how many branches a batch's rows are split into."""
+
+    n_branches = 1
+    default_margin = 0.2
+
+    def __init__(self, margin: float | None = None):
+        super().__init__()
+        self.margin = self.default_margin if margin is None else margin
+
+
+class ContrastiveLoss(MarginLoss):
     """Pairs: mean of y·d² + (1−y)·max(margin − d, 0)² (Hadsell, Chopra & LeCun 2006)."""
 
     n_branches = 2
-
-    def __init__(self, margin: float = 1.0):
-        super().__init__()
-        self.margin = margin
+    default_margin = 1.0
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         a, b = embeddings.chunk(2)
@@ -46,14 +54,10 @@ class ContrastiveLoss(nn.Module):
         return (same * d2 + (1 - same) * F.relu(self.margin - d) ** 2).mean()
 
 
-class TripletLoss(nn.Module):
+class TripletLoss(MarginLoss):
     """Explicit triplets: mean of max(d(a, p) − d(a, n) + margin, 0)."""
 
     n_branches = 3
-
-    def __init__(self, margin: float = 0.2):
-        super().__init__()
-        self.margin = margin
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         a, p, n = embeddings.chunk(3)
@@ -67,14 +71,8 @@ def _masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return same & ~eye, ~same
 
 
-class BatchHardTripletLoss(nn.Module):
+class BatchHardTripletLoss(MarginLoss):
     """For each anchor: its farthest positive and nearest negative (Hermans et al. 2017)."""
-
-    n_branches = 1
-
-    def __init__(self, margin: float = 0.2):
-        super().__init__()
-        self.margin = margin
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         d = distance_matrix(embeddings)
@@ -86,18 +84,12 @@ class BatchHardTripletLoss(nn.Module):
         return losses.sum() / valid.sum().clamp_min(1)
 
 
-class SemiHardTripletLoss(nn.Module):
+class SemiHardTripletLoss(MarginLoss):
     """FaceNet's semi-hard negatives (Schroff et al. 2015), over every anchor-positive pair.
 
     For each (a, p): the nearest negative that is farther than p; if there is none, the farthest
     negative. The loss is the mean of max(d(a, p) − d(a, n) + margin, 0) over all (a, p).
     """
-
-    n_branches = 1
-
-    def __init__(self, margin: float = 0.2):
-        super().__init__()
-        self.margin = margin
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         d = distance_matrix(embeddings)
@@ -115,14 +107,8 @@ class SemiHardTripletLoss(nn.Module):
         return losses.sum() / valid.sum().clamp_min(1)
 
 
-class BatchAllTripletLoss(nn.Module):
+class BatchAllTripletLoss(MarginLoss):
     """Every valid triplet of the batch; the mean over those with a positive loss (Hermans et al. 2017)."""
-
-    n_branches = 1
-
-    def __init__(self, margin: float = 0.2):
-        super().__init__()
-        self.margin = margin
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         d = distance_matrix(embeddings)
@@ -133,17 +119,13 @@ class BatchAllTripletLoss(nn.Module):
         return losses.sum() / active.clamp_min(1)
 
 
-class PairwiseContrastiveLoss(nn.Module):
+class PairwiseContrastiveLoss(MarginLoss):
     """Contrastive loss over every pair of a PK batch: half the mean genuine term plus half the mean impostor term.
 
     That weighting matches explicit pairs drawn half genuine, half impostor.
     """
 
-    n_branches = 1
-
-    def __init__(self, margin: float = 1.0):
-        super().__init__()
-        self.margin = margin
+    default_margin = 1.0
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         d = distance_matrix(embeddings)

@@ -19,6 +19,9 @@ from .transforms import Preprocess, image_to_uint8
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 BUILTIN_SOURCES = ("digits", "olivetti", "lfw")
+# The Pillow decoders tried on a file, whatever its extension: the formats above and no others (e.g. not EPS,
+# which hands the file to Ghostscript), so a disguised file meets only the common, well-fuzzed decoders.
+PILLOW_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP", "GIF")
 # Refuse images above this many pixels before decoding them (decompression-bomb guard).
 MAX_IMAGE_PIXELS = 40_000_000
 # Keep decoded images in memory only while they take at most this share of the machine's RAM.
@@ -115,8 +118,9 @@ def list_folder(root: str | os.PathLike) -> tuple[list[str], list[list[Path]]]:
         if entry.name.startswith("."):
             continue
         try:
-            is_dir = entry.is_dir()  # follows links; a link loop just reads as "not a folder"
-        except OSError:
+            is_dir = entry.is_dir()  # follows links; a broken link reads as "not a folder"
+        except OSError as e:  # a symlink loop (ELOOP) or an unreadable entry
+            warn(f"skipped {entry.path}: {e.strerror}")
             is_dir = False
         if not is_dir:
             continue
@@ -144,13 +148,13 @@ def _is_file(entry: os.DirEntry) -> bool:
     try:
         return entry.is_file()
     except OSError:
-        return False
+        return True  # a symlink loop or unreadable entry: decoding reports it among the skipped images
 
 
 def decode_image(path: str | os.PathLike, pre: Preprocess) -> torch.Tensor:
     """Decode one image file; raise ValueError with a short reason if it is unusable."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=PILLOW_FORMATS) as img:
             w, h = img.size
             if w * h > MAX_IMAGE_PIXELS:
                 raise ValueError(f"{w}x{h} pixels is too large (limit {MAX_IMAGE_PIXELS:,})")
@@ -160,8 +164,19 @@ def decode_image(path: str | os.PathLike, pre: Preprocess) -> torch.Tensor:
             return image_to_uint8(img, pre)
     except ValueError:
         raise
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(str(e) or type(e).__name__) from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"too large, refused before decoding ({_first_line(e)})") from None
+    except (OSError, SyntaxError) as e:
+        raise ValueError(_first_line(e)) from None
+    except MemoryError:
+        raise ValueError("too large to decode in memory") from None
+    except Exception as e:  # Pillow's decoders raise many types on crafted files (struct.error, IndexError...)
+        raise ValueError(f"not a decodable image ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def load_folder(root: str | os.PathLike, pre: Preprocess) -> IdentityDataset:
@@ -180,7 +195,7 @@ def load_folder(root: str | os.PathLike, pre: Preprocess) -> IdentityDataset:
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
         decoded = list(pool.map(work, flat))
 
-    bad = [(path, why) for (_, path), out in zip(flat, decoded) if isinstance(out, str)]
+    bad = [(path, out) for (_, path), out in zip(flat, decoded) if isinstance(out, str)]
     if bad:
         shown = "; ".join(f"{p} ({why})" for p, why in bad[:5])
         more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
@@ -227,6 +242,14 @@ def _load_digits(pre: Preprocess) -> IdentityDataset:
     return _from_arrays("digits", digits.images / 16.0, digits.target, pre)
 
 
+def _no_retries(fetch) -> dict:
+    """Fail fast offline: scikit-learn >= 1.5 retries downloads 3 times, a second apart, by default."""
+    import inspect
+
+    params = inspect.signature(fetch).parameters
+    return {k: v for k, v in (("n_retries", 1), ("delay", 0.1)) if k in params}
+
+
 def _fetch_failed(what: str, error: Exception, hint: str) -> SiamkitError:
     return SiamkitError(f"could not get {what} through scikit-learn ({type(error).__name__}: {error}); {hint}")
 
@@ -235,7 +258,7 @@ def _load_olivetti(pre: Preprocess, data_home: str | None) -> IdentityDataset:
     from sklearn.datasets import fetch_olivetti_faces
 
     try:
-        faces = fetch_olivetti_faces(data_home=data_home, download_if_missing=True)
+        faces = fetch_olivetti_faces(data_home=data_home, download_if_missing=True, **_no_retries(fetch_olivetti_faces))
     except Exception as e:  # offline, proxy, corrupt cache: all end the same way for the user
         raise _fetch_failed(
             "the Olivetti faces",
@@ -253,7 +276,7 @@ def _load_lfw(pre: Preprocess, data_home: str | None) -> IdentityDataset:
         # The full 250x250 images (slice_=None); --center-crop picks the face region.
         lfw = fetch_lfw_people(
             data_home=data_home, min_faces_per_person=2, color=pre.channels == 3, resize=1.0, slice_=None,
-            download_if_missing=True,
+            download_if_missing=True, **_no_retries(fetch_lfw_people),
         )
     except Exception as e:
         raise _fetch_failed(

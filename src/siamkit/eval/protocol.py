@@ -56,11 +56,16 @@ def evaluate(
     device: str | torch.device = "cpu",
     seed: int = 0,
     batch_size: int = 256,
+    sharded: bool = False,
 ) -> tuple[dict, np.ndarray, np.ndarray]:
-    """(report, scores, same) for ``ds`` under the pair protocol; each used image is embedded once."""
+    """(report, scores, same) for ``ds`` under the pair protocol; each used image is embedded once.
+
+    ``sharded``: in a distributed run each process embeds a share of the images (see embed_images);
+    every process gets the same report.
+    """
     pairs = pairs_for(ds, pairs_file, seed)
     used = np.unique(np.concatenate([pairs.idx_a, pairs.idx_b]))
-    emb = embed_images(model, ds.images[torch.from_numpy(used)], pre, device, batch_size, flip)
+    emb = embed_images(model, ds.images[torch.from_numpy(used)], pre, device, batch_size, flip, sharded=sharded)
     row = np.full(len(ds), -1, dtype=np.int64)
     row[used] = np.arange(len(used))
     scores = pair_scores(emb[row[pairs.idx_a]], emb[row[pairs.idx_b]], score)

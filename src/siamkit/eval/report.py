@@ -41,7 +41,12 @@ def _roc_png(report: dict, scores: np.ndarray, same: np.ndarray) -> bytes:
 
 
 def _scores_png(report: dict, scores: np.ndarray, same: np.ndarray) -> bytes:
-    bins = np.histogram_bin_edges(scores, bins=50)  # shared bins so the two histograms compare
+    # Shared bins so the two histograms compare; widened when all scores (nearly) coincide,
+    # since 50 bins cannot split a range of a few float32 steps.
+    lo, hi = float(np.min(scores)), float(np.max(scores))
+    pad = max(1e-3, 1e-3 * abs(lo)) if hi - lo < 1e-6 * max(1.0, abs(lo)) else 0.0
+    bins = np.linspace(lo - pad, hi + pad, 51)
+    scores = np.asarray(scores, dtype=np.float64)
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     ax.hist(scores[same], bins=bins, alpha=0.6, color="C2", label=f"genuine ({int(same.sum())})")

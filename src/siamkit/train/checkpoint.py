@@ -1,14 +1,15 @@
 """Checkpoints: complete, written atomically, and loaded without running any code from the file."""
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import random
-import zipfile
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import __version__
@@ -16,14 +17,19 @@ from ..errors import SiamkitError
 from ..fileio import atomic_write
 
 FORMAT = "siamkit-checkpoint-v1"
+_FORMAT_PREFIX = "siamkit-checkpoint-v"
+# torch names the first forbidden callable in its weights_only refusal: quote it to the user.
+_FORBIDDEN_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """torch.save ``state`` (plus format and version tags) to ``path`` atomically."""
+    """torch.save ``state`` (plus format and version tags) to ``path`` atomically.
+
+    A failed write (full disk, lost permission) raises WriteError and leaves the previous file at ``path`` intact.
+    """
     state = {"format": FORMAT, "siamkit_version": __version__, **state}
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+    # Serialised straight into the temporary file: no second copy of the whole state in memory.
+    atomic_write(path, lambda f: torch.save(state, f), hint="the previous checkpoint there is intact (continue with --resume)")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -32,18 +38,34 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise SiamkitError(f"checkpoint {path} does not exist; pass a run folder or a .pt file written by siamkit")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about foreign pickle protocols: the error below says it all
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        forbidden = _FORBIDDEN_GLOBAL.search(str(e))
+        if forbidden:
+            raise SiamkitError(
+                f"refused to load {path}: unpickling it would call {forbidden.group(1)}, which is not tensor or "
+                f"plain data; siamkit never runs code from a checkpoint, so use only checkpoints siamkit wrote"
+            ) from None
+        raise SiamkitError(f"{path} is not a readable checkpoint (not a PyTorch file, or damaged)") from None
+    except Exception as e:  # zip, EOF, key and value errors: torch reports damage in many ways
         raise SiamkitError(
-            f"refused to load {path}: it holds objects other than tensors and plain data "
-            f"({str(e).splitlines()[0][:160]}); siamkit never runs code from a checkpoint"
+            f"{path} is not a readable checkpoint (truncated, damaged or not a PyTorch file: {type(e).__name__}); "
+            f"use another checkpoint, e.g. checkpoints/step-N.pt, or retrain"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    fmt = state.get("format") if isinstance(state, dict) else None
+    if not isinstance(fmt, str) or not fmt.startswith(_FORMAT_PREFIX):
         raise SiamkitError(
-            f"{path} is not a readable checkpoint (truncated or not a PyTorch file: {type(e).__name__})"
-        ) from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise SiamkitError(f"{path} is a PyTorch file but not a siamkit checkpoint (format {FORMAT} expected)")
+            f"{path} is a PyTorch file but not a siamkit checkpoint (no '{FORMAT}' tag); pass a checkpoint that "
+            f"siamkit train wrote (runs/NAME/checkpoints/last.pt or best.pt)"
+        )
+    if fmt != FORMAT:
+        raise SiamkitError(
+            f"{path} is a siamkit checkpoint in format {fmt!r} (written by siamkit "
+            f"{state.get('siamkit_version', 'unknown')}); this siamkit {__version__} reads only {FORMAT!r}: "
+            f"use the siamkit version that wrote it"
+        )
     return state
 
 
@@ -66,7 +88,15 @@ def run_dir_of(checkpoint: Path) -> Path:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """Every random state a run draws from: Python, NumPy's global generator, torch (CPU and CUDA)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        # As a tensor and plain numbers: weights_only loading accepts no NumPy arrays.
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -74,6 +104,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -84,3 +117,9 @@ def prune_checkpoints(folder: Path, keep: int) -> None:
     numbered = sorted(folder.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
     for old in numbered[:-keep] if keep > 0 else numbered:
         old.unlink(missing_ok=True)
+
+
+def remove_stale_temp_files(folder: Path) -> None:
+    """Delete temporary files a killed writer left behind (they are never read; they only fill the disk)."""
+    for tmp in folder.glob(".*.pt.*.tmp"):
+        tmp.unlink(missing_ok=True)

@@ -5,7 +5,7 @@ import csv
 import io
 from pathlib import Path
 
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, write_error
 
 COLUMNS = ("step", "epoch", "loss", "metric", "classification", "lr", "images_per_s", "elapsed_s")
 
@@ -18,7 +18,7 @@ class MetricsLog:
         if resume and self.path.exists():
             with open(self.path, newline="") as f:
                 # A crash can tear the last line; keep only complete rows.
-                self.rows = [r for r in csv.DictReader(f) if r.get("elapsed_s") not in (None, "")]
+                self.rows = [r for r in csv.DictReader(f) if r.get("elapsed_s") not in (None, "") and _is_int(r["step"])]
         self._rewrite()
 
     def _rewrite(self) -> None:
@@ -37,8 +37,12 @@ class MetricsLog:
         row = {k: _fmt(row.get(k, "")) for k in COLUMNS}
         self.rows.append(row)
         # Appended, not rewritten: logging stays O(1) per row however long the run.
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=COLUMNS).writerow(row)
+        try:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=COLUMNS).writerow(row)
+        except OSError as e:
+            # A torn last row is dropped when the run resumes (see __init__).
+            raise write_error(self.path, e, "rows written before are intact (continue with --resume)") from e
 
     def plot(self) -> None:
         if not self.rows:
@@ -66,3 +70,11 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.6g}"
     return str(v)
+
+
+def _is_int(text) -> bool:
+    try:
+        int(text)
+        return True
+    except (TypeError, ValueError):
+        return False

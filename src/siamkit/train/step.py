@@ -1,12 +1,17 @@
 """The fused training step: one module from images to every loss term, so it compiles as one graph."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
 from ..batchnorm import forward_branches
 from ..losses import JointLoss
 from ..models.siamese import SiameseNet
+
+# (tensor of this process, n_branches) -> the same rows of every process, branch-major.
+Gather = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 class TrainStep(nn.Module):
@@ -16,7 +21,10 @@ class TrainStep(nn.Module):
     read that one pass: triplet + a classifier on each branch ("six networks") costs one forward.
     """
 
-    def __init__(self, model: SiameseNet, loss: JointLoss, n_branches: int, runner: nn.Module | None = None):
+    def __init__(
+        self, model: SiameseNet, loss: JointLoss, n_branches: int, runner: nn.Module | None = None,
+        gather: Gather | None = None,
+    ):
         super().__init__()
         self.model = model
         self.loss = loss
@@ -24,10 +32,21 @@ class TrainStep(nn.Module):
         # What runs the backbone: the model itself, or its DistributedDataParallel wrapper.
         self.runner = runner if runner is not None else model
         self.classify = model.classifier is not None and loss.classification_weight > 0
+        # --gather-embeddings: the loss (and its mining) sees every process's rows.
+        self.gather = gather
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         features, embeddings = forward_branches(
             self.runner, x, self.n_branches, self.model.spec.bn_policy, self.model.bn
         )
         logits = self.model.classify(features, labels) if self.classify else None
+        if self.gather is not None:
+            # Every process computes the same global loss. The gather's backward sums over the
+            # processes the gradient each one sends to a row, i.e. world x dL/d(row), and DDP then
+            # averages parameter gradients over the world processes: the two factors cancel, so the
+            # update equals one process's over the global batch, with no extra scaling. Logits are
+            # gathered too, so the classification term is the same global mean on every process.
+            embeddings = self.gather(embeddings, self.n_branches)
+            labels = self.gather(labels, self.n_branches)
+            logits = self.gather(logits, self.n_branches) if logits is not None else None
         return self.loss(embeddings, labels, logits)

@@ -1,0 +1,177 @@
+"""End to end through the command line: train on real faces, evaluate, verify, embed; bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import tree_snapshot
+
+REPORT_KEYS = {
+    "n_pairs", "n_genuine", "n_impostor", "roc_auc", "eer", "tar_at_far", "accuracy_mean", "accuracy_std",
+    "threshold", "score",
+}
+FAST = ["--image-size", "32", "32", "--batch-size", "8", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def att_run(att_split, tmp_path_factory):
+    """A short real training run on AT&T s1-s30 (6 identities held out by the default)."""
+    train_dir, _ = att_split
+    out = tmp_path_factory.mktemp("runs") / "att"
+    from conftest import run_cli
+
+    result = run_cli("train", "--data", str(train_dir), "--out", str(out), "--steps", "30", *FAST)
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def test_train_writes_the_run_folder(att_run):
+    out, result = att_run
+    assert (out / "config.json").is_file() and (out / "metrics.csv").is_file() and (out / "loss.png").is_file()
+    assert (out / "checkpoints" / "last.pt").is_file()
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["report.json", "roc.png", "scores.png"]
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert set(report) == REPORT_KEYS
+    # 6 held-out identities x 10 images: 6*45 = 270 genuine pairs and as many impostors.
+    assert report["n_genuine"] == 270 and report["n_impostor"] == 270
+    assert 0.5 < report["roc_auc"] <= 1.0  # 30 steps already beat chance on unseen people
+    assert "accuracy" in result.stdout and "held-out" in result.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["steps"] == 30 and config["bn_policy"] == "joint" and "siamkit_version" in config
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,epoch,loss") and rows[-1].startswith("30,")
+
+
+def test_evaluate_on_unseen_people(att_run, att_split, cli, tmp_path):
+    out, _ = att_run
+    _, test_dir = att_split
+    result = cli("evaluate", str(out), "--data", str(test_dir), "--out", str(tmp_path / "ev"), "--flip")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert report["n_genuine"] == 450 and report["n_impostor"] == 450  # 10 people x C(10, 2) genuine pairs
+    assert report["score"] == "cosine"
+    assert 0.5 < report["accuracy_mean"] <= 1.0
+
+
+def test_evaluate_with_a_pairs_file(att_run, att_split, cli, tmp_path):
+    """LFW pairs.txt over an AT&T-style folder renamed to LFW's <name>/<name>_0001.pgm layout."""
+    out, _ = att_run
+    _, test_dir = att_split
+    lfw = tmp_path / "lfw"
+    for person in sorted(test_dir.iterdir()):
+        (lfw / person.name).mkdir(parents=True)
+        for i in range(1, 11):
+            (lfw / person.name / f"{person.name}_{i:04d}.pgm").symlink_to((person / f"{i}.pgm").resolve())
+    lines = ["2\t3", "s31\t1\t2", "s32\t3\t4", "s33\t5\t6", "s31\t1\ts32\t1", "s33\t2\ts34\t2", "s35\t3\ts36\t3",
+             "s37\t1\t2", "s38\t3\t4", "s39\t5\t6", "s37\t1\ts38\t1", "s39\t2\ts40\t2", "s35\t4\ts31\t4"]
+    (tmp_path / "pairs.txt").write_text("\n".join(lines) + "\n")
+    result = cli("evaluate", str(out), "--data", str(lfw), "--pairs", str(tmp_path / "pairs.txt"),
+                 "--out", str(tmp_path / "ev"))
+    # Two sets give two folds: the report still has every key.
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert report["n_pairs"] == 12 and report["n_genuine"] == 6
+
+
+def test_verify_prints_score_threshold_and_decision(att_run, att_faces, cli):
+    out, _ = att_run
+    same = cli("verify", str(out), str(att_faces / "s35" / "1.pgm"), str(att_faces / "s35" / "2.pgm"))
+    assert same.returncode == 0, same.stderr
+    words = same.stdout.split()
+    assert words[0] == "score" and words[2] == "threshold" and words[4] in ("SAME", "DIFFERENT")
+    score, threshold = float(words[1]), float(words[3])
+    assert (words[4] == "SAME") == (score >= threshold)
+    # The threshold is the one calibrated on the held-out identities at the end of training.
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert threshold == pytest.approx(report["threshold"], abs=1e-4)
+    forced = cli("verify", str(out), str(att_faces / "s35" / "1.pgm"), str(att_faces / "s36" / "1.pgm"), "--threshold", "2")
+    assert forced.returncode == 0 and forced.stdout.split()[4] == "DIFFERENT"  # cosine never reaches 2
+
+
+def test_embed_writes_npz(att_run, att_split, cli, tmp_path):
+    out, _ = att_run
+    _, test_dir = att_split
+    result = cli("embed", str(out), "--data", str(test_dir), "--out", str(tmp_path / "e.npz"))
+    assert result.returncode == 0, result.stderr
+    z = np.load(tmp_path / "e.npz")
+    assert z["embeddings"].shape == (100, 128)
+    np.testing.assert_allclose(np.linalg.norm(z["embeddings"], axis=1), 1.0, rtol=1e-5)  # l2 head
+    assert list(np.bincount(z["labels"])) == [10] * 10
+    assert z["paths"][0] == "s31/1.pgm" and list(z["names"][:2]) == ["s31", "s32"]
+
+
+def test_python_api_agrees_with_the_cli(att_run, att_faces):
+    import siamkit
+
+    out, _ = att_run
+    v = siamkit.load(out)
+    a, b, c = (str(att_faces / p) for p in ("s35/1.pgm", "s35/2.pgm", "s36/1.pgm"))
+    emb = v.embed([a, b, c])
+    assert emb.shape == (3, 128)
+    assert v.score(a, b) == pytest.approx(float(emb[0] @ emb[1]), abs=1e-5)
+    scores = v.score([a, a], [b, c])
+    assert scores.shape == (2,)
+    assert v.verify(a, b) == (v.score(a, b) >= v.threshold)
+    from PIL import Image
+
+    assert v.score(Image.open(a), np.asarray(Image.open(b))) == pytest.approx(v.score(a, b), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--backbone", "vgg99"], "invalid choice"),
+        (["--loss", "magic"], "invalid choice"),
+        (["--margin", "-1"], "--margin must be positive"),
+        (["--batch-size", "0"], "--batch-size must be a positive number"),
+        (["--image-size", "0", "0"], "--image-size"),
+        (["--identities-per-batch", "4"], "PK batches need both"),
+        (["--mining", "batch-hard"], "--mining needs PK batches"),
+        (["--val-identities", "9"], "holds out 9 of 10 identities"),
+        (["--pretrained", "/nonexistent/weights.pth"], "no such file"),
+        (["--data", "/nonexistent/faces"], "does not exist"),
+    ],
+)
+def test_bad_train_options_fail_with_one_line_and_write_nothing(args, message, cli, tmp_path):
+    out = tmp_path / "run"
+    result = cli("train", "--out", str(out), "--steps", "1", *FAST, *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("siamkit: error:")
+    assert not out.exists()
+
+
+def test_data_folder_problems(cli, tmp_path, att_faces):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = cli("train", "--data", str(empty), "--out", str(tmp_path / "r1"), *FAST)
+    assert r.returncode == 2 and "no identity sub-folders with images" in r.stderr and not (tmp_path / "r1").exists()
+    one = tmp_path / "one"
+    (one / "s1").mkdir(parents=True)
+    (one / "s1" / "1.pgm").symlink_to(att_faces / "s1" / "1.pgm")
+    (one / "s1" / "2.pgm").symlink_to(att_faces / "s1" / "2.pgm")
+    r = cli("train", "--data", str(one), "--out", str(tmp_path / "r2"), "--val-identities", "0", *FAST)
+    assert r.returncode == 2 and "at least 2 identities" in r.stderr and not (tmp_path / "r2").exists()
+
+
+def test_existing_run_folder_is_refused(att_run, cli):
+    out, _ = att_run
+    before = tree_snapshot(out)
+    r = cli("train", "--out", str(out), "--steps", "1", *FAST)
+    assert r.returncode == 2 and "already exists" in r.stderr
+    assert tree_snapshot(out) == before
+
+
+def test_verify_and_evaluate_input_errors(att_run, cli, tmp_path, att_faces):
+    out, _ = att_run
+    r = cli("verify", str(out), str(tmp_path / "missing.jpg"), str(att_faces / "s1" / "1.pgm"))
+    assert r.returncode == 2 and "missing.jpg" in r.stderr and "Traceback" not in r.stderr
+    r = cli("evaluate", str(tmp_path / "norun"), "--data", str(att_faces))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    (tmp_path / "bad_pairs.txt").write_text("10\t300\nnot a pair line\n")
+    r = cli("evaluate", str(out), "--data", str(att_faces), "--pairs", str(tmp_path / "bad_pairs.txt"),
+            "--out", str(tmp_path / "ev"))
+    assert r.returncode == 2 and "bad_pairs.txt" in r.stderr and not (tmp_path / "ev").exists()

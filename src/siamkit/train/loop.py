@@ -31,7 +31,7 @@ from .checkpoint import (
     load_checkpoint, prune_checkpoints, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state,
 )
 from .logging import MetricsLog
-from .step import TrainStep
+from .step import TrainStep, build_optimizer, gradient_norm
 from .sync_bn import convert_to_sync_bn
 
 # Step budget when neither --steps nor --epochs is given.
@@ -204,11 +204,7 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
         model = model.to(memory_format=torch.channels_last)
     loss_fn = JointLoss(build_metric_loss(cfg.loss, cfg.mining, cfg.resolved_margin), cfg.classification_weight)
     params = model.trainable_parameters()
-    fused = device.type == "cuda"
-    optimizer = torch.optim.Adam(
-        params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-        **({"fused": True} if fused else {"foreach": True}),
-    )
+    optimizer = build_optimizer(params, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.schedule)
     )
@@ -332,7 +328,7 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+            grad_norm = gradient_norm(params)
             # Decided together: a process skipping a step, or stopping on a signal, alone would leave
             # the others waiting at the next collective.
             bad, stopping = distributed.any_rank(

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..batchnorm import forward_branches
+from ..config import TrainConfig
 from ..losses import JointLoss
 from ..models.siamese import SiameseNet
 
@@ -50,3 +51,26 @@ class TrainStep(nn.Module):
             labels = self.gather(labels, self.n_branches)
             logits = self.gather(logits, self.n_branches) if logits is not None else None
         return self.loss(embeddings, labels, logits)
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """Adam with fused kernels: one pass over all parameters per step, on CUDA and on CPU.
+
+    On a 2-core CPU the fused step of ResNet18's 11M parameters is several times faster than the
+    per-parameter loop or the foreach kernels (benchmarks/train_throughput.py, docs/performance.md).
+    """
+    return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=True)
+
+
+def gradient_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """The largest absolute gradient entry (inf if any is inf or NaN): the finite check, without rescaling.
+
+    clip_grad_norm_(params, inf) computes the same number but then multiplies every gradient by 1.0,
+    a second pass over all of them.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(grads, float("inf"))
+    return torch.stack([g.detach().abs().max() for g in grads]).max()

@@ -1,0 +1,492 @@
+"""Training throughput: the naive Siamese loop, siamkit's fused step and a peer, side by side.
+
+ResNet18, triplet loss + a softmax identity classifier on every branch (W = 1), 32 triplets (96 images)
+per step, at 64x64 and 112x112. Rows:
+
+  1. naive loop: the backbone runs once per branch and per head (a, p, n x embedding, classifier):
+     six passes, eager fp32, torch.optim.Adam with its defaults, NCHW -- the seed workflow;
+  2. the same loop with one backbone pass per branch (three passes) feeding both heads;
+  3. siamkit with its defaults: the real TrainStep (one pass over the concatenated branches) and the
+     training loop's per-step work (normalise, step, finite check, optimizer, scheduler, loss logging);
+  4. the same with --compile (torch.compile of the TrainStep); 5. with --amp bf16;
+  6. pytorch-metric-learning's TripletMarginLoss with its BatchHardMiner on the 96 images, plus the
+     same classifier, same backbone, data and batch size, in a plain loop (the `bench` extra).
+
+Every row starts from the same uint8 images held in memory (synthetic, one seed) and draws the same
+triplets with siamkit's TupleSampler; every row normalises its batch itself. Each row runs in its own
+worker process (own peak memory, own compile caches); workers take turns, round after round, so a
+disturbance of the machine hits all rows alike; a row's images/s is that of its fastest round.
+Memory: on CPU the peak resident set of the worker minus its resident set before the model was built
+(data and imports excluded); on CUDA torch.cuda.max_memory_allocated. MFU: the FLOPs of one step
+(counted with torch.utils.flop_counter.FlopCounterMode on the eager step: convolutions and matrix
+products, forward and backward, as executed -- row 1 executes its redundant passes) per second,
+divided by the FLOP/s of a large dense matrix product of the row's compute dtype measured in the same
+run (fp32; on CUDA with TF32 allowed, as cuDNN convolutions use it by default; bf16 for row 5).
+
+End to end: a real `siamkit train` run (same options: 64x64 or 112x112, W = 1, 32 triplets) on
+the ROF-neutral faces (decoded, sampled, augmented on the fly), its images/s read from metrics.csv
+(the fastest logging window after the warm-up windows), as a fraction of row 3's synthetic figure.
+
+    PYTHONPATH=src python benchmarks/train_throughput.py                  # CPU, both sizes
+    PYTHONPATH=src python benchmarks/train_throughput.py --device cuda    # see benchmarks/gpu.sh
+
+Data for the end-to-end run: --data, or $SIAMKIT_DATA/rof_neutral, or ../shared/data/rof_neutral.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import multiprocessing as mp
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+ROWS = {
+    "naive6": "1. naive loop: 6 passes (a/p/n x embedding/classifier)",
+    "naive3": "2. naive loop: 3 passes (one per branch)",
+    "siamkit": "3. siamkit (defaults: eager fp32)",
+    "compile": "4. siamkit --compile",
+    "bf16": "5. siamkit --amp bf16",
+    "pml": "6. pytorch-metric-learning (BatchHardMiner + TripletMarginLoss)",
+}
+TRIPLETS = 32
+N_IDENTITIES, PER_IDENTITY = 40, 10
+MARGIN = 0.2
+
+
+# ----------------------------------------------------------------------------------------------- workers
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _Plain:
+    """Rows 1, 2 and 6: torchvision ResNet18 + embedding and classifier layers, the way people write it."""
+
+    def __init__(self, kind: str, data, device):
+        import torch
+        import torch.nn.functional as F
+        import torchvision
+        from torch import nn
+
+        torch.manual_seed(0)
+        self.backbone = torchvision.models.resnet18()
+        self.backbone.fc = nn.Identity()
+        self.embedding = nn.Linear(512, 128)
+        self.classifier = nn.Linear(512, N_IDENTITIES)
+        self.modules = nn.ModuleList([self.backbone, self.embedding, self.classifier]).to(device)
+        self.optimizer = torch.optim.Adam(self.modules.parameters(), lr=1e-3)
+        self.kind, self.data, self.F, self.torch = kind, data, F, torch
+        if kind == "pml":
+            from pytorch_metric_learning import losses, miners
+
+            self.miner, self.pml_loss = miners.BatchHardMiner(), losses.TripletMarginLoss(margin=MARGIN)
+
+    def _x(self, idx):
+        x = self.data.images[idx].float()
+        return (x / 255.0 - 0.5) / 0.5
+
+    def forward(self, step: int):
+        F, torch = self.F, self.torch
+        idx = self.data.batch(step)  # [3, 32] on the device
+        if self.kind == "pml":
+            flat = idx.reshape(-1)
+            y = self.data.labels[flat]
+            features = self.backbone(self._x(flat))
+            emb = F.normalize(self.embedding(features), dim=1)
+            metric = self.pml_loss(emb, y, self.miner(emb, y))
+            return metric + F.cross_entropy(self.classifier(features), y)
+        xs = [self._x(i) for i in idx]
+        ys = [self.data.labels[i] for i in idx]
+        if self.kind == "naive6":  # each head runs the backbone again
+            emb = [F.normalize(self.embedding(self.backbone(x)), dim=1) for x in xs]
+            logits = [self.classifier(self.backbone(x)) for x in xs]
+        else:
+            features = [self.backbone(x) for x in xs]
+            emb = [F.normalize(self.embedding(f), dim=1) for f in features]
+            logits = [self.classifier(f) for f in features]
+        metric = F.triplet_margin_loss(*emb, margin=MARGIN)
+        return metric + sum(F.cross_entropy(lg, y) for lg, y in zip(logits, ys)) / 3
+
+    def step(self, step: int) -> float:
+        loss = self.forward(step)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return float(loss)  # the value everyone prints
+
+    flop_step = step
+
+
+class _Siamkit:
+    """Rows 3-5: siamkit's own model, TrainStep and optimizer, with the training loop's per-step work."""
+
+    def __init__(self, kind: str, data, device, size: int):
+        import torch
+
+        from siamkit.config import TrainConfig
+        from siamkit.data.transforms import Preprocess
+        from siamkit.losses import JointLoss, build_metric_loss
+        from siamkit.train.loop import build_model
+        from siamkit.train.step import TrainStep, build_optimizer
+
+        torch.manual_seed(0)
+        cfg = TrainConfig(
+            image_size=[size, size], classification_weight=1.0, batch_size=TRIPLETS,
+            compile=kind == "compile", amp="bf16" if kind == "bf16" else "off",
+        )
+        if device.type == "cuda":  # as the training loop does
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        model = build_model(cfg, N_IDENTITIES, 3).to(device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        loss_fn = JointLoss(build_metric_loss(cfg.loss, cfg.mining, cfg.resolved_margin), cfg.classification_weight)
+        self.params = model.trainable_parameters()
+        self.optimizer = build_optimizer(self.params, cfg, device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        self.step_module = TrainStep(model, loss_fn, cfg.n_branches)
+        self.step_fn = torch.compile(self.step_module) if cfg.compile else self.step_module
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        self.pre = Preprocess((size, size))
+        self.buffers = list(model.buffers())
+        self.cfg, self.data, self.device, self.torch = cfg, data, device, torch
+        model.train()
+
+    def step(self, step: int, step_fn=None) -> float:
+        # The per-step work of siamkit.train.loop, minus the augmentation (the end-to-end run has it).
+        from siamkit.data.transforms import normalize
+        from siamkit.train.step import gradient_norm
+
+        torch = self.torch
+        idx = self.data.batch(step).reshape(-1)
+        x = normalize(self.data.images[idx], self.pre, self.cfg.channels_last)
+        y = self.data.labels[idx]
+        saved_buffers = [b.detach().clone() for b in self.buffers]  # noqa: F841 (the loop keeps these)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            out = (step_fn or self.step_fn)(x, y)
+        loss = out["loss"]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = gradient_norm(self.params)
+        if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.scheduler.step()
+        return sum(float(out[k].detach()) for k in ("loss", "metric", "classification") if k in out)
+
+    def flop_step(self, step: int) -> float:
+        return self.step(step, step_fn=self.step_module)  # FlopCounterMode counts eager ops
+
+
+class _Data:
+    """Synthetic uint8 images and labels on the device; the same triplets for every row."""
+
+    def __init__(self, size: int, device):
+        import numpy as np
+        import torch
+
+        from siamkit.data.samplers import TupleSampler
+
+        g = torch.Generator().manual_seed(1234)
+        n = N_IDENTITIES * PER_IDENTITY
+        self.images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8).to(device)
+        labels = np.repeat(np.arange(N_IDENTITIES), PER_IDENTITY)
+        self.labels = torch.from_numpy(labels).to(device)
+        self.sampler = TupleSampler(labels, 3, TRIPLETS, seed=0)
+        self.device = device
+
+    def batch(self, step: int):
+        import torch
+
+        return torch.from_numpy(self.sampler.batch(step)).to(self.device)
+
+
+def _worker(row: str, size: int, device_name: str, warmup: int, conn) -> None:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = torch.device(device_name)
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    try:
+        data = _Data(size, device)
+        sync()
+        rss0 = _rss_bytes()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        runner = _Siamkit(row, data, device, size) if row in ("siamkit", "compile", "bf16") else _Plain(row, data, device)
+        step = 0
+        for _ in range(warmup):
+            runner.step(step)
+            step += 1
+        with FlopCounterMode(display=False) as counter:
+            runner.flop_step(step)
+        step += 1
+        sync()
+        conn.send(("ready", counter.get_total_flops()))
+        while True:
+            cmd = conn.recv()
+            if cmd[0] == "run":
+                sync()
+                t = time.perf_counter()
+                for _ in range(cmd[1]):
+                    runner.step(step)
+                    step += 1
+                sync()
+                conn.send(("time", time.perf_counter() - t))
+            elif cmd[0] == "memory":
+                if cuda:
+                    peak = torch.cuda.max_memory_allocated()
+                else:
+                    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+                conn.send(("memory", peak))
+            else:
+                return
+    except Exception as e:  # report, don't hang the parent
+        import traceback
+
+        conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+# ----------------------------------------------------------------------------------------------- parent
+
+
+def matmul_flops(device, dtype, sizes) -> float:
+    """Best FLOP/s of square dense matrix products of the given sizes on the device."""
+    import torch
+
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        reps = 3 if device.type == "cpu" else 20
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
+    return best
+
+
+class Worker:
+    def __init__(self, ctx, row: str, size: int, device: str, warmup: int):
+        self.row, self.size = row, size
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(row, size, device, warmup, child), daemon=True)
+        self.proc.start()
+        self.flops = None
+        self.error = None
+        self.times: list[float] = []
+
+    def _recv(self):
+        msg = self.conn.recv()
+        if msg[0] == "error":
+            self.error = msg[1]
+        return msg
+
+    def wait_ready(self) -> None:
+        msg = self._recv()
+        if msg[0] == "ready":
+            self.flops = msg[1]
+
+    def run(self, n: int) -> None:
+        if self.error:
+            return
+        self.conn.send(("run", n))
+        msg = self._recv()
+        if msg[0] == "time":
+            self.times.append(msg[1])
+
+    def memory(self) -> float | None:
+        if self.error:
+            return None
+        self.conn.send(("memory",))
+        msg = self._recv()
+        return msg[1] if msg[0] == "memory" else None
+
+    def stop(self) -> None:
+        if not self.error:
+            try:
+                self.conn.send(("stop",))
+            except (BrokenPipeError, OSError):
+                pass
+        self.proc.join(timeout=30)
+        if self.proc.is_alive():
+            self.proc.terminate()
+
+
+def end_to_end(data: Path, size: int, device: str, steps_per_window: int, windows: int, warmup_windows: int) -> dict:
+    """images/s of a real `siamkit train` run, from its metrics.csv."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        total = steps_per_window * (windows + warmup_windows)
+        cmd = [
+            sys.executable, "-m", "siamkit", "train", "--data", str(data), "--image-size", str(size), str(size),
+            "--classification-weight", "1", "--batch-size", str(TRIPLETS), "--steps", str(total),
+            "--log-every", str(steps_per_window), "--val-identities", "0", "--no-progress", "--device", device,
+            "--out", str(out),
+        ]
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        t = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - t
+        if done.returncode != 0:
+            return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+        with open(out / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        rates = [float(r["images_per_s"]) for r in rows[warmup_windows:]]
+        return {"best": max(rates), "mean": sum(rates) / len(rates), "wall": wall, "command": " ".join(cmd[1:])}
+
+
+def _fmt_mem(b) -> str:
+    return "-" if b is None else f"{b / 2**20:,.0f} MiB"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 112])
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    p.add_argument("--rounds", type=int, default=3, help="rounds; every row runs --steps steps per round")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per round (default: 3 on CPU, 25 on CUDA)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2 on CPU, 10 on CUDA)")
+    p.add_argument("--data", default=None, help="ROF-neutral folder for the end-to-end run")
+    p.add_argument("--e2e-sizes", type=int, nargs="*", default=None, help="sizes of the end-to-end runs (default: --sizes)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        print("--device cuda: PyTorch sees no CUDA GPU", file=sys.stderr)
+        return 2
+    steps = args.steps or (25 if cuda else 3)
+    warmup = args.warmup or (10 if cuda else 2)
+    device = torch.device(args.device)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 reference: what cuDNN convolutions use
+    data = Path(args.data) if args.data else Path(os.environ.get("SIAMKIT_DATA", REPO.parent / "shared" / "data")) / "rof_neutral"
+    e2e_sizes = args.sizes if args.e2e_sizes is None else args.e2e_sizes
+
+    ctx = mp.get_context("spawn")
+    started = time.perf_counter()
+    # Workers build and warm up (torch.compile included) before any timing. On CUDA they do it at the same
+    # time (compilation is CPU work on a many-core host); on CPU one after another, so that warm-ups don't
+    # fight over the cores.
+    workers: dict[tuple[int, str], Worker] = {}
+    for size in args.sizes:
+        for row in args.rows:
+            w = Worker(ctx, row, size, args.device, warmup)
+            workers[(size, row)] = w
+            if not cuda:
+                w.wait_ready()
+                print(f"  ready: {size}x{size} {row}", file=sys.stderr)
+    if cuda:
+        for w in workers.values():
+            w.wait_ready()
+    mm = {"fp32": 0.0, "bf16": 0.0}
+    mm_sizes = (8192,) if cuda else (1024, 2048)
+    results = {}
+    e2e = {}
+    for size in args.sizes:
+        for r in range(args.rounds):
+            mm["fp32"] = max(mm["fp32"], matmul_flops(device, torch.float32, mm_sizes))
+            for row in args.rows:
+                workers[(size, row)].run(steps)
+            print(f"  {size}x{size} round {r + 1}/{args.rounds} done", file=sys.stderr)
+        if "bf16" in args.rows:
+            mm["bf16"] = max(mm["bf16"], matmul_flops(device, torch.bfloat16, mm_sizes))
+        for row in args.rows:
+            w = workers[(size, row)]
+            results[(size, row)] = {
+                "images_per_s": steps * 3 * TRIPLETS / min(w.times) if w.times else None,
+                "memory": w.memory(),
+                "flops": w.flops,
+                "error": w.error,
+            }
+            w.stop()
+        if size in e2e_sizes:
+            if data.is_dir():
+                print(f"  {size}x{size} end-to-end siamkit train on {data}", file=sys.stderr)
+                e2e[size] = end_to_end(data, size, args.device, steps, args.rounds, 2)
+            else:
+                e2e[size] = {"error": f"no data at {data}"}
+
+    # ------------------------------------------------------------------------------------------- table
+    dev = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
+    if not cuda:
+        try:
+            with open("/proc/cpuinfo") as f:
+                dev = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        dev += f", {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
+    print(f"\n### Training throughput ({args.device}: {dev})\n")
+    print(
+        f"torch {torch.__version__}; ResNet18, triplet loss + softmax classifier (W=1), {TRIPLETS} triplets "
+        f"({3 * TRIPLETS} images) per step; fastest of {args.rounds} interleaved rounds of {steps} steps after "
+        f"{warmup} warm-up steps; dense matmul: {mm['fp32'] / 1e9:,.1f} GFLOP/s fp32"
+        + (f", {mm['bf16'] / 1e9:,.1f} GFLOP/s bf16" if mm["bf16"] else "")
+        + f"; {datetime.now():%Y-%m-%d %H:%M}.\n"
+    )
+    print("| size | row | images/s | × row 1 | peak memory | GFLOP/step | MFU |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for size in args.sizes:
+        base = results.get((size, "naive6"), {}).get("images_per_s")
+        for row in args.rows:
+            res = results[(size, row)]
+            if res["error"]:
+                print(f"| {size}x{size} | {ROWS[row]} | failed: {res['error'].splitlines()[0][:120]} | | | | |")
+                continue
+            ips = res["images_per_s"]
+            ratio = f"{ips / base:.2f}" if base else "-"
+            step_s = 3 * TRIPLETS / ips
+            denom = mm["bf16"] if row == "bf16" else mm["fp32"]
+            mfu = res["flops"] / step_s / denom if denom else float("nan")
+            print(
+                f"| {size}x{size} | {ROWS[row]} | {ips:,.1f} | {ratio} | {_fmt_mem(res['memory'])} "
+                f"| {res['flops'] / 1e9:,.1f} | {100 * mfu:.0f}% |"
+            )
+    if e2e:
+        print("\nEnd to end: `siamkit train` on ROF-neutral (decoding excluded; sampling, augmentation, logging included):\n")
+        print("| size | e2e images/s (best window) | mean of windows | row 3 (synthetic) | fraction |")
+        print("|---|---:|---:|---:|---:|")
+        for size, res in e2e.items():
+            if "error" in res:
+                print(f"| {size}x{size} | failed: {res['error'][:120]} | | | |")
+                continue
+            synth = results.get((size, "siamkit"), {}).get("images_per_s")
+            frac = f"{res['best'] / synth:.0%}" if synth else "-"
+            print(f"| {size}x{size} | {res['best']:,.1f} | {res['mean']:,.1f} | {synth or 0:,.1f} | {frac} |")
+        some = next((r for r in e2e.values() if "command" in r), None)
+        if some:
+            print(f"\nEnd-to-end command (per size): `{some['command']}`")
+    print(f"\nTotal benchmark time {time.perf_counter() - started:.0f} s.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -81,8 +81,10 @@ def _train_parser(sub) -> None:
     g.add_argument("--eval-flip", action="store_true", help="add mirrored images' embeddings at evaluation")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("distributed (under torchrun)")
-    g.add_argument("--sync-bn", action="store_true")
-    g.add_argument("--gather-embeddings", action="store_true")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="BatchNorm statistics over the global batch of all processes (SyncBatchNorm)")
+    g.add_argument("--gather-embeddings", action="store_true",
+                   help="PK batches: mining and the metric loss see every process's embeddings")
 
 
 def _train(args) -> int:

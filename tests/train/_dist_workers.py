@@ -183,10 +183,10 @@ def step_gradient_checks(rank: int, world: int) -> None:
     from siamkit.train.sync_bn import convert_to_sync_bn
 
     cpu = torch.device("cpu")
+    pre = loop._preprocess(TrainConfig(image_size=[32, 32]))
+    ds = load_source("digits", pre)
     for policy, sync in (("frozen", False), ("joint", True)):
         cfg = TrainConfig(backbone="resnet18", embedding_dim=16, image_size=[32, 32], bn_policy=policy)
-        pre = loop._preprocess(cfg)
-        ds = load_source("digits", pre)
         torch.manual_seed(0)
         reference = loop.build_model(TrainConfig(**{**cfg.to_dict(), "classification_weight": 0.5}), 10, pre.channels)
         model = copy.deepcopy(reference)

@@ -1,11 +1,12 @@
 """Process-group set-up from torchrun's environment, and the few helpers that depend on it.
 
-Everything here is a no-op in a plain run (a world of one process), so the training loop calls
-these helpers unconditionally and reads the same top to bottom with or without torchrun.
+Outside a process group (a plain ``python -m siamkit`` run) every helper is a no-op, so the
+training loop calls them unconditionally and reads the same top to bottom with or without torchrun.
 """
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -36,6 +37,9 @@ class DistContext:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    # In a process group: DDP and the collectives run, also for a world of one under torchrun
+    # (torchrun --nproc-per-node 1 checks the NCCL/DDP path on a single GPU).
+    group: bool = False
     owns_group: bool = False  # setup() created the process group, so teardown() destroys it
     # Where the loop last checkpointed: named in the error when another process dies.
     checkpoint: Path | None = None
@@ -47,7 +51,14 @@ class DistContext:
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        return self.group
+
+
+def describe(ctx: DistContext) -> str:
+    """' x 2 processes (nccl)' for the start-up line; '' outside a process group."""
+    if not ctx.enabled:
+        return ""
+    return f" x {ctx.world} process{'es' if ctx.world > 1 else ''} ({dist.get_backend()})"
 
 
 def timeout_seconds() -> float:
@@ -72,11 +83,12 @@ def setup(device: str) -> DistContext:
     if dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()
         rank = dist.get_rank()
-        return DistContext(rank=rank, world=world, local_rank=int(os.environ.get("LOCAL_RANK", rank)))
+        return DistContext(rank=rank, world=world, local_rank=int(os.environ.get("LOCAL_RANK", rank)), group=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ  # torchrun, or another env:// launcher
+    if world <= 1 and not launched:
         return DistContext()
-    if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
+    if not launched:
         raise SiamkitError(
             "WORLD_SIZE is set but RANK or MASTER_ADDR is not; start distributed runs with torchrun "
             "(torchrun --nproc-per-node N -m siamkit train ...)"
@@ -98,7 +110,7 @@ def setup(device: str) -> DistContext:
             f"could not join the process group at {where} ({str(e).splitlines()[0][:200]}); "
             "check the --rdzv-endpoint / --master-addr and that every node can reach it"
         ) from None
-    return DistContext(rank=rank, world=world, local_rank=local_rank, owns_group=True)
+    return DistContext(rank=rank, world=world, local_rank=local_rank, group=True, owns_group=True)
 
 
 def teardown(ctx: DistContext) -> None:
@@ -115,6 +127,8 @@ def is_comm_failure(error: BaseException) -> bool:
 
 def comm_failure_message(ctx: DistContext, error: BaseException) -> str:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    # gloo: "[.../pair.cc:545] Read error [host]:port: Connection reset by peer. This is typically..."
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]
     where = (
         f"; the last checkpoint {ctx.checkpoint} (step {ctx.checkpoint_step}) is intact: "
         "rerun the same command with --resume to continue"
@@ -253,7 +267,7 @@ def plan(cfg, ctx: DistContext) -> tuple[bool, bool]:
     """(sync BatchNorm?, gather embeddings?) for this run; warns where a flag cannot have an effect."""
     sync_bn, gather = cfg.sync_bn, cfg.gather_embeddings
     say = warn if ctx.is_main else (lambda _msg: None)
-    if not ctx.enabled and (sync_bn or gather):
+    if ctx.world == 1 and (sync_bn or gather):
         flags = " and ".join(f for f, on in (("--sync-bn", sync_bn), ("--gather-embeddings", gather)) if on)
         say(f"{flags}: a single process already sees its whole batch, nothing to do; start with torchrun --nproc-per-node N to use them")
         return False, False

@@ -70,6 +70,8 @@ def resolve_device(name: str, ctx: distributed.DistContext) -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise SiamkitError("--device cuda asked for, but PyTorch sees no CUDA GPU; use --device cpu or auto")
+        if ctx.enabled and name != "cuda":
+            raise SiamkitError(f"--device {name}: under torchrun each process uses GPU LOCAL_RANK; pass --device cuda or auto")
         return torch.device("cuda", ctx.local_rank) if name == "cuda" else torch.device(name)
     return torch.device("cpu")
 
@@ -231,7 +233,7 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
         print(
             f"siamkit: {len(train_ds)} training images of {train_ds.n_identities} identities"
             + (f", {len(val_ds)} held-out images of {val_ds.n_identities} identities" if val_ds else "")
-            + f"; {cfg.backbone} on {device}" + (f" x {ctx.world} processes" if ctx.enabled else "")
+            + f"; {cfg.backbone} on {device}" + distributed.describe(ctx)
             + f", {n_train:,} of {n_total:,} parameters train; "
             f"{total} steps ({sampler.steps_per_epoch} per epoch)",
             file=sys.stderr,
@@ -281,13 +283,13 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
     saved_step = [start_step if checkpoint is not None else None]  # the step last.pt holds
 
     def save(step: int, **extra) -> None:
-        saved_step[0] = step
-        ctx.checkpoint, ctx.checkpoint_step = ckpt_dir / "last.pt", step
         if ctx.is_main:
             save_checkpoint(ckpt_dir / "last.pt", state(step, **extra))
             if cfg.keep_checkpoints > 1:
                 save_checkpoint(ckpt_dir / f"step-{step}.pt", state(step, **extra))
                 prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+        saved_step[0] = step
+        ctx.checkpoint, ctx.checkpoint_step = ckpt_dir / "last.pt", step  # named if another process dies
 
     images = train_ds.images.to(device)
     labels = torch.from_numpy(train_ds.labels).to(device)

@@ -48,7 +48,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                 f"refused to load {path}: unpickling it would call {forbidden.group(1)}, which is not tensor or "
                 f"plain data; siamkit never runs code from a checkpoint, so use only checkpoints siamkit wrote"
             ) from None
-        raise SiamkitError(f"{path} is not a readable checkpoint (not a PyTorch file, or damaged)") from None
+        raise SiamkitError(
+            f"{path} is not a readable checkpoint (damaged, not a PyTorch file, or holding objects other than tensors "
+            f"and plain data, which siamkit never unpickles); use a checkpoint siamkit wrote"
+        ) from None
     except Exception as e:  # zip, EOF, key and value errors: torch reports damage in many ways
         raise SiamkitError(
             f"{path} is not a readable checkpoint (truncated, damaged or not a PyTorch file: {type(e).__name__}); "

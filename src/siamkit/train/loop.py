@@ -195,6 +195,8 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
     else:
         sampler = TupleSampler(train_ds.labels, cfg.n_branches, cfg.batch_size, cfg.seed, ctx.rank, ctx.world)
     total = cfg.steps or (cfg.epochs * sampler.steps_per_epoch) or DEFAULT_STEPS
+    if checkpoint is not None:
+        _check_resume(checkpoint, cfg, train_ds, sampler.steps_per_epoch, run_dir)
 
     # Model, loss, optimizer.
     n_classes = train_ds.n_identities if cfg.classification_weight > 0 else 0
@@ -225,7 +227,6 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
         start_step = int(checkpoint["step"])
         best_accuracy = float(checkpoint.get("best_accuracy", -1.0))
         set_rng_state(checkpoint["rng"])
-        _check_resume(checkpoint, cfg, train_ds, sampler.steps_per_epoch, run_dir)
 
     n_train = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())

@@ -317,6 +317,9 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
     buffers = list(model.buffers())
     with StopRequested() as stop:
         while step < total and not stopping:
+            if not ctx.enabled and stop.signal_name is not None:
+                stopping = True  # alone, stop at once: the last step is done (with processes, decided together)
+                break
             idx = torch.from_numpy(sampler.batch(step).reshape(-1)).to(device)
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             x = images[idx]

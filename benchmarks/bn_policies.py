@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--policies", nargs="+", choices=BN_POLICIES, default=list(BN_POLICIES))
     p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
-    p.add_argument("--out", default="bn_policies_runs", help="folder for the runs (one sub-folder per run)")
+    p.add_argument("--out", default="runs/bn_policies", help="folder for the runs (one sub-folder per run)")
     return p.parse_args(argv)
 
 

@@ -57,7 +57,10 @@ ROWS = {
     "compile": "4. siamkit --compile",
     "bf16": "5. siamkit --amp bf16",
     "pml": "6. pytorch-metric-learning (BatchHardMiner + TripletMarginLoss)",
+    # Not in the default table: the default minus channels-last, to show what that default buys.
+    "nchw": "3b. siamkit --no-channels-last",
 }
+DEFAULT_ROWS = ["naive6", "naive3", "siamkit", "compile", "bf16", "pml"]
 TRIPLETS = 32
 N_IDENTITIES, PER_IDENTITY = 40, 10
 MARGIN = 0.2
@@ -144,7 +147,7 @@ class _Siamkit:
         torch.manual_seed(0)
         cfg = TrainConfig(
             image_size=[size, size], classification_weight=1.0, batch_size=TRIPLETS,
-            compile=kind == "compile", amp="bf16" if kind == "bf16" else "off",
+            compile=kind == "compile", amp="bf16" if kind == "bf16" else "off", channels_last=kind != "nchw",
         )
         if device.type == "cuda":  # as the training loop does
             torch.backends.cudnn.benchmark = True
@@ -233,7 +236,7 @@ def _worker(row: str, size: int, device_name: str, warmup: int, conn) -> None:
         rss0 = _rss_bytes()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        runner = _Siamkit(row, data, device, size) if row in ("siamkit", "compile", "bf16") else _Plain(row, data, device)
+        runner = _Siamkit(row, data, device, size) if row in ("siamkit", "compile", "bf16", "nchw") else _Plain(row, data, device)
         step = 0
         for _ in range(warmup):
             runner.step(step)
@@ -361,6 +364,15 @@ def end_to_end(data: Path, size: int, device: str, steps_per_window: int, window
         return {"best": max(rates), "mean": sum(rates) / len(rates), "wall": wall, "command": " ".join(cmd[1:])}
 
 
+def cpu_pressure_total() -> float | None:
+    """Microseconds that runnable tasks have waited for a CPU (Linux PSI), or None where unavailable."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return float(f.readline().split("total=")[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _fmt_mem(b) -> str:
     return "-" if b is None else f"{b / 2**20:,.0f} MiB"
 
@@ -369,7 +381,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 112])
-    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=DEFAULT_ROWS)
     p.add_argument("--rounds", type=int, default=3, help="rounds; every row runs --steps steps per round")
     p.add_argument("--steps", type=int, default=None, help="timed steps per round (default: 3 on CPU, 25 on CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2 on CPU, 10 on CUDA)")
@@ -411,11 +423,16 @@ def main(argv=None) -> int:
     mm_sizes = (8192,) if cuda else (1024, 2048)
     results = {}
     e2e = {}
+    waited, timed = 0.0, 0.0
     for size in args.sizes:
         for r in range(args.rounds):
+            p0, t0 = cpu_pressure_total(), time.perf_counter()
             mm["fp32"] = max(mm["fp32"], matmul_flops(device, torch.float32, mm_sizes))
             for row in args.rows:
                 workers[(size, row)].run(steps)
+            p1 = cpu_pressure_total()
+            if p0 is not None and p1 is not None:
+                waited, timed = waited + (p1 - p0) / 1e6, timed + time.perf_counter() - t0
             print(f"  {size}x{size} round {r + 1}/{args.rounds} done", file=sys.stderr)
         if "bf16" in args.rows:
             mm["bf16"] = max(mm["bf16"], matmul_flops(device, torch.bfloat16, mm_sizes))
@@ -450,7 +467,12 @@ def main(argv=None) -> int:
         f"({3 * TRIPLETS} images) per step; fastest of {args.rounds} interleaved rounds of {steps} steps after "
         f"{warmup} warm-up steps; dense matmul: {mm['fp32'] / 1e9:,.1f} GFLOP/s fp32"
         + (f", {mm['bf16'] / 1e9:,.1f} GFLOP/s bf16" if mm["bf16"] else "")
-        + f"; {datetime.now():%Y-%m-%d %H:%M}.\n"
+        + f"; {datetime.now():%Y-%m-%d %H:%M}."
+        + (
+            f" CPU pressure during the timed rounds (share of time some task waited for a core, "
+            f"/proc/pressure/cpu): {waited / timed:.0%}." if timed else ""
+        )
+        + "\n"
     )
     print("| size | row | images/s | × row 1 | peak memory | GFLOP/step | MFU |")
     print("|---|---|---:|---:|---:|---:|---:|")

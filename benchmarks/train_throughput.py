@@ -21,7 +21,8 @@ Memory: on CPU the peak resident set of the worker minus its resident set before
 (counted with torch.utils.flop_counter.FlopCounterMode on the eager step: convolutions and matrix
 products, forward and backward, as executed -- row 1 executes its redundant passes) per second,
 divided by the FLOP/s of a large dense matrix product of the row's compute dtype measured in the same
-run (fp32; on CUDA with TF32 allowed, as cuDNN convolutions use it by default; bf16 for row 5).
+run (fp32; on CUDA with TF32 allowed, as cuDNN convolutions use it by default; for row 5 bf16, or fp32
+where that is faster, as on CPUs without native bf16).
 
 End to end: a real `siamkit train` run (same options: 64x64 or 112x112, W = 1, 32 triplets) on
 the ROF-neutral faces (decoded, sampled, augmented on the fly), its images/s read from metrics.csv
@@ -486,7 +487,8 @@ def main(argv=None) -> int:
             ips = res["images_per_s"]
             ratio = f"{ips / base:.2f}" if base else "-"
             step_s = 3 * TRIPLETS / ips
-            denom = mm["bf16"] if row == "bf16" else mm["fp32"]
+            # CPUs without native bf16 run bf16 matmuls far slower than fp32: measure against the faster one.
+            denom = max(mm["bf16"] or 0.0, mm["fp32"]) if row == "bf16" else mm["fp32"]
             mfu = res["flops"] / step_s / denom if denom else float("nan")
             print(
                 f"| {size}x{size} | {ROWS[row]} | {ips:,.1f} | {ratio} | {_fmt_mem(res['memory'])} "

@@ -15,8 +15,6 @@ Scoring: 6,000 pairs (LFW's count: 10 folds of 300 genuine + 300 impostor) of 12
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from datetime import datetime
@@ -24,10 +22,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from machine import describe_device  # noqa: E402  (benchmarks/machine.py)
 from siamkit.data.transforms import Preprocess, normalize  # noqa: E402
 from siamkit.eval.embed import embed_images  # noqa: E402
 from siamkit.eval.verification import pair_scores, verification_report  # noqa: E402
@@ -125,17 +125,7 @@ def main(argv=None) -> int:
     rows = {size: extraction(size, n_images, args.rounds, device) for size in args.sizes}
     score = scoring(args.pairs, repeats=10)
 
-    if device.type == "cuda":
-        dev = torch.cuda.get_device_name()
-    else:
-        dev = platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                dev = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        dev += f", {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
-    print(f"\n### Evaluation speed ({args.device}: {dev})\n")
+    print(f"\n### Evaluation speed ({args.device}: {describe_device(device.type)})\n")
     print(
         f"torch {torch.__version__}; ResNet18 + 128-d l2 embedding, eval mode, batches of {BATCH}, {n_images} "
         f"images per round, fastest of {args.rounds} alternating rounds; {datetime.now():%Y-%m-%d %H:%M}.\n"

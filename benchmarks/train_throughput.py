@@ -39,7 +39,6 @@ import argparse
 import csv
 import multiprocessing as mp
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -50,6 +49,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 ROWS = {
     "naive6": "1. naive loop: 6 passes (a/p/n x embedding/classifier)",
@@ -392,6 +392,8 @@ def main(argv=None) -> int:
 
     import torch
 
+    from machine import describe_device
+
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         print("--device cuda: PyTorch sees no CUDA GPU", file=sys.stderr)
@@ -454,15 +456,7 @@ def main(argv=None) -> int:
                 e2e[size] = {"error": f"no data at {data}"}
 
     # ------------------------------------------------------------------------------------------- table
-    dev = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
-    if not cuda:
-        try:
-            with open("/proc/cpuinfo") as f:
-                dev = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        dev += f", {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
-    print(f"\n### Training throughput ({args.device}: {dev})\n")
+    print(f"\n### Training throughput ({args.device}: {describe_device('cuda' if cuda else 'cpu')})\n")
     print(
         f"torch {torch.__version__}; ResNet18, triplet loss + softmax classifier (W=1), {TRIPLETS} triplets "
         f"({3 * TRIPLETS} images) per step; fastest of {args.rounds} interleaved rounds of {steps} steps after "

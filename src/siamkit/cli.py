@@ -67,6 +67,10 @@ def _train_parser(sub) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the training step")
     g.add_argument("--amp", choices=AMP_MODES, default=d.amp)
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    g.add_argument(
+        "--native-conv-backward", action="store_true",
+        help="use PyTorch's own convolution weight gradients everywhere (default: a faster one for small maps on CPU)",
+    )
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder (default: runs/<date-time>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

@@ -59,6 +59,7 @@ class TrainConfig:
     compile: bool = False
     amp: str = "off"
     channels_last: bool = True
+    native_conv_backward: bool = False  # True: no SmallMapConv2d (models/conv_backward.py)
     # run
     out: str | None = None
     device: str = "auto"

@@ -25,6 +25,7 @@ from ..eval.protocol import evaluate
 from ..eval.report import format_summary, write_report
 from ..fileio import atomic_write_json, write_error
 from ..losses import JointLoss, build_metric_loss
+from ..models.conv_backward import use_small_map_conv_backward
 from ..models.siamese import ModelSpec, SiameseNet
 from . import distributed
 from .checkpoint import (
@@ -116,7 +117,10 @@ def build_model(cfg: TrainConfig, n_classes: int, in_channels: int) -> SiameseNe
         bn_policy=cfg.bn_policy,
         freeze_until=cfg.freeze_until,
     )
-    return SiameseNet(spec, cfg.pretrained)
+    model = SiameseNet(spec, cfg.pretrained)
+    if not cfg.native_conv_backward:
+        use_small_map_conv_backward(model.backbone)
+    return model
 
 
 def score_for(activation: str) -> str:

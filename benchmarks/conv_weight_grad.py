@@ -1,0 +1,127 @@
+"""Convolution weight gradients on CPU: oneDNN's own kernel against siamkit's swapped forward convolution.
+
+For every distinct convolution of ResNet18 at the given input sizes, batch 96 (32 triplets), channels-
+last as siamkit trains: the forward pass, the weight gradient as PyTorch computes it
+(aten.convolution_backward, oneDNN on CPU), and the weight gradient as a forward convolution
+(siamkit.models.conv_backward.weight_grad_by_forward_conv), in ms and GFLOP/s, fastest of interleaved
+rounds. "used" marks the layers where SmallMapConv2d takes the swapped path
+(siamkit.models.conv_backward.uses_swapped_weight_grad); the totals are per training step (each
+layer times its count).
+
+    PYTHONPATH=src python benchmarks/conv_weight_grad.py                 # 64x64 and 112x112
+    PYTHONPATH=src python benchmarks/conv_weight_grad.py --sizes 112 --rounds 5
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import resnet18
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from machine import describe_device  # noqa: E402
+from siamkit.models.conv_backward import (  # noqa: E402
+    MIN_IN_CHANNELS,
+    SMALL_MAP_AREA,
+    cpu_is_avx2,
+    uses_swapped_weight_grad,
+    weight_grad_by_forward_conv,
+)
+
+BATCH = 96
+
+
+def resnet18_convolutions(size: int) -> list[tuple[nn.Conv2d, tuple[int, ...], tuple[int, ...], int]]:
+    """(layer, input shape, output shape, how many layers share them) for each distinct convolution."""
+    seen: dict[tuple, list] = {}
+
+    def record(mod, inp, out):
+        key = (mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, tuple(inp[0].shape[1:]))
+        if key in seen:
+            seen[key][3] += 1
+        else:
+            seen[key] = [mod, tuple(inp[0].shape[1:]), tuple(out.shape[1:]), 1]
+
+    model = resnet18()
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, size, size))
+    for h in hooks:
+        h.remove()
+    return [tuple(v) for v in seen.values()]
+
+
+def best_time(fn, rounds: int, reps: int) -> float:
+    fn()  # warm-up: oneDNN builds its kernel for the shape
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t) / reps)
+    return best
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 112])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="calls per round")
+    args = ap.parse_args(argv)
+
+    cl = torch.channels_last
+    print(f"### Convolution weight gradients ({describe_device('cpu')})\n")
+    print(
+        f"torch {torch.__version__}; ResNet18, batch {BATCH}, channels-last, fp32; fastest of {args.rounds} rounds "
+        f"of {args.reps} calls; {datetime.now():%Y-%m-%d %H:%M}. Swapped where: at least {MIN_IN_CHANNELS} input "
+        f"channels, kernel larger than 1x1, output map of at most {SMALL_MAP_AREA} positions, on AVX2 CPUs "
+        f"(this one: {'yes' if cpu_is_avx2() else 'no, so siamkit keeps the PyTorch column here'}).\n"
+    )
+    print("| input | convolution | output map | count | forward | weight grad: PyTorch (oneDNN) | weight grad: swapped conv | used |")
+    print("|---|---|---|---:|---:|---:|---:|---|")
+    for size in args.sizes:
+        totals = {"native": 0.0, "siamkit": 0.0}
+        for conv, in_shape, out_shape, count in resnet18_convolutions(size):
+            torch.manual_seed(0)
+            x = torch.randn(BATCH, *in_shape).contiguous(memory_format=cl)
+            w = conv.weight.detach().contiguous(memory_format=cl)
+            g = torch.randn(BATCH, *out_shape).contiguous(memory_format=cl)
+            s, p = conv.stride, conv.padding
+            flops = 2 * BATCH * out_shape[0] * out_shape[1] * out_shape[2] * conv.in_channels * w.shape[2] * w.shape[3]
+            native = lambda: torch.ops.aten.convolution_backward(  # noqa: E731
+                g, x, w, None, s, p, (1, 1), False, (0, 0), 1, (False, True, False)
+            )
+            swapped = lambda: weight_grad_by_forward_conv(x, g, w, s, p)  # noqa: E731
+            forward = lambda: torch.nn.functional.conv2d(x, w, None, s, p)  # noqa: E731
+            t_fwd = t_nat = t_swp = float("inf")
+            for _ in range(args.rounds):  # interleaved, so a slow moment of the machine hits all three
+                t_fwd = min(t_fwd, best_time(forward, 1, args.reps))
+                t_nat = min(t_nat, best_time(native, 1, args.reps))
+                t_swp = min(t_swp, best_time(swapped, 1, args.reps))
+            used = uses_swapped_weight_grad(conv.in_channels, conv.kernel_size, out_shape[1:])
+            totals["native"] += count * t_nat
+            totals["siamkit"] += count * (t_swp if used else t_nat)
+            k = "x".join(map(str, conv.kernel_size))
+            print(
+                f"| {size}x{size} | {conv.in_channels}->{conv.out_channels} {k}/{s[0]} | {out_shape[1]}x{out_shape[2]} "
+                f"| {count} | {1e3 * t_fwd:.1f} ms ({flops / t_fwd / 1e9:.0f} GFLOP/s) "
+                f"| {1e3 * t_nat:.1f} ms ({flops / t_nat / 1e9:.0f} GFLOP/s) "
+                f"| {1e3 * t_swp:.1f} ms ({flops / t_swp / 1e9:.0f} GFLOP/s) | {'yes' if used else 'no'} |"
+            )
+        print(
+            f"| {size}x{size} | **all weight gradients of one step** | | | | {1e3 * totals['native']:.0f} ms "
+            f"| siamkit: {1e3 * totals['siamkit']:.0f} ms ({totals['native'] / totals['siamkit']:.2f}x) | |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

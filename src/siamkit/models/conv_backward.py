@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 # Where the swapped convolution was faster than oneDNN's weight gradient (benchmarks/conv_weight_grad.py):
-# output maps of at most 7x7 (ResNet18's layer3/layer4 at 112x112 and 64x64; at 14x14 the two tie, at
-# 28x28 the swap is 2x slower), at least 256 input channels (128->256 lost at 7x7 and 4x4), kernels
+# output maps of at most 7x7 (ResNet18's layer3/layer4 at 112x112 and 64x64; at 14x14 the swap was 10%
+# slower, at 28x28 3x slower), at least 256 input channels (128->256 lost at 7x7 and 4x4), kernels
 # larger than 1x1 (a 1x1 weight gradient is a plain matrix product, which oneDNN already does well).
 SMALL_MAP_AREA = 49
 MIN_IN_CHANNELS = 256

@@ -44,8 +44,7 @@ def split_att(att: Path, work: Path) -> tuple[Path, Path]:
 
 def config_from(options: str, data: Path, out: Path, device: str, seed: int | None) -> TrainConfig:
     args = build_parser().parse_args(["train", *shlex.split(options), "--data", str(data), "--out", str(out)])
-    fields = set(TrainConfig.__dataclass_fields__)
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    cfg = TrainConfig.from_dict(vars(args))
     if device != "auto":
         cfg.device = device
     if seed is not None:

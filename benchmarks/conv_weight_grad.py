@@ -59,15 +59,11 @@ def resnet18_convolutions(size: int) -> list[tuple[nn.Conv2d, tuple[int, ...], t
     return [tuple(v) for v in seen.values()]
 
 
-def best_time(fn, rounds: int, reps: int) -> float:
-    fn()  # warm-up: oneDNN builds its kernel for the shape
-    best = float("inf")
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        best = min(best, (time.perf_counter() - t) / reps)
-    return best
+def seconds_per_call(fn, reps: int) -> float:
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps
 
 
 def main(argv=None) -> int:
@@ -101,11 +97,12 @@ def main(argv=None) -> int:
             )
             swapped = lambda: weight_grad_by_forward_conv(x, g, w, s, p)  # noqa: E731
             forward = lambda: torch.nn.functional.conv2d(x, w, None, s, p)  # noqa: E731
-            t_fwd = t_nat = t_swp = float("inf")
-            for _ in range(args.rounds):  # interleaved, so a slow moment of the machine hits all three
-                t_fwd = min(t_fwd, best_time(forward, 1, args.reps))
-                t_nat = min(t_nat, best_time(native, 1, args.reps))
-                t_swp = min(t_swp, best_time(swapped, 1, args.reps))
+            fns = (forward, native, swapped)
+            for fn in fns:
+                fn()  # warm-up: oneDNN builds its kernel for the shape
+            # Fastest of interleaved rounds, so a slow moment of the machine hits all three alike.
+            rounds = [[seconds_per_call(fn, args.reps) for fn in fns] for _ in range(args.rounds)]
+            t_fwd, t_nat, t_swp = (min(column) for column in zip(*rounds))
             used = uses_swapped_weight_grad(conv.in_channels, conv.kernel_size, out_shape[1:])
             totals["native"] += count * t_nat
             totals["siamkit"] += count * (t_swp if used else t_nat)

@@ -57,7 +57,7 @@ def main() -> None:
         for seed in args.seeds:
             out = work / f"run{abs(hash((options, seed)))}"
             ns = build_parser().parse_args(["train", *shlex.split(options), "--out", str(out), "--seed", str(seed)])
-            cfg = TrainConfig(**{k: v for k, v in vars(ns).items() if k in TrainConfig.__dataclass_fields__})
+            cfg = TrainConfig.from_dict(vars(ns))
             wall = time.perf_counter()
             train(cfg, progress=False)
             wall = time.perf_counter() - wall

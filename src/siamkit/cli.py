@@ -94,8 +94,7 @@ def _train_parser(sub) -> None:
 def _train(args) -> int:
     from .train.loop import train
 
-    fields = set(TrainConfig.__dataclass_fields__)
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    cfg = TrainConfig.from_dict(vars(args))  # the parser's other options (--resume, ...) are not config
     train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     return 0
 

@@ -7,7 +7,8 @@ per step, at 64x64 and 112x112. Rows:
      six passes, eager fp32, torch.optim.Adam with its defaults, NCHW -- the seed workflow;
   2. the same loop with one backbone pass per branch (three passes) feeding both heads;
   3. siamkit with its defaults: the real TrainStep (one pass over the concatenated branches) and the
-     training loop's per-step work (normalise, step, finite check, optimizer, scheduler, loss logging);
+     training loop's per-step work (normalise, step, finite check, optimizer, scheduler, loss logging),
+     in a process whose CPU allocator is set as `siamkit train` sets it (train/cpu_memory.py);
   4. the same with --compile (torch.compile of the TrainStep); 5. with --amp bf16;
   6. pytorch-metric-learning's TripletMarginLoss with its BatchHardMiner on the 96 images, plus the
      same classifier, same backbone, data and batch size, in a plain loop (the `bench` extra).
@@ -65,6 +66,7 @@ ROWS = {
     # Not in the default table: the default minus one of its speed settings, to show what it buys.
     "nchw": "3b. siamkit --no-channels-last",
     "nativeconv": "3c. siamkit --native-conv-backward",
+    "sysalloc": "3d. siamkit --cpu-allocator system",
 }
 DEFAULT_ROWS = ["naive6", "naive3", "siamkit", "compile", "bf16", "pml"]
 TRIPLETS = 32
@@ -147,6 +149,7 @@ class _Siamkit:
         from siamkit.config import TrainConfig
         from siamkit.data.transforms import Preprocess
         from siamkit.losses import JointLoss, build_metric_loss
+        from siamkit.train.cpu_memory import keep_freed_memory
         from siamkit.train.loop import build_model
         from siamkit.train.step import TrainStep, build_optimizer
 
@@ -154,9 +157,11 @@ class _Siamkit:
         cfg = TrainConfig(
             image_size=[size, size], classification_weight=1.0, batch_size=TRIPLETS,
             compile=kind == "compile", amp="bf16" if kind == "bf16" else "off", channels_last=kind != "nchw",
-            native_conv_backward=kind == "nativeconv",
+            native_conv_backward=kind == "nativeconv", cpu_allocator="system" if kind == "sysalloc" else "cached",
         )
-        if device.type == "cuda":  # as the training loop does
+        if device.type == "cpu" and cfg.cpu_allocator == "cached":  # as the training loop does
+            keep_freed_memory()
+        if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -255,7 +260,7 @@ def _worker(row: str, size: int, device_name: str, warmup: int, conn) -> None:
         rss0 = _rss_bytes()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        runner = _Siamkit(row, data, device, size) if row in ("siamkit", "compile", "bf16", "nchw", "nativeconv") else _Plain(row, data, device)
+        runner = _Siamkit(row, data, device, size) if row in ("siamkit", "compile", "bf16", "nchw", "nativeconv", "sysalloc") else _Plain(row, data, device)
         step = 0
         for _ in range(warmup):
             runner.step(step)
@@ -269,12 +274,14 @@ def _worker(row: str, size: int, device_name: str, warmup: int, conn) -> None:
             cmd = conn.recv()
             if cmd[0] == "run":
                 sync()
-                t = time.perf_counter()
+                t, cpu, faults = time.perf_counter(), os.times(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 for _ in range(cmd[1]):
                     runner.step(step)
                     step += 1
                 sync()
-                conn.send(("time", time.perf_counter() - t))
+                elapsed = time.perf_counter() - t
+                system_s = os.times().system - cpu.system
+                conn.send(("time", elapsed, system_s, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))
             elif cmd[0] == "memory":
                 if cuda:
                     peak = torch.cuda.max_memory_allocated()
@@ -335,7 +342,9 @@ class Worker:
         self.proc.start()
         self.flops = None
         self.error = None
-        self.times: list[float] = []
+        self.times: list[float] = []  # wall seconds of each run() call
+        self.system: list[float] = []  # system CPU seconds of each (kernel work: page faults among others)
+        self.faults: list[int] = []  # minor page faults of each
         self.references: list[float] = []
 
     def _recv(self):
@@ -349,7 +358,7 @@ class Worker:
         if msg[0] == "ready":
             self.flops = msg[1]
 
-    def run(self, n: int, reference: float) -> None:
+    def run(self, n: int, reference: float | None = None) -> None:
         """n timed steps; reference: the matmul FLOP/s measured just before (the round's MFU denominator)."""
         if self.error:
             return
@@ -357,6 +366,8 @@ class Worker:
         msg = self._recv()
         if msg[0] == "time":
             self.times.append(msg[1])
+            self.system.append(msg[2])
+            self.faults.append(msg[3])
             self.references.append(reference)
 
     def memory(self) -> float | None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from . import __version__
 from .config import (
-    ACTIVATIONS, AMP_MODES, AUGMENTS, BACKBONES, BN_POLICIES, CLASSIFIERS, FREEZE_STAGES, LOSSES, MINING,
-    SCHEDULES, TrainConfig,
+    ACTIVATIONS, AMP_MODES, AUGMENTS, BACKBONES, BN_POLICIES, CLASSIFIERS, CPU_ALLOCATORS, FREEZE_STAGES, LOSSES,
+    MINING, SCHEDULES, TrainConfig,
 )
 from .errors import SiamkitError
 
@@ -70,6 +70,10 @@ def _train_parser(sub) -> None:
     g.add_argument(
         "--native-conv-backward", action="store_true",
         help="use PyTorch's own convolution weight gradients everywhere (default: a faster one for small maps on CPU)",
+    )
+    g.add_argument(
+        "--cpu-allocator", choices=CPU_ALLOCATORS, default=d.cpu_allocator,
+        help="on CPU, cached keeps freed memory in the process for the next step; system leaves malloc as it is",
     )
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder (default: runs/<date-time>)")

@@ -15,6 +15,7 @@ CLASSIFIERS = ("softmax", "arcface", "cosface")
 ACTIVATIONS = ("l2", "sigmoid", "none")
 FREEZE_STAGES = ("none", "conv1", "layer1", "layer2", "layer3", "layer4", "avgpool")
 AMP_MODES = ("off", "bf16", "fp16")
+CPU_ALLOCATORS = ("cached", "system")
 AUGMENTS = ("auto", "none", "flip", "flip-shift")
 SCHEDULES = ("cosine", "constant")
 
@@ -60,6 +61,7 @@ class TrainConfig:
     amp: str = "off"
     channels_last: bool = True
     native_conv_backward: bool = False  # True: no SmallMapConv2d (models/conv_backward.py)
+    cpu_allocator: str = "cached"  # cached: keep freed memory for reuse on CPU (train/cpu_memory.py)
     # run
     out: str | None = None
     device: str = "auto"
@@ -114,6 +116,7 @@ class TrainConfig:
         choice("embedding_activation", self.embedding_activation, ACTIVATIONS)
         choice("freeze_until", self.freeze_until, FREEZE_STAGES)
         choice("amp", self.amp, AMP_MODES)
+        choice("cpu_allocator", self.cpu_allocator, CPU_ALLOCATORS)
         choice("augment", self.augment, AUGMENTS)
         choice("schedule", self.schedule, SCHEDULES)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -27,7 +27,7 @@ from ..fileio import atomic_write_json, write_error
 from ..losses import JointLoss, build_metric_loss
 from ..models.conv_backward import use_small_map_conv_backward
 from ..models.siamese import ModelSpec, SiameseNet
-from . import distributed
+from . import cpu_memory, distributed
 from .checkpoint import (
     load_checkpoint, prune_checkpoints, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state,
 )
@@ -177,6 +177,8 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, over
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    if device.type == "cpu" and cfg.cpu_allocator == "cached":
+        cpu_memory.keep_freed_memory()  # each step reuses the last step's activation memory
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -69,6 +69,7 @@ ROWS = {
     "sysalloc": "3d. siamkit --cpu-allocator system",
 }
 DEFAULT_ROWS = ["naive6", "naive3", "siamkit", "compile", "bf16", "pml"]
+SIAMKIT_ROWS = ("siamkit", "compile", "bf16", "nchw", "nativeconv", "sysalloc")  # the rest are plain loops
 TRIPLETS = 32
 N_IDENTITIES, PER_IDENTITY = 40, 10
 MARGIN = 0.2
@@ -260,7 +261,7 @@ def _worker(row: str, size: int, device_name: str, warmup: int, conn) -> None:
         rss0 = _rss_bytes()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        runner = _Siamkit(row, data, device, size) if row in ("siamkit", "compile", "bf16", "nchw", "nativeconv", "sysalloc") else _Plain(row, data, device)
+        runner = _Siamkit(row, data, device, size) if row in SIAMKIT_ROWS else _Plain(row, data, device)
         step = 0
         for _ in range(warmup):
             runner.step(step)

@@ -47,3 +47,17 @@ def test_augment_flips_and_shifts_like_manual_code():
     for i in range(2):
         expected = padded[i, :, dy[i] : dy[i] + 4, dx[i] : dx[i] + 5]
         np.testing.assert_array_equal(shifted[i].numpy(), expected)
+
+
+def test_augment_shift_reaching_past_the_border_repeats_the_edge():
+    # Three channels, shifts of up to 3 pixels on a 4x5 image: most output pixels come from the padding.
+    x = torch.randint(0, 256, (16, 3, 4, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    shifted = augment(x, torch.Generator().manual_seed(3), flip=False, shift=3)
+    g = torch.Generator().manual_seed(3)
+    dy = torch.randint(0, 7, (16,), generator=g)
+    dx = torch.randint(0, 7, (16,), generator=g)
+    assert len(set(dy.tolist())) > 3  # the seed covers several shifts
+    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (3, 3), (3, 3)), mode="edge")
+    assert shifted.dtype == torch.uint8
+    for i in range(16):
+        np.testing.assert_array_equal(shifted[i].numpy(), padded[i, :, dy[i] : dy[i] + 4, dx[i] : dx[i] + 5])

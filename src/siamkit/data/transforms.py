@@ -80,14 +80,13 @@ def augment(batch: torch.Tensor, generator: torch.Generator, flip: bool, shift: 
         do_flip = torch.rand(n, generator=generator) < 0.5
         batch = torch.where(do_flip.view(-1, 1, 1, 1).to(batch.device), batch.flip(-1), batch)
     if shift > 0:
-        h, w = batch.shape[-2:]
-        padded = torch.nn.functional.pad(batch.float(), (shift, shift, shift, shift), mode="replicate")
+        # Shift with edge padding = read every output pixel from a clamped source row and column: two
+        # gathers on the batch in its own dtype, no padded float copy of it.
+        c, h, w = batch.shape[1:]
         dy = torch.randint(0, 2 * shift + 1, (n,), generator=generator).to(batch.device)
         dx = torch.randint(0, 2 * shift + 1, (n,), generator=generator).to(batch.device)
-        rows = (dy.view(-1, 1) + torch.arange(h, device=batch.device)).view(n, 1, h, 1)
-        cols = (dx.view(-1, 1) + torch.arange(w, device=batch.device)).view(n, 1, 1, w)
-        c = batch.shape[1]
-        idx_n = torch.arange(n, device=batch.device).view(n, 1, 1, 1)
-        idx_c = torch.arange(c, device=batch.device).view(1, c, 1, 1)
-        batch = padded[idx_n, idx_c, rows, cols].to(batch.dtype)
+        rows = (dy.view(-1, 1) - shift + torch.arange(h, device=batch.device)).clamp_(0, h - 1)
+        cols = (dx.view(-1, 1) - shift + torch.arange(w, device=batch.device)).clamp_(0, w - 1)
+        batch = batch.gather(2, rows.view(n, 1, h, 1).expand(n, c, h, w))
+        batch = batch.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
     return batch

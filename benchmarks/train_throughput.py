@@ -25,16 +25,16 @@ products, forward and backward, as executed -- row 1 executes its redundant pass
 divided by the FLOP/s of a large dense matrix product of the row's compute dtype measured in the same
 run (fp32; on CUDA with TF32 allowed, as cuDNN convolutions use it by default; for row 5 bf16, or fp32
 where that is faster, as on CPUs without native bf16), sustained over a window of seconds like the
-rows' (2 s on CPU, 0.5 s on CUDA) and measured right before the row's timed steps in every round: the
-MFU is that of the row's fastest round against the reference measured just before it (the machine's
-speed drifts, so a reference from another minute would measure the machine rather than the row).
+rows' (2 s on CPU, 0.5 s on CUDA) and measured right before the row's timed steps in every round (the
+machine's speed drifts, so a reference from another minute would measure the machine rather than the
+row). Each round gets its own MFU against its own reference; the table gives their median and range
+(the median, not the fastest round's: the fastest round is often one whose reference was measured in
+a slow moment, which would read high).
 
 End to end: a real `siamkit train` run (same options: 64x64 or 112x112, W = 1, 32 triplets) on
-the ROF-neutral faces (decoded, sampled, augmented on the fly), its images/s read from metrics.csv
-(the fastest of 2 x --rounds logging windows of --steps steps, after two warm-up windows), as a
-fraction of row 3's synthetic rate measured right around it (row 3's worker runs --rounds rounds just
-before and just after the real run; the fastest of those 2 x --rounds), so that both rates come from
-the same minute of this drifting machine and from as many tries.
+the ROF-neutral faces (decoded, sampled, augmented on the fly), each of its steps timed from
+metrics.csv (--log-every 1), against row 3's worker stepping right after (or before) it; --rounds pairs;
+the fraction is the median of the pairs' ratios of median step times (see end_to_end_paired).
 
     PYTHONPATH=src python benchmarks/train_throughput.py                  # CPU, both sizes
     PYTHONPATH=src python benchmarks/train_throughput.py --device cuda    # see benchmarks/gpu.sh
@@ -48,6 +48,7 @@ import csv
 import multiprocessing as mp
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -139,7 +140,7 @@ class _Plain:
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
-        return float(loss)  # the value everyone prints
+        return float(loss.detach())  # the value everyone prints
 
     flop_step = step
 
@@ -392,27 +393,61 @@ class Worker:
             self.proc.terminate()
 
 
-def end_to_end(data: Path, size: int, device: str, steps_per_window: int, windows: int, warmup_windows: int) -> dict:
-    """images/s of a real `siamkit train` run, from its metrics.csv."""
+def end_to_end(data: Path, size: int, device: str, timed_steps: int, warmup_steps: int) -> dict:
+    """Seconds of each step of a real `siamkit train` run after its warm-up, from its metrics.csv.
+
+    --log-every 1: every row of metrics.csv times one step, from the end of the previous one, so data
+    sampling, augmentation and the logging itself are inside it.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        total = steps_per_window * (windows + warmup_windows)
         cmd = [
             sys.executable, "-m", "siamkit", "train", "--data", str(data), "--image-size", str(size), str(size),
-            "--classification-weight", "1", "--batch-size", str(TRIPLETS), "--steps", str(total),
-            "--log-every", str(steps_per_window), "--val-identities", "0", "--no-progress", "--device", device,
-            "--out", str(out),
+            "--classification-weight", "1", "--batch-size", str(TRIPLETS), "--steps", str(warmup_steps + timed_steps),
+            "--log-every", "1", "--val-identities", "0", "--no-progress", "--device", device, "--out", str(out),
         ]
         env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        t = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        wall = time.perf_counter() - t
         if done.returncode != 0:
             return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
         with open(out / "metrics.csv", newline="") as f:
             rows = list(csv.DictReader(f))
-        rates = [float(r["images_per_s"]) for r in rows[warmup_windows:]]
-        return {"best": max(rates), "mean": sum(rates) / len(rates), "wall": wall, "command": " ".join(cmd[1:])}
+        images = 3 * TRIPLETS
+        return {"steps": [images / float(r["images_per_s"]) for r in rows[warmup_steps:]], "command": " ".join(cmd[1:])}
+
+
+def end_to_end_paired(row3: Worker, data: Path, size: int, device: str, steps: int, warmup: int, pairs: int) -> dict:
+    """The real run's images/s as a fraction of row 3's, from pairs measured back to back.
+
+    Each pair: a real run of steps x 3 timed steps and as many single steps of row 3's worker right
+    after it (every other pair right before it); the pair's fraction is the ratio of the two median step times. This VM's speed drifts by
+    10-20% within a minute, so a fastest window of one run against a fastest round minutes (or even
+    seconds) apart measures the machine; medians of steps taken back to back, over several pairs, do not.
+    """
+    fractions, real, synthetic, command = [], [], [], None
+    for pair in range(pairs):
+        first = len(row3.times)
+        if pair % 2:  # every other pair row 3 goes first
+            for _ in range(3 * steps):
+                row3.run(1)
+        res = end_to_end(data, size, device, 3 * steps, warmup)
+        if "error" in res:
+            return res
+        if pair % 2 == 0:
+            for _ in range(3 * steps):
+                row3.run(1)
+        if row3.error:
+            return {"error": row3.error.splitlines()[-1]}
+        e, s = statistics.median(res["steps"]), statistics.median(row3.times[first:])
+        fractions.append(s / e)
+        real.append(e)
+        synthetic.append(s)
+        command = res["command"]
+    images = 3 * TRIPLETS
+    return {
+        "fraction": statistics.median(fractions), "fractions": fractions, "command": command,
+        "real": images / statistics.median(real), "synthetic": images / statistics.median(synthetic),
+    }
 
 
 def cpu_pressure_total() -> float | None:
@@ -502,28 +537,20 @@ def main(argv=None) -> int:
             best = min(range(len(w.times)), key=w.times.__getitem__) if w.times else None
             results[(size, row)] = {
                 "images_per_s": steps * 3 * TRIPLETS / w.times[best] if w.times else None,
-                "reference": w.references[best] if w.times else None,  # the matmul rate just before that round
+                # (seconds, matmul FLOP/s measured just before) of every round: the MFU is per round
+                "rounds": list(zip(w.times, w.references)),
                 "memory": w.memory(),
                 "flops": w.flops,
                 "error": w.error,
             }
         if size in e2e_sizes:
-            if data.is_dir():
-                print(f"  {size}x{size} end-to-end siamkit train on {data}", file=sys.stderr)
-                # Row 3 again right before and right after the real run: the fraction compares rates measured
-                # seconds apart, not minutes (this VM's speed drifts by 10-20% over minutes).
-                row3 = workers.get((size, "siamkit"))
-                first = len(row3.times) if row3 else 0
-                for _ in range(args.rounds if row3 else 0):
-                    row3.run(steps)
-                # As many timed windows as row 3 gets rounds around it: best of the same number of tries.
-                e2e[size] = end_to_end(data, size, args.device, steps, 2 * args.rounds, 2)
-                for _ in range(args.rounds if row3 else 0):
-                    row3.run(steps)
-                if row3 and row3.times[first:]:
-                    e2e[size]["synthetic"] = steps * 3 * TRIPLETS / min(row3.times[first:])
-            else:
+            if not data.is_dir():
                 e2e[size] = {"error": f"no data at {data}"}
+            elif (size, "siamkit") not in workers:
+                e2e[size] = {"error": "needs row 3 (--rows siamkit) to compare with"}
+            else:
+                print(f"  {size}x{size} end-to-end siamkit train on {data}", file=sys.stderr)
+                e2e[size] = end_to_end_paired(workers[(size, "siamkit")], data, size, args.device, steps, warmup, args.rounds)
         for row in args.rows:
             workers[(size, row)].stop()
 
@@ -532,8 +559,8 @@ def main(argv=None) -> int:
     print(
         f"torch {torch.__version__}; ResNet18, triplet loss + softmax classifier (W=1), {TRIPLETS} triplets "
         f"({3 * TRIPLETS} images) per step; fastest of {args.rounds} interleaved rounds of {steps} steps after "
-        f"{warmup} warm-up steps. MFU: the row's FLOP/s in its fastest round divided by the dense fp32 matmul "
-        f"rate measured over {mm_window:g} s right before that round's steps (over the run: "
+        f"{warmup} warm-up steps. MFU: each round's FLOP/s divided by the dense fp32 matmul rate measured over "
+        f"{mm_window:g} s right before that round's steps; the median over rounds and the range (matmul over the run: "
         f"{min(mm_seen, default=0) / 1e9:,.1f}-{max(mm_seen, default=0) / 1e9:,.1f} GFLOP/s; fastest single "
         f"product: {mm_burst / 1e9:,.1f})"
         + (f"; bf16 matmul: {mm_bf16 / 1e9:,.1f} GFLOP/s" if mm_bf16 else "")
@@ -544,7 +571,7 @@ def main(argv=None) -> int:
         )
         + "\n"
     )
-    print("| size | row | images/s | × row 1 | peak memory | GFLOP/step | MFU |")
+    print("| size | row | images/s | × row 1 | peak memory | GFLOP/step | MFU: median of rounds (range) |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for size in args.sizes:
         base = results.get((size, "naive6"), {}).get("images_per_s")
@@ -555,28 +582,28 @@ def main(argv=None) -> int:
                 continue
             ips = res["images_per_s"]
             ratio = f"{ips / base:.2f}" if base else "-"
-            step_s = 3 * TRIPLETS / ips
             # CPUs without native bf16 run bf16 matmuls far slower than fp32: measure against the faster one.
-            denom = max(mm_bf16, res["reference"]) if row == "bf16" else res["reference"]
-            mfu = res["flops"] / step_s / denom if denom else float("nan")
+            mfus = [
+                res["flops"] * steps / t / (max(mm_bf16, ref) if row == "bf16" else ref) for t, ref in res["rounds"]
+            ]
+            mfu = f"{statistics.median(mfus):.0%} ({min(mfus):.0%}-{max(mfus):.0%})"
             print(
                 f"| {size}x{size} | {ROWS[row]} | {ips:,.1f} | {ratio} | {_fmt_mem(res['memory'])} "
-                f"| {res['flops'] / 1e9:,.1f} | {100 * mfu:.0f}% |"
+                f"| {res['flops'] / 1e9:,.1f} | {mfu} |"
             )
     if e2e:
         print("\nEnd to end: `siamkit train` on ROF-neutral (decoding excluded; sampling, augmentation, logging included):\n")
         print(
-            f"| size | e2e images/s (best window) | mean of windows | row 3 right before and after "
-            f"(fastest of {2 * args.rounds} rounds) | fraction |"
+            f"| size | e2e images/s (median step) | row 3 images/s (median step, beside it) "
+            f"| fraction (median of {args.rounds} pairs) | each pair |"
         )
-        print("|---|---:|---:|---:|---:|")
+        print("|---|---:|---:|---:|---|")
         for size, res in e2e.items():
             if "error" in res:
                 print(f"| {size}x{size} | failed: {res['error'][:120]} | | | |")
                 continue
-            synth = res.get("synthetic")  # None without row 3 (--rows without siamkit): no fraction
-            frac = f"{res['best'] / synth:.0%}" if synth else "-"
-            print(f"| {size}x{size} | {res['best']:,.1f} | {res['mean']:,.1f} | {synth or 0:,.1f} | {frac} |")
+            each = ", ".join(f"{f:.0%}" for f in res["fractions"])
+            print(f"| {size}x{size} | {res['real']:,.1f} | {res['synthetic']:,.1f} | {res['fraction']:.0%} | {each} |")
         some = next((r for r in e2e.values() if "command" in r), None)
         if some:
             print(f"\nEnd-to-end command (per size): `{some['command']}`")

@@ -420,9 +420,10 @@ def end_to_end_paired(row3: Worker, data: Path, size: int, device: str, steps: i
     """The real run's images/s as a fraction of row 3's, from pairs measured back to back.
 
     Each pair: a real run of steps x 3 timed steps and as many single steps of row 3's worker right
-    after it (every other pair right before it); the pair's fraction is the ratio of the two median step times. This VM's speed drifts by
-    10-20% within a minute, so a fastest window of one run against a fastest round minutes (or even
-    seconds) apart measures the machine; medians of steps taken back to back, over several pairs, do not.
+    after it (every other pair right before it); the pair's fraction is the ratio of the two median
+    step times. This VM's speed drifts by 10-20% within a minute, so a fastest window of one run
+    against a fastest round minutes (or even seconds) apart measures the machine; medians of steps
+    taken back to back, over several pairs, do not.
     """
     fractions, real, synthetic, command = [], [], [], None
     for pair in range(pairs):

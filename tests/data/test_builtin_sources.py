@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from siamkit.data import sources
 from siamkit.data.sources import default_preprocess, load_folder, load_source, split_identities
 from siamkit.errors import SiamkitError
 

@@ -425,18 +425,20 @@ def end_to_end_paired(row3: Worker, data: Path, size: int, device: str, steps: i
     against a fastest round minutes (or even seconds) apart measures the machine; medians of steps
     taken back to back, over several pairs, do not.
     """
+    def row3_steps() -> None:
+        for _ in range(3 * steps):
+            row3.run(1)
+
     fractions, real, synthetic, command = [], [], [], None
     for pair in range(pairs):
         first = len(row3.times)
         if pair % 2:  # every other pair row 3 goes first
-            for _ in range(3 * steps):
-                row3.run(1)
+            row3_steps()
         res = end_to_end(data, size, device, 3 * steps, warmup)
         if "error" in res:
             return res
         if pair % 2 == 0:
-            for _ in range(3 * steps):
-                row3.run(1)
+            row3_steps()
         if row3.error:
             return {"error": row3.error.splitlines()[-1]}
         e, s = statistics.median(res["steps"]), statistics.median(row3.times[first:])

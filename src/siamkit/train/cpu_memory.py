@@ -4,8 +4,9 @@ PyTorch allocates CPU tensors with the C library's malloc. glibc serves every re
 mmap threshold (at most 32 MiB) with a fresh mmap and unmaps it on free, so each training step asks
 the kernel again for the memory of its large activations (a 112x112 ResNet18 step of 96 images has
 77 MB tensors): about 72,000 page faults, each page zeroed by the kernel, and 0.37 s of system time
-per step on this project's CPU (benchmarks/results/cpu_allocator_cpu.md). With mmap off and trimming made rare, freed blocks stay
-in malloc's heap and the next step reuses them, much as PyTorch's CUDA caching allocator does on GPU.
+per step on this project's CPU (benchmarks/results/cpu_allocator_cpu.md). With mmap off and trimming
+made rare, freed blocks stay in malloc's heap and the next step reuses them, much as PyTorch's CUDA
+caching allocator does on GPU.
 `benchmarks/cpu_allocator.py` measures both settings side by side (step time, system time, peak memory).
 
 Process-wide and not undone, so only `siamkit train` on CPU calls it; `--cpu-allocator system`

@@ -32,7 +32,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from siamkit.config import BN_POLICIES, TrainConfig  # noqa: E402
+from siamkit.batchnorm import POLICIES as BN_POLICIES  # noqa: E402
+from siamkit.config import TrainConfig  # noqa: E402
 from siamkit.train.loop import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from siamkit.config import TrainConfig  # noqa: E402
 from siamkit.fileio import atomic_write  # noqa: E402
-from siamkit.train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from siamkit.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from siamkit.train.loop import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

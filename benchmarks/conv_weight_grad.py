@@ -3,9 +3,9 @@
 For every distinct convolution of ResNet18 at the given input sizes, batch 96 (32 triplets), channels-
 last as siamkit trains: the forward pass, the weight gradient as PyTorch computes it
 (aten.convolution_backward, oneDNN on CPU), and the weight gradient as a forward convolution
-(siamkit.models.conv_backward.weight_grad_by_forward_conv), in ms and GFLOP/s, fastest of interleaved
+(siamkit.accel.weight_grad_by_forward_conv), in ms and GFLOP/s, fastest of interleaved
 rounds. "used" marks the layers where SmallMapConv2d takes the swapped path
-(siamkit.models.conv_backward.uses_swapped_weight_grad); the totals are per training step (each
+(siamkit.accel.uses_swapped_weight_grad); the totals are per training step (each
 layer times its count).
 
     PYTHONPATH=src python benchmarks/conv_weight_grad.py                 # 64x64 and 112x112
@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from machine import describe_device  # noqa: E402
-from siamkit.models.conv_backward import (  # noqa: E402
+from siamkit.accel import (  # noqa: E402
     MIN_IN_CHANNELS,
     SMALL_MAP_AREA,
     cpu_is_avx2,

@@ -1,8 +1,8 @@
-"""CPU training step with `--cpu-allocator cached` (the default) against `system`, paired step by step.
+"""CPU training step with the allocator part of `--cpu-tuning auto` (the default) against malloc left alone, paired step by step.
 
 The same step as train_throughput.py's row 3 (ResNet18, triplet loss + classifier, 32 triplets = 96
 images, fp32, siamkit defaults) runs in two worker processes that differ only in the allocator
-setting (siamkit/train/cpu_memory.py). They take turns one step at a time (every other round in
+setting (siamkit/accel.py, keep_freed_memory). They take turns one step at a time (every other round in
 reverse order) and the speed-up is the median over rounds of the ratio of the two step times of
 that round: this VM's speed drifts by 10-20% over minutes, which a pair of steps a few seconds apart
 shares. Also printed per setting: median and fastest step, system CPU seconds and minor page faults

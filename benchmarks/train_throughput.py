@@ -69,11 +69,11 @@ ROWS = {
     "pml": "6. pytorch-metric-learning (BatchHardMiner + TripletMarginLoss)",
     # Not in the default table: the default minus one of its speed settings, to show what it buys.
     "nchw": "3b. siamkit --no-channels-last",
-    "nativeconv": "3c. siamkit --native-conv-backward",
-    "sysalloc": "3d. siamkit --cpu-allocator system",
+    "tuningoff": "3c. siamkit --cpu-tuning off",
+    "sysalloc": "3d. siamkit, malloc left alone (--cpu-tuning auto without its allocator part)",
 }
 DEFAULT_ROWS = ["naive6", "naive3", "siamkit", "compile", "bf16", "pml"]
-SIAMKIT_ROWS = ("siamkit", "compile", "bf16", "nchw", "nativeconv", "sysalloc")  # the rest are plain loops
+SIAMKIT_ROWS = ("siamkit", "compile", "bf16", "nchw", "tuningoff", "sysalloc")  # the rest are plain loops
 TRIPLETS = 32
 N_IDENTITIES, PER_IDENTITY = 40, 10
 MARGIN = 0.2
@@ -146,83 +146,57 @@ class _Plain:
 
 
 class _Siamkit:
-    """Rows 3-5: siamkit's own model, TrainStep and optimizer, with the training loop's per-step work."""
+    """Rows 3-5: siamkit's own set-up (train.run.build_training) and step (train.step.optimisation_step).
+
+    The product's code, not a copy: the same model, loss, optimizer, CPU tuning, cuDNN flags, finite check
+    and BatchNorm rollback as `siamkit train`; only sampling and augmentation are the synthetic data's.
+    """
 
     def __init__(self, kind: str, data, device, size: int):
         import torch
 
+        from siamkit import accel
         from siamkit.config import TrainConfig
         from siamkit.data.transforms import Preprocess
-        from siamkit.losses import JointLoss, build_metric_loss
-        from siamkit.train.cpu_memory import keep_freed_memory
-        from siamkit.train.loop import build_model
-        from siamkit.train.step import TrainStep, build_optimizer
+        from siamkit.train.run import build_training
 
+        if kind == "sysalloc":  # isolate the allocator's share (benchmarks/cpu_allocator.py); own process
+            accel.keep_freed_memory = lambda: False
         torch.manual_seed(0)
         cfg = TrainConfig(
-            image_size=[size, size], classification_weight=1.0, batch_size=TRIPLETS,
+            image_size=[size, size], classification_weight=1.0, batch_size=TRIPLETS, schedule="constant",
             compile=kind == "compile", amp="bf16" if kind == "bf16" else "off", channels_last=kind != "nchw",
-            native_conv_backward=kind == "nativeconv", cpu_allocator="system" if kind == "sysalloc" else "cached",
+            cpu_tuning="off" if kind == "tuningoff" else "auto",
         )
-        if device.type == "cpu" and cfg.cpu_allocator == "cached":  # as the training loop does
-            keep_freed_memory()
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        model = build_model(cfg, N_IDENTITIES, 3).to(device)
-        if cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        loss_fn = JointLoss(build_metric_loss(cfg.loss, cfg.mining, cfg.resolved_margin), cfg.classification_weight)
-        self.params = model.trainable_parameters()
-        self.optimizer = build_optimizer(self.params, cfg, device)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-        self.step_module = TrainStep(model, loss_fn, cfg.n_branches)
-        self.step_fn = torch.compile(self.step_module) if cfg.compile else self.step_module
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        self.training = build_training(cfg, N_IDENTITIES, 3, device, total=10**9)
+        self.training.model.train()
         self.pre = Preprocess((size, size))
-        self.buffers = list(model.buffers())
-        self.cfg, self.data, self.device, self.torch = cfg, data, device, torch
-        model.train()
+        self.cfg, self.data = cfg, data
 
-    def step(self, step: int, step_fn=None) -> float:
-        # The per-step work of siamkit.train.loop, minus the augmentation (the end-to-end run has it).
+    def step(self, step: int) -> float:
         from siamkit.data.transforms import normalize
-        from siamkit.train.step import gradient_norm
+        from siamkit.train.step import optimisation_step
 
-        torch = self.torch
         idx = self.data.batch(step).reshape(-1)
         x = normalize(self.data.images[idx], self.pre, self.cfg.channels_last)
-        y = self.data.labels[idx]
-        saved_buffers = [b.detach().clone() for b in self.buffers]  # noqa: F841 (the loop keeps these)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            out = (step_fn or self.step_fn)(x, y)
-        loss = out["loss"]
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = gradient_norm(self.params)
-        if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        self.scheduler.step()
+        out = optimisation_step(self.training, x, self.data.labels[idx]).out
         return sum(float(out[k].detach()) for k in ("loss", "metric", "classification") if k in out)
 
     def flop_step(self, step: int) -> float:
         """The step under FlopCounterMode (which counts eager ops), with the model's own FLOPs.
 
-        siamkit's swapped weight gradient (models/conv_backward.py) computes a few unused outputs on
-        some strided layers; that is not the model's work, so the count uses PyTorch's convolution path.
+        siamkit's swapped weight gradient (accel.py) computes a few unused outputs on some strided
+        layers; that is not the model's work, so the count uses PyTorch's convolution path.
         """
-        from siamkit.models import conv_backward
+        from siamkit import accel
 
-        swap = conv_backward.cpu_is_avx2
-        conv_backward.cpu_is_avx2 = lambda: False
+        swap, step_fn = accel.cpu_is_avx2, self.training.step_fn
+        accel.cpu_is_avx2 = lambda: False
+        self.training.step_fn = self.training.step_module
         try:
-            return self.step(step, step_fn=self.step_module)
+            return self.step(step)
         finally:
-            conv_backward.cpu_is_avx2 = swap
+            accel.cpu_is_avx2, self.training.step_fn = swap, step_fn
 
 
 class _Data:

@@ -21,7 +21,7 @@ import torch
 from conftest import run_cli, tree_snapshot
 from siamkit import cli, fileio
 from siamkit.train import logging as metrics_logging
-from siamkit.train.checkpoint import FORMAT
+from siamkit.checkpoint import FORMAT
 from tiny_run import ONE_THREAD_ENV, load_raw, metrics_rows, one_torch_thread, tiny_args, tiny_config  # noqa: F401
 
 

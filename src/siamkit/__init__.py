@@ -1,5 +1,5 @@
 """siamkit: train and evaluate Siamese networks for verification."""
-__version__ = "0.1.0"
+from ._version import __version__
 
 
 def load(path, device="cpu"):

@@ -14,7 +14,7 @@ from .errors import SiamkitError
 from .eval.embed import embed_images
 from .eval.verification import pair_scores
 from .models.siamese import ModelSpec, SiameseNet
-from .train.checkpoint import load_checkpoint, resolve_checkpoint
+from .checkpoint import load_checkpoint, resolve_checkpoint
 
 
 

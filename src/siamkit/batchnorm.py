@@ -7,19 +7,20 @@
 | mean       | 1 per branch | each branch alone      | average of per-branch updates from one state |
 | anchor     | 1 per branch | each branch alone      | one update, from branch 0 only               |
 | frozen     | 1 (concat)   | stored running stats   | unchanged (BN layers stay in eval mode)      |
+
+Each policy is a class in the ``POLICIES`` registry: whether it runs the backbone once over all
+branches (``single_pass``), whether BatchNorm stays in eval mode (``eval_bn``), and, for per-branch
+policies, how the branches' passes update the running statistics. Adding one is a class with
+``@register_policy``; ``--bn-policy`` and the config checks read the registry.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-
-POLICIES = ("joint", "sequential", "mean", "anchor", "frozen")
-SINGLE_PASS_POLICIES = ("joint", "frozen")
-
 
 def bn_layers(module: nn.Module) -> list[_BatchNorm]:
     return [m for m in module.modules() if isinstance(m, _BatchNorm)]
@@ -47,30 +48,55 @@ def no_running_stat_update(layers: list[_BatchNorm]) -> Iterator[None]:
             m.track_running_stats = True
 
 
-def forward_branches(
-    run: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
-    x: torch.Tensor,
-    n_branches: int,
-    policy: str,
-    layers: list[_BatchNorm],
-) -> tuple[torch.Tensor, ...]:
-    """Run ``run`` (backbone + heads) over the branches of ``x`` under ``policy``.
+Run = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
 
-    ``x`` holds the branches concatenated branch-major ([x_a; x_p; x_n]); so do the outputs.
-    ``layers`` are the model's BatchNorm layers (frozen policy: already in eval mode, see SiameseNet.train).
-    """
-    if policy not in POLICIES:
-        raise ValueError(f"unknown BatchNorm policy {policy!r}; choose one of {POLICIES}")
-    if policy in SINGLE_PASS_POLICIES or n_branches == 1:
-        return run(x)
-    branches = x.chunk(n_branches)
-    if policy == "sequential":
-        outs = [run(b) for b in branches]
-    elif policy == "anchor":
-        outs = [run(branches[0])]
-        with no_running_stat_update(layers):
-            outs += [run(b) for b in branches[1:]]
-    else:  # mean
+
+class BNPolicy:
+    """How the backbone runs over a step's branches, and which running statistics it keeps."""
+
+    name = ""
+    single_pass = False  # one backbone pass over the concatenated branches
+    eval_bn = False  # BatchNorm layers stay in eval mode (normalise with stored statistics)
+
+    def run_branches(self, run: Run, branches: Sequence[torch.Tensor], layers: list[_BatchNorm]) -> list[tuple]:
+        """Per-branch policies: the outputs of ``run`` for each branch, updating running stats as the policy says."""
+        raise NotImplementedError
+
+
+POLICIES: dict[str, BNPolicy] = {}
+
+
+def register_policy(cls: type[BNPolicy]) -> type[BNPolicy]:
+    """Class decorator: make a policy available as ``--bn-policy NAME``."""
+    POLICIES[cls.name] = cls()
+    return cls
+
+
+def get_policy(name: str) -> BNPolicy:
+    try:
+        return POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown BatchNorm policy {name!r}; choose one of {tuple(POLICIES)}") from None
+
+
+@register_policy
+class Joint(BNPolicy):
+    name, single_pass = "joint", True
+
+
+@register_policy
+class Sequential(BNPolicy):
+    name = "sequential"
+
+    def run_branches(self, run, branches, layers):
+        return [run(b) for b in branches]
+
+
+@register_policy
+class Mean(BNPolicy):
+    name = "mean"
+
+    def run_branches(self, run, branches, layers):
         # Each branch updates its own fresh copy of the starting statistics; the module's own buffers
         # are then set to the average. The copies, not the buffers, are what autograd saved, so
         # nothing it needs for backward is modified in place.
@@ -88,4 +114,35 @@ def forward_branches(
                 var.copy_(torch.stack([e[j][1] for e in ends]).mean(0))
                 count.add_(1)
                 m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
+        return outs
+
+
+@register_policy
+class Anchor(BNPolicy):
+    name = "anchor"
+
+    def run_branches(self, run, branches, layers):
+        outs = [run(branches[0])]
+        with no_running_stat_update(layers):
+            outs += [run(b) for b in branches[1:]]
+        return outs
+
+
+@register_policy
+class Frozen(BNPolicy):
+    name, single_pass, eval_bn = "frozen", True, True
+
+
+def forward_branches(
+    run: Run, x: torch.Tensor, n_branches: int, policy: str, layers: list[_BatchNorm]
+) -> tuple[torch.Tensor, ...]:
+    """Run ``run`` (backbone + heads) over the branches of ``x`` under ``policy``.
+
+    ``x`` holds the branches concatenated branch-major ([x_a; x_p; x_n]); so do the outputs.
+    ``layers`` are the model's BatchNorm layers (frozen policy: already in eval mode, see SiameseNet.train).
+    """
+    chosen = get_policy(policy)
+    if chosen.single_pass or n_branches == 1:
+        return run(x)
+    outs = chosen.run_branches(run, x.chunk(n_branches), layers)
     return tuple(torch.cat(parts) for parts in zip(*outs))

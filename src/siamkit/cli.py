@@ -1,4 +1,4 @@
-"""Command line: siamkit train | evaluate | verify | embed."""
+"""Command line: siamkit train | evaluate | verify | embed. The train options are generated from TrainConfig."""
 from __future__ import annotations
 
 import argparse
@@ -6,93 +6,32 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import __version__
-from .config import (
-    ACTIVATIONS, AMP_MODES, AUGMENTS, BACKBONES, BN_POLICIES, CLASSIFIERS, CPU_ALLOCATORS, FREEZE_STAGES, LOSSES,
-    MINING, SCHEDULES, TrainConfig,
-)
+from ._version import __version__
+from .config import GROUPS, TrainConfig, sources_help
 from .errors import SiamkitError
+from .options import add_arguments
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but bad options end in one 'siamkit: error:' line like every other error."""
 
     def error(self, message: str):
-        raise SiamkitError(f"{message} (see siamkit {self.prog.split()[-1]} --help)")
+        command = self.prog.split()[-1]
+        raise SiamkitError(f"{message} (see siamkit {command + ' ' if command != 'siamkit' else ''}--help)")
 
 
-def _train_parser(sub) -> None:
-    d = TrainConfig()
+def _train_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a Siamese network, then evaluate it on held-out identities",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default=d.data, help="folder with one sub-folder per identity, or digits | olivetti | lfw")
-    g.add_argument("--val-identities", type=float, default=d.val_identities,
-                   help="identities held out for validation: a fraction < 1 or a count")
-    g.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="input size (default: 32x32 for digits, 64x64 otherwise)")
-    g.add_argument("--center-crop", type=float, default=None, help="keep this fraction of the shorter side (lfw: 0.5)")
-    g.add_argument("--grayscale", action="store_true", help="train on one channel")
-    g.add_argument("--augment", choices=AUGMENTS, default=d.augment,
-                   help="auto = none for digits, flip-shift (mirror + small shifts) otherwise")
-    g = p.add_argument_group("model")
-    g.add_argument("--backbone", choices=BACKBONES, default=d.backbone)
-    g.add_argument("--pretrained", default=d.pretrained, help="none | imagenet | PATH to a torchvision state dict")
-    g.add_argument("--embedding-dim", type=int, default=d.embedding_dim)
-    g.add_argument("--embedding-activation", choices=ACTIVATIONS, default=d.embedding_activation)
-    g = p.add_argument_group("loss and sampling")
-    g.add_argument("--loss", choices=LOSSES, default=d.loss)
-    g.add_argument("--margin", type=float, default=None, help="default: 1.0 contrastive, 0.2 triplet")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="tuples per step, per process")
-    g.add_argument("--identities-per-batch", type=int, default=0, metavar="P", help="PK batches: P identities...")
-    g.add_argument("--images-per-identity", type=int, default=0, metavar="K", help="...with K images each")
-    g.add_argument("--mining", choices=MINING, default=d.mining, help="online mining on PK batches")
-    g = p.add_argument_group("multi-branch training")
-    g.add_argument("--bn-policy", choices=BN_POLICIES, default=d.bn_policy)
-    g.add_argument("--classification-weight", type=float, default=d.classification_weight,
-                   help="weight W of the classification loss on every branch (0 = no classifier)")
-    g.add_argument("--classifier", choices=CLASSIFIERS, default=d.classifier)
-    g.add_argument("--scale", type=float, default=d.scale, help="ArcFace/CosFace scale s")
-    g.add_argument("--class-margin", type=float, default=d.class_margin, help="ArcFace/CosFace margin m")
-    g.add_argument("--freeze-until", choices=FREEZE_STAGES, default=d.freeze_until)
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--betas", type=float, nargs=2, default=d.betas)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--steps", type=int, default=0, help="total steps of the run (default: 200 unless --epochs)")
-    g.add_argument("--epochs", type=int, default=0, help="total epochs of the run")
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
-    g = p.add_argument_group("speed")
-    g.add_argument("--compile", action="store_true", help="torch.compile the training step")
-    g.add_argument("--amp", choices=AMP_MODES, default=d.amp)
-    g.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    g.add_argument(
-        "--native-conv-backward", action="store_true",
-        help="use PyTorch's own convolution weight gradients everywhere (default: a faster one for small maps on CPU)",
-    )
-    g.add_argument(
-        "--cpu-allocator", choices=CPU_ALLOCATORS, default=d.cpu_allocator,
-        help="on CPU, cached keeps freed memory in the process for the next step; system leaves malloc as it is",
-    )
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default=None, help="run folder (default: runs/<date-time>)")
+    groups = {name: p.add_argument_group(name) for name in GROUPS}
+    add_arguments(p, TrainConfig, groups)
+    g = groups["run"]
+    g.add_argument("--config", default=None, metavar="CONFIG_JSON",
+                   help="start from a run's config.json (options given here override it)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    g.add_argument("--device", default=d.device, help="auto | cpu | cuda")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--log-every", type=int, default=d.log_every)
-    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
-    g.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate held-out identities every N steps and keep best.pt")
-    g.add_argument("--max-bad-steps", type=int, default=d.max_bad_steps)
-    g.add_argument("--eval-flip", action="store_true", help="add mirrored images' embeddings at evaluation")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g = p.add_argument_group("distributed (under torchrun)")
-    g.add_argument("--sync-bn", action="store_true",
-                   help="BatchNorm statistics over the global batch of all processes (SyncBatchNorm)")
-    g.add_argument("--gather-embeddings", action="store_true",
-                   help="PK batches: mining and the metric loss see every process's embeddings")
+    return p
 
 
 def _train(args) -> int:
@@ -109,11 +48,10 @@ def _evaluate(args) -> int:
     from .data.transforms import Preprocess
     from .eval.protocol import evaluate
     from .eval.report import format_summary, write_report
-    from .train.checkpoint import resolve_checkpoint, run_dir_of
-    from .train.loop import resolve_device
-    from .train.distributed import DistContext
+    from .checkpoint import resolve_checkpoint, run_dir_of
+    from .device import resolve_device
 
-    device = resolve_device(args.device, DistContext())
+    device = resolve_device(args.device)
     model, ckpt = load_model(args.run, device)
     pre = Preprocess.from_dict(ckpt["preprocess"])
     out = Path(args.out) if args.out else run_dir_of(resolve_checkpoint(args.run)) / "eval"
@@ -149,13 +87,12 @@ def _embed(args) -> int:
     from .data.sources import load_source
     from .data.transforms import Preprocess
     from .eval.embed import embed_images
+    from .device import resolve_device
     from .fileio import atomic_write_bytes
-    from .train.loop import resolve_device
-    from .train.distributed import DistContext
 
     if not args.out.endswith(".npz"):
         raise SiamkitError(f"--out {args.out} must end in .npz")
-    device = resolve_device(args.device, DistContext())
+    device = resolve_device(args.device)
     model, ckpt = load_model(args.run, device)
     pre = Preprocess.from_dict(ckpt["preprocess"])
     ds = load_source(args.data, pre)
@@ -171,11 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="siamkit", description="Train and evaluate Siamese networks for verification.")
     parser.add_argument("--version", action="version", version=f"siamkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _train_parser(sub)
+    parser.train_parser = _train_parser(sub)
 
     p = sub.add_parser("evaluate", help="verification report of a trained model on a data set")
     p.add_argument("run", help="run folder or checkpoint file")
-    p.add_argument("--data", required=True, help="folder of identity sub-folders, or digits | olivetti | lfw")
+    p.add_argument("--data", required=True, help=sources_help())
     p.add_argument("--pairs", default=None, help="LFW-format pairs.txt (folds = its sets)")
     p.add_argument("--flip", action="store_true", help="add the embedding of the mirrored image")
     p.add_argument("--out", default=None, help="report folder (default: RUN/eval)")
@@ -203,7 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     # TIFF) only repeat what siamkit's own "skipped" line says, with a source line attached.
     warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command == "train" and args.config:
+            # The file's options become the defaults, so that flags given on the command line override them.
+            parser.train_parser.set_defaults(**TrainConfig.read_options(args.config))
+            args = parser.parse_args(argv)
         return {"train": _train, "evaluate": _evaluate, "verify": _verify, "embed": _embed}[args.command](args)
     except SiamkitError as e:
         print(f"siamkit: error: {e}", file=sys.stderr)

@@ -1,80 +1,97 @@
-"""TrainConfig: the one place every training hyperparameter lives, with its default."""
+"""TrainConfig: every training option declared once, with its default, help and choices.
+
+The command line (``siamkit train --help``) is generated from these fields, and ``validate`` checks
+them with the registries of losses, BN policies, backbones and data sources, so an option cannot exist
+in one place only. The model's options are ``ModelOptions`` (models/siamese.py), part of this class.
+"""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from .accel import CPU_TUNINGS
+from .batchnorm import POLICIES, get_policy
+from .data.sources import SOURCES
 from .errors import SiamkitError
+from .losses import loss_names, metric_loss_class, mining_names, minings_of
+from .models.siamese import ModelOptions
+from .options import check_fields, option
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large")
-LOSSES = ("contrastive", "triplet")
-MINING = ("none", "batch-hard", "semi-hard", "all")
-BN_POLICIES = ("joint", "sequential", "mean", "anchor", "frozen")
-CLASSIFIERS = ("softmax", "arcface", "cosface")
-ACTIVATIONS = ("l2", "sigmoid", "none")
-FREEZE_STAGES = ("none", "conv1", "layer1", "layer2", "layer3", "layer4", "avgpool")
 AMP_MODES = ("off", "bf16", "fp16")
-CPU_ALLOCATORS = ("cached", "system")
 AUGMENTS = ("auto", "none", "flip", "flip-shift")
 SCHEDULES = ("cosine", "constant")
+# Keys a run's config.json holds besides the options (written by the loop; ignored by --config).
+RUN_KEYS = ("siamkit_version", "world_size", "out")
+# Argument groups of `siamkit train --help`, in this order.
+GROUPS = ("data", "model", "loss and sampling", "multi-branch training", "optimisation", "speed", "run",
+          "distributed (under torchrun)")
+
+
+def sources_help() -> str:
+    return f"folder with one sub-folder per identity, or {' | '.join(SOURCES)}"
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ModelOptions):
     # data
-    data: str = "digits"
-    val_identities: float = 0.2  # fraction (< 1) or count (>= 1) of identities held out
-    image_size: list[int] | None = None  # [H, W]; None = the source's default
-    center_crop: float | None = None  # fraction of the shorter side; None = the source's default
-    grayscale: bool = False
-    augment: str = "auto"
-    # model
-    backbone: str = "resnet18"
-    pretrained: str = "none"  # none | imagenet | PATH to a torchvision state dict
-    embedding_dim: int = 128
-    embedding_activation: str = "l2"
+    data: str = option("digits", group="data", help=sources_help)
+    val_identities: float = option(0.2, group="data", minimum="non-negative",
+                                   help="identities held out for validation: a fraction < 1 or a count")
+    image_size: list[int] | None = option(None, group="data", nargs=2, metavar=("H", "W"),
+                                          help="input size (default: the source's, 32x32 for digits, 64x64 otherwise)")
+    center_crop: float | None = option(None, group="data", help="keep this fraction of the shorter side (lfw: 0.5)")
+    grayscale: bool = option(False, group="data", help="train on one channel")
+    augment: str = option("auto", group="data", choices=AUGMENTS,
+                          help="auto = the source's default: none for digits, flip-shift (mirror + small shifts) otherwise")
+    # model (the rest are ModelOptions)
+    pretrained: str = option("none", group="model", help="none | imagenet | PATH to a torchvision state dict")
     # loss and sampling
-    loss: str = "triplet"
-    margin: float | None = None  # None = the loss's default (contrastive 1.0, triplet 0.2)
-    batch_size: int = 32  # tuples (pairs or triplets) per step and per process
-    mining: str = "none"
-    identities_per_batch: int = 0  # P of a PK batch; 0 = explicit tuples
-    images_per_identity: int = 0  # K of a PK batch
-    # multi-branch training
-    bn_policy: str = "joint"
-    classification_weight: float = 1.0  # classifier on every branch (0 = metric loss only)
-    classifier: str = "softmax"
-    scale: float = 30.0
-    class_margin: float = 0.3
-    freeze_until: str = "none"
+    loss: str = option("triplet", group="loss and sampling", choices=loss_names)
+    margin: float | None = option(None, group="loss and sampling",
+                                  help="default: the loss's own (contrastive 1.0, triplet 0.2)")
+    batch_size: int = option(32, group="loss and sampling", minimum="positive", help="tuples per step, per process")
+    identities_per_batch: int = option(0, group="loss and sampling", metavar="P",
+                                       help="PK batches: P identities... (0 = explicit tuples)")
+    images_per_identity: int = option(0, group="loss and sampling", metavar="K", help="...with K images each")
+    mining: str = option("none", group="loss and sampling", choices=mining_names, help="online mining on PK batches")
+    classification_weight: float = option(1.0, group="multi-branch training", minimum="non-negative",
+                                          help="weight W of the classification loss on every branch (0 = no classifier)")
     # optimisation
-    lr: float = 1e-3
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
-    steps: int = 0  # total steps of the run; 0 = use epochs
-    epochs: int = 0  # total epochs of the run; 0 = the source's default step budget
-    warmup_steps: int = 0
-    schedule: str = "cosine"  # cosine decay to 0 over the run, or constant
+    lr: float = option(1e-3, group="optimisation")
+    betas: list[float] = option(group="optimisation", nargs=2, default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = option(0.0, group="optimisation", minimum="non-negative")
+    steps: int = option(0, group="optimisation", minimum="non-negative",
+                        help="total steps of the run (default: 200 unless --epochs)")
+    epochs: int = option(0, group="optimisation", minimum="non-negative", help="total epochs of the run")
+    warmup_steps: int = option(0, group="optimisation", minimum="non-negative")
+    schedule: str = option("cosine", group="optimisation", choices=SCHEDULES,
+                           help="cosine decay to 0 over the run, or constant")
     # speed
-    compile: bool = False
-    amp: str = "off"
-    channels_last: bool = True
-    native_conv_backward: bool = False  # True: no SmallMapConv2d (models/conv_backward.py)
-    cpu_allocator: str = "cached"  # cached: keep freed memory for reuse on CPU (train/cpu_memory.py)
+    compile: bool = option(False, group="speed", help="torch.compile the training step")
+    amp: str = option("off", group="speed", choices=AMP_MODES)
+    channels_last: bool = option(True, group="speed", flag="--no-channels-last", help="keep the NCHW layout")
+    cpu_tuning: str = option("auto", group="speed", choices=CPU_TUNINGS,
+                             help="auto: siamkit's CPU speed-ups when training on CPU (src/siamkit/accel.py); "
+                                  "off: PyTorch's own kernels and malloc, for runs that must match across machines")
     # run
-    out: str | None = None
-    device: str = "auto"
-    seed: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 1
-    eval_every: int = 0
-    max_bad_steps: int = 5
-    eval_flip: bool = False
+    out: str | None = option(None, group="run", help="run folder (default: runs/<date-time>)")
+    device: str = option("auto", group="run", help="auto | cpu | cuda")
+    seed: int = option(0, group="run")
+    log_every: int = option(10, group="run", minimum="positive")
+    checkpoint_every: int = option(200, group="run", minimum="positive")
+    keep_checkpoints: int = option(1, group="run", minimum="positive")
+    eval_every: int = option(0, group="run", minimum="non-negative",
+                             help="evaluate held-out identities every N steps and keep best.pt")
+    max_bad_steps: int = option(5, group="run", minimum="positive")
+    eval_flip: bool = option(False, group="run", help="add mirrored images' embeddings at evaluation")
     # distributed
-    sync_bn: bool = False
-    gather_embeddings: bool = False
+    sync_bn: bool = option(False, group="distributed (under torchrun)",
+                           help="BatchNorm statistics over the global batch of all processes (SyncBatchNorm)")
+    gather_embeddings: bool = option(False, group="distributed (under torchrun)",
+                                     help="PK batches: mining and the metric loss see every process's embeddings")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -84,94 +101,79 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    @classmethod
+    def read_options(cls, path: str | Path) -> dict[str, Any]:
+        """The options of a run's config.json (for ``--config``); unknown keys are refused with one line."""
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise SiamkitError(f"--config {path}: cannot read it as JSON ({e}); pass a run's config.json") from None
+        if not isinstance(values, dict):
+            raise SiamkitError(f"--config {path}: expected a JSON object of options, like a run's config.json")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in values if k not in names and k not in RUN_KEYS)
+        if unknown:
+            raise SiamkitError(f"--config {path}: unknown option(s) {', '.join(unknown)}; remove them or fix their names")
+        return {k: v for k, v in values.items() if k in names and k != "out"}
+
     @property
     def pk_batches(self) -> bool:
         return self.identities_per_batch > 0
 
     @property
     def n_branches(self) -> int:
-        """Branches of one explicit tuple (1 for a PK batch, which is a single branch)."""
-        if self.pk_batches:
-            return 1
-        return 2 if self.loss == "contrastive" else 3
+        """Branches of one tuple: 2 for pairs, 3 for triplets, 1 for a PK batch (the loss mines its tuples)."""
+        return metric_loss_class(self.loss, self.mining).n_branches
 
     @property
     def resolved_margin(self) -> float:
-        if self.margin is not None:
-            return self.margin
-        return 1.0 if self.loss == "contrastive" else 0.2
+        return self.margin if self.margin is not None else metric_loss_class(self.loss, self.mining).default_margin
 
     def validate(self) -> None:
         """Raise SiamkitError naming the first bad option and what it accepts."""
-
-        def choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-            if value not in allowed:
-                raise SiamkitError(f"--{name.replace('_', '-')} {value!r} is not known; choose one of: {', '.join(allowed)}")
-
-        choice("backbone", self.backbone, BACKBONES)
-        choice("loss", self.loss, LOSSES)
-        choice("mining", self.mining, MINING)
-        choice("bn_policy", self.bn_policy, BN_POLICIES)
-        choice("classifier", self.classifier, CLASSIFIERS)
-        choice("embedding_activation", self.embedding_activation, ACTIVATIONS)
-        choice("freeze_until", self.freeze_until, FREEZE_STAGES)
-        choice("amp", self.amp, AMP_MODES)
-        choice("cpu_allocator", self.cpu_allocator, CPU_ALLOCATORS)
-        choice("augment", self.augment, AUGMENTS)
-        choice("schedule", self.schedule, SCHEDULES)
+        check_fields(self)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise SiamkitError(f"--device {self.device!r} is not known; choose auto, cpu or cuda")
-        positive = {
-            "batch_size": self.batch_size,
-            "embedding_dim": self.embedding_dim,
-            "log_every": self.log_every,
-            "checkpoint_every": self.checkpoint_every,
-            "keep_checkpoints": self.keep_checkpoints,
-            "max_bad_steps": self.max_bad_steps,
-        }
-        for name, value in positive.items():
-            if value <= 0:
-                raise SiamkitError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
-        for name in ("steps", "epochs", "eval_every", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise SiamkitError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         if self.margin is not None and self.margin <= 0:
             raise SiamkitError(f"--margin must be positive, got {self.margin}")
         if not self.lr > 0:
             raise SiamkitError(f"--lr must be positive, got {self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise SiamkitError(f"--betas takes two numbers in [0, 1), got {self.betas}")
-        if self.weight_decay < 0:
-            raise SiamkitError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
-        if self.val_identities < 0:
-            raise SiamkitError(f"--val-identities must be 0 or more, got {self.val_identities}")
         if self.val_identities >= 1 and self.val_identities != int(self.val_identities):
             raise SiamkitError("--val-identities takes a fraction below 1 or a whole count of identities")
-        if self.image_size is not None:
-            if len(self.image_size) != 2 or min(self.image_size) < 8:
-                raise SiamkitError(f"--image-size takes H W, each at least 8 pixels, got {self.image_size}")
+        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 8):
+            raise SiamkitError(f"--image-size takes H W, each at least 8 pixels, got {self.image_size}")
         if self.center_crop is not None and not 0 < self.center_crop <= 1:
             raise SiamkitError(f"--center-crop takes a fraction in (0, 1], got {self.center_crop}")
-        if self.classification_weight < 0:
-            raise SiamkitError(f"--classification-weight must be 0 or more, got {self.classification_weight}")
         if self.scale <= 0 or self.class_margin < 0:
             raise SiamkitError("--scale must be positive and --class-margin 0 or more")
+        self._validate_batches()
+        if self.amp == "fp16" and self.device == "cpu":
+            raise SiamkitError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or off")
+
+    def _validate_batches(self) -> None:
+        """Explicit tuples, or PK batches with a loss that mines; the BN policy must fit."""
         pk = (self.identities_per_batch, self.images_per_identity)
         if (pk[0] > 0) != (pk[1] > 0) or min(pk) < 0:
             raise SiamkitError("PK batches need both --identities-per-batch P and --images-per-identity K (P >= 2, K >= 2)")
-        if self.pk_batches:
-            if self.identities_per_batch < 2 or self.images_per_identity < 2:
-                raise SiamkitError("PK batches need P >= 2 identities and K >= 2 images per identity")
-            if self.mining == "none":
-                raise SiamkitError("PK batches need --mining batch-hard|semi-hard|all (triplet) or all (contrastive)")
-            if self.loss == "contrastive" and self.mining != "all":
-                raise SiamkitError("--loss contrastive on PK batches uses every pair: pass --mining all")
-            if self.bn_policy not in ("joint", "frozen"):
-                raise SiamkitError(
-                    f"--bn-policy {self.bn_policy} needs branches, but a PK batch is a single branch; "
-                    "use joint or frozen, or drop --identities-per-batch"
-                )
-        elif self.mining != "none":
-            raise SiamkitError("--mining needs PK batches: add --identities-per-batch P --images-per-identity K")
-        if self.amp == "fp16" and self.device == "cpu":
-            raise SiamkitError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or off")
+        if not self.pk_batches:
+            if self.mining != "none":
+                raise SiamkitError("--mining needs PK batches: add --identities-per-batch P --images-per-identity K")
+            metric_loss_class(self.loss, "none")
+            return
+        if self.identities_per_batch < 2 or self.images_per_identity < 2:
+            raise SiamkitError("PK batches need P >= 2 identities and K >= 2 images per identity")
+        offered = {loss: minings_of(loss) for loss in loss_names() if minings_of(loss)}
+        if self.mining == "none":
+            what = " or ".join(f"{'|'.join(m)} ({loss})" for loss, m in sorted(offered.items(), key=lambda kv: -len(kv[1])))
+            raise SiamkitError(f"PK batches need --mining {what}")
+        if self.mining not in offered.get(self.loss, ()):
+            raise SiamkitError(
+                f"--loss {self.loss} on PK batches takes --mining {' | '.join(offered.get(self.loss, ())) or '(none)'}"
+            )
+        if not get_policy(self.bn_policy).single_pass:
+            raise SiamkitError(
+                f"--bn-policy {self.bn_policy} needs branches, but a PK batch is a single branch; "
+                f"use {' or '.join(n for n, p in POLICIES.items() if p.single_pass)}, or drop --identities-per-batch"
+            )

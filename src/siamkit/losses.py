@@ -6,12 +6,21 @@ B x B distance matrix, never with index lists whose size depends on the data, so
 
 Every metric loss takes ``(embeddings [N, D], labels [N])``. For explicit tuples the rows are
 branch-major: [anchors; seconds] for pairs, [anchors; positives; negatives] for triplets.
+
+The registry ``METRIC_LOSSES`` maps (``--loss``, ``--mining``) to a class; each class declares how many
+branches a batch's rows split into (1 = a PK batch that mines its own tuples) and its default margin.
+Adding a loss is one class with ``@register_loss("name")``: the options, their help and the config
+checks read the registry.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .errors import SiamkitError
 
 _EPS = 1e-12  # keeps sqrt's gradient finite at distance 0
 
@@ -29,7 +38,10 @@ def distance_matrix(x: torch.Tensor) -> torch.Tensor:
 
 
 class MarginLoss(nn.Module):
-    """Base of the metric losses: a margin, and how many branches a batch's rows are split into."""
+    """Base of the metric losses: a margin, and how many branches a batch's rows are split into.
+
+    ``n_branches`` 1 means a PK batch (P identities x K images, one branch) whose tuples the loss mines.
+    """
 
     n_branches = 1
     default_margin = 0.2
@@ -39,6 +51,44 @@ class MarginLoss(nn.Module):
         self.margin = self.default_margin if margin is None else margin
 
 
+# (--loss, --mining) -> class. "none" mining = explicit tuples drawn by the sampler.
+METRIC_LOSSES: dict[tuple[str, str], type[MarginLoss]] = {}
+
+
+def register_loss(name: str, mining: str = "none") -> Callable[[type[MarginLoss]], type[MarginLoss]]:
+    """Class decorator: make a MarginLoss available as ``--loss name [--mining mining]``."""
+
+    def add(cls: type[MarginLoss]) -> type[MarginLoss]:
+        if (mining == "none") != (cls.n_branches > 1):
+            raise ValueError(f"{cls.__name__}: explicit tuples (mining 'none') have 2+ branches, mined PK batches 1")
+        METRIC_LOSSES[(name, mining)] = cls
+        return cls
+
+    return add
+
+
+def loss_names() -> tuple[str, ...]:
+    return tuple(sorted({name for name, _ in METRIC_LOSSES}))
+
+
+def mining_names() -> tuple[str, ...]:
+    return ("none",) + tuple(sorted({m for _, m in METRIC_LOSSES if m != "none"}))
+
+
+def minings_of(loss: str) -> tuple[str, ...]:
+    """The --mining values a --loss offers on PK batches."""
+    return tuple(m for name, m in METRIC_LOSSES if name == loss and m != "none")
+
+
+def metric_loss_class(loss: str, mining: str) -> type[MarginLoss]:
+    try:
+        return METRIC_LOSSES[(loss, mining)]
+    except KeyError:
+        offered = ", ".join(m for name, m in METRIC_LOSSES if name == loss)
+        raise SiamkitError(f"--loss {loss} has no --mining {mining}; choose one of: {offered}") from None
+
+
+@register_loss("contrastive")
 class ContrastiveLoss(MarginLoss):
     """Pairs: mean of y·d² + (1−y)·max(margin − d, 0)² (Hadsell, Chopra & LeCun 2006)."""
 
@@ -54,6 +104,7 @@ class ContrastiveLoss(MarginLoss):
         return (same * d2 + (1 - same) * F.relu(self.margin - d) ** 2).mean()
 
 
+@register_loss("triplet")
 class TripletLoss(MarginLoss):
     """Explicit triplets: mean of max(d(a, p) − d(a, n) + margin, 0)."""
 
@@ -71,6 +122,7 @@ def _masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return same & ~eye, ~same
 
 
+@register_loss("triplet", mining="batch-hard")
 class BatchHardTripletLoss(MarginLoss):
     """For each anchor: its farthest positive and nearest negative (Hermans et al. 2017)."""
 
@@ -84,6 +136,7 @@ class BatchHardTripletLoss(MarginLoss):
         return losses.sum() / valid.sum().clamp_min(1)
 
 
+@register_loss("triplet", mining="semi-hard")
 class SemiHardTripletLoss(MarginLoss):
     """FaceNet's semi-hard negatives (Schroff et al. 2015), over every anchor-positive pair.
 
@@ -107,6 +160,7 @@ class SemiHardTripletLoss(MarginLoss):
         return losses.sum() / valid.sum().clamp_min(1)
 
 
+@register_loss("triplet", mining="all")
 class BatchAllTripletLoss(MarginLoss):
     """Every valid triplet of the batch; the mean over those with a positive loss (Hermans et al. 2017)."""
 
@@ -119,6 +173,7 @@ class BatchAllTripletLoss(MarginLoss):
         return losses.sum() / active.clamp_min(1)
 
 
+@register_loss("contrastive", mining="all")
 class PairwiseContrastiveLoss(MarginLoss):
     """Contrastive loss over every pair of a PK batch: half the mean genuine term plus half the mean impostor term.
 
@@ -137,15 +192,9 @@ class PairwiseContrastiveLoss(MarginLoss):
         return 0.5 * (genuine + impostor)
 
 
-def build_metric_loss(loss: str, mining: str, margin: float) -> nn.Module:
-    """The metric loss for a --loss / --mining combination."""
-    if mining == "none":
-        return ContrastiveLoss(margin) if loss == "contrastive" else TripletLoss(margin)
-    if loss == "contrastive":
-        return PairwiseContrastiveLoss(margin)
-    return {"batch-hard": BatchHardTripletLoss, "semi-hard": SemiHardTripletLoss, "all": BatchAllTripletLoss}[mining](
-        margin
-    )
+def build_metric_loss(loss: str, mining: str, margin: float | None = None) -> MarginLoss:
+    """The metric loss for a --loss / --mining combination (margin None = the loss's default)."""
+    return metric_loss_class(loss, mining)(margin)
 
 
 class JointLoss(nn.Module):

@@ -19,6 +19,7 @@ from siamkit.data.sources import default_preprocess, load_source
 from siamkit.data.transforms import normalize
 from siamkit.losses import ContrastiveLoss, JointLoss, TripletLoss
 from siamkit.models.siamese import ModelSpec, SiameseNet
+from siamkit.batchnorm import forward_branches
 from siamkit.train.step import TrainStep
 
 SIZE = (32, 32)
@@ -102,7 +103,7 @@ def test_frozen_policy_normalises_with_the_stored_statistics(faces):
     model.eval()
     model.train()
     x, _ = next(batches(faces, 3, 3, 1))
-    features, embeddings = model.forward_branches(x, 3)
+    features, embeddings = forward_branches(model, x, 3, model.spec.bn_policy, model.bn)
     ref_features, ref_embeddings = reference(x)
     torch.testing.assert_close(features, ref_features)
     torch.testing.assert_close(embeddings, ref_embeddings)

@@ -61,9 +61,9 @@ def train_runs(rank: int, world: int, runs: list[tuple[str, dict, dict]], record
     (and the model before its first step to RECORD/name-rankR-initial.pt)
     """
     from siamkit.config import TrainConfig
-    from siamkit.train import loop
+    from siamkit.train import loop, run
 
-    loop.TrainStep = step = recording_step()
+    run.TrainStep = step = recording_step()
     for name, overrides, kwargs in runs:
         loop.train(TrainConfig(**overrides), progress=False, **kwargs)
         torch.save(step.model_seen.state_dict(), Path(record) / f"{name}-rank{rank}.pt")
@@ -178,17 +178,17 @@ def step_gradient_checks(rank: int, world: int) -> None:
     from siamkit.data.sources import load_source
     from siamkit.data.transforms import normalize
     from siamkit.losses import JointLoss, build_metric_loss
-    from siamkit.train import distributed, loop
+    from siamkit.train import distributed, run
     from siamkit.train.step import TrainStep
     from siamkit.train.sync_bn import convert_to_sync_bn
 
     cpu = torch.device("cpu")
-    pre = loop._preprocess(TrainConfig(image_size=[32, 32]))
+    pre = run.preprocess_for(TrainConfig(image_size=[32, 32]))
     ds = load_source("digits", pre)
     for policy, sync in (("frozen", False), ("joint", True)):
         cfg = TrainConfig(backbone="resnet18", embedding_dim=16, image_size=[32, 32], bn_policy=policy)
         torch.manual_seed(0)
-        reference = loop.build_model(TrainConfig(**{**cfg.to_dict(), "classification_weight": 0.5}), 10, pre.channels)
+        reference = run.build_model(TrainConfig(**{**cfg.to_dict(), "classification_weight": 0.5}), 10, pre.channels)
         model = copy.deepcopy(reference)
         if sync:
             convert_to_sync_bn(model, cpu)

@@ -17,8 +17,8 @@ from siamkit.eval.protocol import evaluate
 from siamkit.data.sources import load_source, split_identities
 from siamkit.data.transforms import Preprocess
 from siamkit.api import load_model
-from siamkit.train import loop
-from siamkit.train.checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from siamkit.train import loop, run, state
+from siamkit.checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from siamkit.train.loop import train
 from tiny_run import BACKBONE, assert_identical, load_raw, metrics_rows, one_torch_thread, tiny_config  # noqa: F401
 
@@ -88,14 +88,14 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
     class Crash(Exception):
         pass
 
-    real_save = loop.save_checkpoint
+    real_save = state.save_checkpoint
 
     def save_then_crash(path, state):
         real_save(path, state)
         if path.name == "last.pt" and state["step"] == 3:
             raise Crash
 
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(state, "save_checkpoint", save_then_crash)
     cfg = tiny_config(tmp_path / "run", steps=steps, log_every=2)
     with pytest.raises(Crash):
         train(cfg, progress=False)
@@ -222,7 +222,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capfd):
     snapshots: dict[int, dict] = {}
     calls = [0]
 
-    class FaultyStep(loop.TrainStep):
+    class FaultyStep(run.TrainStep):
         def forward(self, x, labels):
             calls[0] += 1
             snapshots[calls[0]] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -236,7 +236,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capfd):
                 assert torch.isfinite(out["loss"])
             return out
 
-    monkeypatch.setattr(loop, "TrainStep", FaultyStep)
+    monkeypatch.setattr(run, "TrainStep", FaultyStep)
     cfg = tiny_config(tmp_path / "run", steps=12, checkpoint_every=2, keep_checkpoints=10, max_bad_steps=3)
     with pytest.raises(SiamkitError) as info:
         train(cfg, progress=False)

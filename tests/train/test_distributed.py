@@ -25,7 +25,7 @@ import _dist_workers as workers  # noqa: E402
 from siamkit.config import TrainConfig  # noqa: E402
 from siamkit.errors import SiamkitError  # noqa: E402
 from siamkit.train import distributed  # noqa: E402
-from siamkit.train.checkpoint import load_checkpoint  # noqa: E402
+from siamkit.checkpoint import load_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -159,15 +159,15 @@ def test_sync_bn_trains_under_ddp(two_process, policy):
 @pytest.fixture(scope="module")
 def one_process_references(tmp_path_factory):
     """1 process x the global PK batch (P=6), frozen BN and joint BN: what the 2-process gathered runs must equal."""
-    from siamkit.train import loop
+    from siamkit.train import loop, run
 
     base = tmp_path_factory.mktemp("one_process")
     refs = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "TrainStep", workers.recording_step())
+        mp.setattr(run, "TrainStep", workers.recording_step())
         for policy in ("frozen", "joint"):
             loop.train(TrainConfig(**dict(PK_GLOBAL, bn_policy=policy, out=str(base / policy))), progress=False)
-            refs[policy] = (base / policy, loop.TrainStep.initial_state, loop.TrainStep.model_seen.state_dict())
+            refs[policy] = (base / policy, run.TrainStep.initial_state, run.TrainStep.model_seen.state_dict())
     return refs
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from siamkit import cli
-from siamkit.train import checkpoint as checkpoint_module
-from siamkit.train import loop
+from siamkit import checkpoint as checkpoint_module
+from siamkit.train import state
 from tiny_run import ONE_THREAD_ENV, assert_identical, load_raw, metrics_rows, one_torch_thread, tiny_args  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,7 +117,7 @@ def test_sigterm_checkpoints_and_says_how_to_continue(uninterrupted, tmp_path, c
 
 
 def test_ctrl_c_finishes_the_step_and_checkpoints(tmp_path, monkeypatch, capsys):
-    real_save, pressed = loop.save_checkpoint, []
+    real_save, pressed = state.save_checkpoint, []
 
     def save_then_ctrl_c(path, state):
         real_save(path, state)
@@ -125,7 +125,7 @@ def test_ctrl_c_finishes_the_step_and_checkpoints(tmp_path, monkeypatch, capsys)
             pressed.append(True)
             os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C (once) during step 3
 
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_ctrl_c)
+    monkeypatch.setattr(state, "save_checkpoint", save_then_ctrl_c)
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as info:
         cli.main(tiny_args(run_dir, steps=STEPS))
@@ -140,7 +140,7 @@ def test_ctrl_c_finishes_the_step_and_checkpoints(tmp_path, monkeypatch, capsys)
 
 def test_second_ctrl_c_exits_at_once_without_damage(tmp_path, monkeypatch, capsys):
     """The first Ctrl-C asks for a clean stop; the second one lands while last.pt is being rewritten."""
-    real_save, real_atomic_write = loop.save_checkpoint, checkpoint_module.atomic_write
+    real_save, real_atomic_write = state.save_checkpoint, checkpoint_module.atomic_write
     kept: dict[str, bytes] = {}
 
     def save_then_ctrl_c(path, state):
@@ -165,7 +165,7 @@ def test_second_ctrl_c_exits_at_once_without_damage(tmp_path, monkeypatch, capsy
 
         return real_atomic_write(path, interrupted, hint)
 
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_ctrl_c)
+    monkeypatch.setattr(state, "save_checkpoint", save_then_ctrl_c)
     monkeypatch.setattr(checkpoint_module, "atomic_write", write_half_then_ctrl_c)
     run_dir = tmp_path / "run"
     t0 = time.monotonic()

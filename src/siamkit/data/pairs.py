@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .sources import IMAGE_EXTENSIONS
 from ..errors import SiamkitError
 from ..fileio import atomic_write_text
 
-# Extensions Pillow opens that image folders commonly use; tried in this order.
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "pgm", "bmp", "ppm", "tif", "tiff", "webp")
-_TRY_EXTENSIONS = IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS)
+# The extensions the folder loader reads, tried in this order, lower then upper case.
+_TRY_EXTENSIONS = tuple(e[1:] for e in IMAGE_EXTENSIONS) + tuple(e[1:].upper() for e in IMAGE_EXTENSIONS)
 
 _MAX_SHOWN = 5  # problems quoted in one error message; the rest are counted
 _DIGITS = re.compile(r"[0-9]+")

@@ -1,7 +1,8 @@
-"""Data sources: a folder of identity sub-folders, or scikit-learn's digits, Olivetti and LFW.
+"""Data sources: a folder of identity sub-folders, or a built-in source by name (digits, Olivetti, LFW).
 
 Every source becomes an IdentityDataset of decoded uint8 images kept in memory, so that an epoch
-never decodes a file twice.
+never decodes a file twice. Built-in sources live in the ``SOURCES`` registry with their default
+preprocessing and augmentation; adding one is one ``register_source`` call.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,7 +20,6 @@ from ..errors import SiamkitError, warn
 from .transforms import Preprocess, image_to_uint8
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
-BUILTIN_SOURCES = ("digits", "olivetti", "lfw")
 # The Pillow decoders tried on a file, whatever its extension: the formats above and no others (e.g. not EPS,
 # which hands the file to Ghostscript), so a disguised file meets only the common, well-fuzzed decoders.
 PILLOW_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP", "GIF")
@@ -60,14 +61,36 @@ class IdentityDataset:
         )
 
 
+@dataclass(frozen=True)
+class Source:
+    """How a data source is read and what it gets unless the user says otherwise."""
+
+    load: Callable[[str, Preprocess, str | None], IdentityDataset]  # (--data, preprocessing, data_home) -> data set
+    image_size: tuple[int, int] = (64, 64)
+    center_crop: float = 1.0
+    augment: str = "flip-shift"  # what --augment auto means for it (none where mirrored images are other symbols)
+
+
+# --data NAME -> Source; anything else given to --data is a folder (FOLDER).
+SOURCES: dict[str, Source] = {}
+
+
+def register_source(name: str, source: Source) -> None:
+    SOURCES[name] = source
+
+
+def source_of(data: str) -> Source:
+    """The registry entry of a built-in name, or the folder source."""
+    return SOURCES.get(data, FOLDER)
+
+
 def default_preprocess(source: str, image_size=None, center_crop=None, grayscale=False) -> Preprocess:
     """The preprocessing a source gets unless the user overrides it."""
-    defaults = {"digits": ((32, 32), 1.0), "olivetti": ((64, 64), 1.0), "lfw": ((64, 64), 0.5)}
-    size, crop = defaults.get(source, ((64, 64), 1.0))
+    entry = source_of(source)
     channels = 1 if grayscale else 3
     return Preprocess(
-        image_size=tuple(image_size) if image_size else size,
-        center_crop=float(center_crop) if center_crop is not None else crop,
+        image_size=tuple(image_size) if image_size else entry.image_size,
+        center_crop=float(center_crop) if center_crop is not None else entry.center_crop,
         channels=channels,
         mean=(0.5,) * channels,
         std=(0.5,) * channels,
@@ -76,13 +99,7 @@ def default_preprocess(source: str, image_size=None, center_crop=None, grayscale
 
 def load_source(source: str, pre: Preprocess, data_home: str | None = None) -> IdentityDataset:
     """Load ``source`` (a folder or a built-in name) decoded with ``pre``."""
-    if source == "digits":
-        return _load_digits(pre)
-    if source == "olivetti":
-        return _load_olivetti(pre, data_home)
-    if source == "lfw":
-        return _load_lfw(pre, data_home)
-    return load_folder(source, pre)
+    return source_of(source).load(source, pre, data_home)
 
 
 def _check_memory(n_images: int, pre: Preprocess) -> None:
@@ -104,7 +121,7 @@ def list_folder(root: str | os.PathLike) -> tuple[list[str], list[list[Path]]]:
     if not root_path.exists():
         raise SiamkitError(
             f"data folder {root} does not exist; pass a folder with one sub-folder per identity, "
-            f"or one of: {', '.join(BUILTIN_SOURCES)}"
+            f"or one of: {', '.join(SOURCES)}"
         )
     if not root_path.is_dir():
         raise SiamkitError(f"--data {root} is a file, not a folder; pass a folder with one sub-folder per identity")
@@ -287,6 +304,14 @@ def _load_lfw(pre: Preprocess, data_home: str | None) -> IdentityDataset:
         ) from None
     images = lfw.images / 255.0 if lfw.images.max() > 1.0 else lfw.images
     return _from_arrays("lfw", images, lfw.target, pre, names=list(lfw.target_names))
+
+
+FOLDER = Source(lambda path, pre, data_home: load_folder(path, pre))
+# Mirrored digits are other symbols: no augmentation by default.
+register_source("digits", Source(lambda _, pre, data_home: _load_digits(pre), image_size=(32, 32), augment="none"))
+register_source("olivetti", Source(lambda _, pre, data_home: _load_olivetti(pre, data_home)))
+# LFW's 250x250 frames hold much more than the face: keep the central half by default.
+register_source("lfw", Source(lambda _, pre, data_home: _load_lfw(pre, data_home), center_crop=0.5))
 
 
 def split_identities(

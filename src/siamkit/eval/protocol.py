@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..data.pairs import folder_pairs, read_lfw_pairs
-from ..data.sources import IdentityDataset
+from ..data.sources import SOURCES, IdentityDataset
 from ..data.transforms import Preprocess
 from ..errors import SiamkitError
 from .embed import embed_images
@@ -26,7 +26,7 @@ def pairs_for(ds: IdentityDataset, pairs_file: str | None, seed: int) -> PairSet
     """Pairs of a pairs.txt file (folds = its sets), or all genuine + as many impostor pairs, 10 folds."""
     if pairs_file is None:
         return PairSet(*folder_pairs(ds.labels, seed=seed, n_folds=10))
-    if not ds.root or ds.root in ("digits", "olivetti", "lfw"):
+    if not ds.root or ds.root in SOURCES:
         raise SiamkitError("--pairs needs --data to be the folder the pairs file refers to")
     pairs = read_lfw_pairs(pairs_file, ds.root)
     index = {p: i for i, p in enumerate(ds.paths)}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -10,41 +11,51 @@ from torchvision import models
 
 from ..errors import SiamkitError
 
-# name -> (attribute holding the ImageNet classifier, feature width)
-_HEADS = {
-    "resnet18": ("fc", 512),
-    "resnet34": ("fc", 512),
-    "resnet50": ("fc", 2048),
-    "mobilenet_v3_small": ("classifier", 576),
-    "mobilenet_v3_large": ("classifier", 960),
+@dataclass(frozen=True)
+class Backbone:
+    """A registry entry: a torchvision model name, where its ImageNet classifier sits, its feature width."""
+
+    head_attr: str  # attribute holding the ImageNet classifier (replaced by nn.Identity)
+    width: int  # width of the features the backbone returns
+    # Stages in forward order, each with the modules it holds, for --freeze-until; () = none named.
+    stages: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+_RESNET_STAGES = (
+    ("conv1", ("conv1", "bn1")),
+    ("layer1", ("layer1",)),
+    ("layer2", ("layer2",)),
+    ("layer3", ("layer3",)),
+    ("layer4", ("layer4",)),
+    ("avgpool", ("avgpool",)),
+)
+# --backbone NAME -> entry; NAME is also the torchvision model name. Adding a backbone is one line.
+BACKBONES: dict[str, Backbone] = {
+    "resnet18": Backbone("fc", 512, _RESNET_STAGES),
+    "resnet34": Backbone("fc", 512, _RESNET_STAGES),
+    "resnet50": Backbone("fc", 2048, _RESNET_STAGES),
+    "mobilenet_v3_small": Backbone("classifier", 576),
+    "mobilenet_v3_large": Backbone("classifier", 960),
 }
-# Stages of a torchvision ResNet, in forward order, for --freeze-until.
-RESNET_STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4", "avgpool")
-_RESNET_STAGE_MODULES = {
-    "conv1": ("conv1", "bn1"),
-    "layer1": ("layer1",),
-    "layer2": ("layer2",),
-    "layer3": ("layer3",),
-    "layer4": ("layer4",),
-    "avgpool": ("avgpool",),
-}
+# Every stage name any backbone offers, in forward order (the --freeze-until choices).
+FREEZE_STAGES = ("none",) + tuple(dict.fromkeys(name for b in BACKBONES.values() for name, _ in b.stages))
 
 
 def build_backbone(name: str, pretrained: str = "none", in_channels: int = 3) -> tuple[nn.Module, int]:
     """A torchvision model without its classifier, and the width of the features it returns."""
-    if name not in _HEADS:
-        raise SiamkitError(f"--backbone {name!r} is not known; choose one of: {', '.join(_HEADS)}")
-    head_attr, width = _HEADS[name]
+    if name not in BACKBONES:
+        raise SiamkitError(f"--backbone {name!r} is not known; choose one of: {', '.join(BACKBONES)}")
+    entry = BACKBONES[name]
     if pretrained == "imagenet":
         model = _download_imagenet(name)
     else:
         model = models.get_model(name, weights=None)
         if pretrained not in ("none", "", None):
-            _load_local_weights(model, pretrained, head_attr)
-    setattr(model, head_attr, nn.Identity())
+            _load_local_weights(model, pretrained, entry.head_attr)
+    setattr(model, entry.head_attr, nn.Identity())
     if in_channels != 3:
         _set_input_channels(model, in_channels)
-    return model, width
+    return model, entry.width
 
 
 def _download_imagenet(name: str) -> nn.Module:
@@ -111,10 +122,11 @@ def _first_conv(model: nn.Module) -> tuple[nn.Module, str, nn.Conv2d]:
 
 
 def stage_modules(backbone_name: str, backbone: nn.Module, until: str) -> list[nn.Module]:
-    """The backbone modules up to and including stage ``until`` (ResNets only)."""
-    if not backbone_name.startswith("resnet"):
+    """The backbone modules up to and including stage ``until``."""
+    stages = dict(BACKBONES[backbone_name].stages)
+    if not stages:
         raise SiamkitError(f"--freeze-until works with ResNet backbones; {backbone_name} has no named stages")
-    if until not in RESNET_STAGES:
-        raise SiamkitError(f"--freeze-until {until!r} is not a stage; choose one of: {', '.join(RESNET_STAGES)}")
-    names = [m for stage in RESNET_STAGES[: RESNET_STAGES.index(until) + 1] for m in _RESNET_STAGE_MODULES[stage]]
-    return [getattr(backbone, n) for n in names]
+    if until not in stages:
+        raise SiamkitError(f"--freeze-until {until!r} is not a stage; choose one of: {', '.join(stages)}")
+    order = list(stages)
+    return [getattr(backbone, m) for stage in order[: order.index(until) + 1] for m in stages[stage]]

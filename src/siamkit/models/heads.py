@@ -7,13 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+ACTIVATIONS = ("l2", "sigmoid", "none")
+CLASSIFIERS = ("softmax", "arcface", "cosface")
+
 
 class EmbeddingHead(nn.Module):
     """Linear projection to the embedding, then l2-normalisation, a sigmoid, or nothing."""
 
     def __init__(self, in_features: int, dim: int, activation: str = "l2"):
         super().__init__()
-        if activation not in ("l2", "sigmoid", "none"):
+        if activation not in ACTIVATIONS:
             raise ValueError(f"unknown embedding activation {activation!r}")
         self.fc = nn.Linear(in_features, dim)
         self.activation = activation

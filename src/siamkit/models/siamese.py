@@ -1,30 +1,45 @@
 """SiameseNet: one shared backbone, an embedding head and an optional identity classifier."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from ..batchnorm import bn_layers, forward_branches
-from .backbones import build_backbone, stage_modules
-from .heads import EmbeddingHead, build_classifier
+from ..batchnorm import POLICIES, bn_layers, get_policy
+from ..options import option
+from .backbones import BACKBONES, FREEZE_STAGES, build_backbone, stage_modules
+from .heads import ACTIVATIONS, CLASSIFIERS, EmbeddingHead, build_classifier
 
 
 @dataclass
-class ModelSpec:
-    """Everything needed to rebuild the network from a checkpoint alone."""
+class ModelOptions:
+    """The model's command-line options, declared once: TrainConfig and ModelSpec both consist of them."""
 
-    backbone: str = "resnet18"
-    in_channels: int = 3
-    embedding_dim: int = 128
-    embedding_activation: str = "l2"
-    n_classes: int = 0  # 0 = no classifier head
-    classifier: str = "softmax"
-    scale: float = 30.0
-    class_margin: float = 0.3
-    bn_policy: str = "joint"
-    freeze_until: str = "none"
+    backbone: str = option("resnet18", group="model", choices=lambda: tuple(BACKBONES))
+    embedding_dim: int = option(128, group="model", minimum="positive")
+    embedding_activation: str = option("l2", group="model", choices=ACTIVATIONS)
+    bn_policy: str = option("joint", group="multi-branch training", choices=lambda: tuple(POLICIES),
+                            help="how BatchNorm runs over the branches (README: Which BatchNorm policy?)")
+    classifier: str = option("softmax", group="multi-branch training", choices=CLASSIFIERS)
+    scale: float = option(30.0, group="multi-branch training", help="ArcFace/CosFace scale s")
+    class_margin: float = option(0.3, group="multi-branch training", help="ArcFace/CosFace margin m")
+    freeze_until: str = option("none", group="multi-branch training", choices=lambda: FREEZE_STAGES,
+                               help="freeze the backbone up to and including this stage (ResNets)")
+
+
+@dataclass
+class ModelSpec(ModelOptions):
+    """Everything needed to rebuild the network from a checkpoint alone: the options plus what the data decides."""
+
+    in_channels: int = option(3, cli=False)
+    n_classes: int = option(0, cli=False)  # 0 = no classifier head
+
+    @classmethod
+    def of(cls, options: ModelOptions, in_channels: int, n_classes: int) -> "ModelSpec":
+        shared = {f.name: getattr(options, f.name) for f in dataclasses.fields(ModelOptions)}
+        return cls(**shared, in_channels=in_channels, n_classes=n_classes)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,22 +56,31 @@ class SiameseNet(nn.Module):
             if spec.n_classes > 0
             else None
         )
-        self.bn = bn_layers(self.backbone)
-        # BatchNorm layers that stay in eval mode whatever model.train() says.
-        self._eval_bn: list[nn.Module] = []
+        # Names (not modules) of the BatchNorm layers that stay in eval mode whatever model.train() says:
+        # a layer swapped for another (sync BN) keeps its name, so this stays true without being told.
+        frozen_prefixes: list[str] = []
         if spec.freeze_until != "none":
-            frozen = stage_modules(spec.backbone, self.backbone, spec.freeze_until)
-            for module in frozen:
+            names = {id(m): n for n, m in self.backbone.named_modules()}
+            for module in stage_modules(spec.backbone, self.backbone, spec.freeze_until):
                 module.requires_grad_(False)
-                self._eval_bn += bn_layers(module)
-        if spec.bn_policy == "frozen":
-            self._eval_bn = list(self.bn)
+                frozen_prefixes.append(names[id(module)])
+        if get_policy(spec.bn_policy).eval_bn:
+            frozen_prefixes = [""]
+        self.eval_bn_names = tuple(
+            f"backbone.{n}" for n, m in self.backbone.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and any(_within(n, p) for p in frozen_prefixes)
+        )
         self.train()
+
+    @property
+    def bn(self) -> list[nn.Module]:
+        """The backbone's BatchNorm layers, as they are now (after a sync-BN conversion too)."""
+        return bn_layers(self.backbone)
 
     def train(self, mode: bool = True) -> "SiameseNet":
         super().train(mode)
-        for m in self._eval_bn:
-            m.eval()
+        for name in self.eval_bn_names:
+            self.get_submodule(name).eval()
         return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,10 +91,6 @@ class SiameseNet(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.embedding(self.backbone(x))
 
-    def forward_branches(self, x: torch.Tensor, n_branches: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features and embeddings of the branches of x (concatenated branch-major) under the BN policy."""
-        return forward_branches(self, x, n_branches, self.spec.bn_policy, self.bn)
-
     def classify(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.classifier is None:
             raise RuntimeError("this model has no classifier head")
@@ -78,3 +98,7 @@ class SiameseNet(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+
+def _within(name: str, prefix: str) -> bool:
+    return prefix == "" or name == prefix or name.startswith(prefix + ".")

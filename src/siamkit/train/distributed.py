@@ -39,7 +39,7 @@ class DistContext:
     local_rank: int = 0
     # In a process group: DDP and the collectives run, also for a world of one under torchrun
     # (torchrun --nproc-per-node 1 checks the NCCL/DDP path on a single GPU).
-    group: bool = False
+    enabled: bool = False
     owns_group: bool = False  # setup() created the process group, so teardown() destroys it
     # Where the loop last checkpointed: named in the error when another process dies.
     checkpoint: Path | None = None
@@ -48,10 +48,6 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.group
 
 
 def describe(ctx: DistContext) -> str:
@@ -83,7 +79,7 @@ def setup(device: str) -> DistContext:
     if dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()
         rank = dist.get_rank()
-        return DistContext(rank=rank, world=world, local_rank=int(os.environ.get("LOCAL_RANK", rank)), group=True)
+        return DistContext(rank=rank, world=world, local_rank=int(os.environ.get("LOCAL_RANK", rank)), enabled=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ  # torchrun, or another env:// launcher
     if world <= 1 and not launched:
@@ -110,7 +106,7 @@ def setup(device: str) -> DistContext:
             f"could not join the process group at {where} ({str(e).splitlines()[0][:200]}); "
             "check the --rdzv-endpoint / --master-addr and that every node can reach it"
         ) from None
-    return DistContext(rank=rank, world=world, local_rank=local_rank, group=True, owns_group=True)
+    return DistContext(rank=rank, world=world, local_rank=local_rank, enabled=True, owns_group=True)
 
 
 def teardown(ctx: DistContext) -> None:

@@ -1,7 +1,9 @@
-"""The fused training step: one module from images to every loss term, so it compiles as one graph."""
+"""One optimisation step: the fused module from images to every loss term (one graph for torch.compile),
+and ``optimisation_step``, which runs it with the finite check and the BatchNorm rollback."""
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -10,6 +12,10 @@ from ..batchnorm import forward_branches
 from ..config import TrainConfig
 from ..losses import JointLoss
 from ..models.siamese import SiameseNet
+from . import distributed
+
+if TYPE_CHECKING:  # annotations only: run.py imports this module
+    from .run import Training
 
 # (tensor of this process, n_branches) -> the same rows of every process, branch-major.
 Gather = Callable[[torch.Tensor, int], torch.Tensor]
@@ -28,6 +34,7 @@ class TrainStep(nn.Module):
     ):
         super().__init__()
         self.model = model
+        self.bn_layers = model.bn  # after any sync-BN conversion, which happens before the step is built
         self.loss = loss
         self.n_branches = n_branches
         # What runs the backbone: the model itself, or its DistributedDataParallel wrapper.
@@ -38,7 +45,7 @@ class TrainStep(nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         features, embeddings = forward_branches(
-            self.runner, x, self.n_branches, self.model.spec.bn_policy, self.model.bn
+            self.runner, x, self.n_branches, self.model.spec.bn_policy, self.bn_layers
         )
         logits = self.model.classify(features, labels) if self.classify else None
         if self.gather is not None:
@@ -53,11 +60,11 @@ class TrainStep(nn.Module):
         return self.loss(embeddings, labels, logits)
 
 
-def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """Adam with fused kernels: one pass over all parameters per step, on CUDA and on CPU.
 
     On a 2-core CPU the fused step of ResNet18's 11M parameters is several times faster than the
-    per-parameter loop or the foreach kernels (benchmarks/train_throughput.py, docs/performance.md).
+    per-parameter loop or the foreach kernels.
     """
     return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=True)
 
@@ -74,3 +81,41 @@ def gradient_norm(params: list[nn.Parameter]) -> torch.Tensor:
     if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
         return torch.nn.utils.get_total_norm(grads, float("inf"))
     return torch.stack([g.detach().abs().max() for g in grads]).max()
+
+
+@dataclass
+class StepResult:
+    out: dict[str, torch.Tensor]  # the loss terms of the step
+    skipped: bool  # the loss or a gradient was not finite on some process: no update, BatchNorm state put back
+    stop: bool  # some process was asked to stop (SIGINT/SIGTERM): every process stops after this step
+
+
+def optimisation_step(t: "Training", x: torch.Tensor, y: torch.Tensor, stop_requested: bool = False) -> StepResult:
+    """Forward, backward and update of one batch; a non-finite step changes nothing but the schedule."""
+    # BatchNorm updates its running statistics in the forward pass, before the loss is known to be finite:
+    # a skipped step puts them back, so a NaN batch cannot poison the statistics used at evaluation.
+    saved_buffers = [b.detach().clone() for b in t.buffers]
+    amp = t.amp_dtype
+    with torch.autocast(t.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        out = t.step_fn(x, y)
+    loss = out["loss"]
+    t.optimizer.zero_grad(set_to_none=True)
+    t.scaler.scale(loss).backward()
+    t.scaler.unscale_(t.optimizer)
+    grad_norm = gradient_norm(t.params)
+    # Decided together: a process skipping a step, or stopping on a signal, alone would leave the others
+    # waiting at the next collective. One small all-reduce for both.
+    bad, stop = distributed.any_rank(t.ctx, t.device, ~(torch.isfinite(loss) & torch.isfinite(grad_norm)), stop_requested)
+    skipped = bad and t.cfg.amp != "fp16"  # fp16: GradScaler skips the update and lowers its scale itself
+    if skipped:
+        with torch.no_grad():
+            for b, saved in zip(t.buffers, saved_buffers):
+                b.copy_(saved)
+        t.optimizer.zero_grad(set_to_none=True)
+    else:
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+        if not t.sync_bn:
+            distributed.average_running_stats(t.ctx, t.step_module.bn_layers)
+    t.scheduler.step()
+    return StepResult(out, skipped, stop)

@@ -15,7 +15,6 @@ from torch import nn
 from torch.autograd import Function
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..batchnorm import bn_layers
 
 
 def _channel_shape(x: torch.Tensor) -> list[int]:
@@ -122,7 +121,7 @@ class AllReduceBatchNorm(_BatchNorm):
         )
 
 
-def _replace(module: nn.Module, make, mapping: dict[int, nn.Module]) -> nn.Module:
+def _replace(module: nn.Module, make) -> nn.Module:
     """``module`` with every BatchNorm swapped for ``make``'s (same parameters, buffers and mode)."""
     if isinstance(module, _BatchNorm) and not isinstance(module, (nn.SyncBatchNorm, AllReduceBatchNorm)):
         new = make(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
@@ -131,24 +130,18 @@ def _replace(module: nn.Module, make, mapping: dict[int, nn.Module]) -> nn.Modul
         new.running_mean, new.running_var = module.running_mean, module.running_var
         new.num_batches_tracked = module.num_batches_tracked
         new.train(module.training)
-        mapping[id(module)] = new
         return new
     for name, child in module.named_children():
-        module.add_module(name, _replace(child, make, mapping))
+        module.add_module(name, _replace(child, make))
     return module
 
 
 def convert_to_sync_bn(model: nn.Module, device: torch.device) -> None:
     """Make the backbone's BatchNorm layers global in place: torch SyncBatchNorm on CUDA, AllReduceBatchNorm else.
 
-    The model's own lists of BN layers (``model.bn`` for the policies, ``model._eval_bn`` for the
-    layers kept in eval mode) are pointed at the new modules. State-dict keys do not change, so
-    checkpoints load into a model with plain BatchNorm.
+    Each new layer takes the old one's parameters, buffers and mode, under the same name, so the
+    model's eval-mode layers and state-dict keys are unchanged: checkpoints load into a model with
+    plain BatchNorm.
     """
     make = nn.SyncBatchNorm if device.type == "cuda" else AllReduceBatchNorm
-    mapping: dict[int, nn.Module] = {}
-    model.backbone = _replace(model.backbone, make, mapping)
-    model.bn = bn_layers(model.backbone)
-    if hasattr(model, "_eval_bn"):
-        model._eval_bn = [mapping.get(id(m), m) for m in model._eval_bn]
-    model.train(model.training)
+    model.backbone = _replace(model.backbone, make)

@@ -1,16 +1,24 @@
-"""The swapped-convolution weight gradient: the same outputs and gradients as conv2d, taken only where meant."""
+"""CPU tuning (siamkit/accel.py, --cpu-tuning auto|off).
+
+The swapped-convolution weight gradient: the same outputs and gradients as conv2d, taken only where meant.
+The kept malloc memory: freed memory comes back without page faults; training sets it on CPU only, with auto.
+The fault counts run in fresh Python processes: mallopt changes a whole process, and a process that already
+reused memory (this one, after other tests) would not show the difference.
+"""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from torchvision.models import resnet18
 
-from siamkit.config import TrainConfig
-from siamkit.models import conv_backward
-from siamkit.models.conv_backward import (
+from siamkit import accel
+from siamkit.accel import (
     MIN_IN_CHANNELS,
     SMALL_MAP_AREA,
     SmallMapConv2d,
@@ -18,7 +26,11 @@ from siamkit.models.conv_backward import (
     use_small_map_conv_backward,
     uses_swapped_weight_grad,
 )
-from siamkit.train.loop import build_model
+from siamkit.config import TrainConfig
+from siamkit.errors import SiamkitError
+from siamkit.train.loop import train
+from siamkit.train.run import build_model
+from tiny_run import one_torch_thread, tiny_config  # noqa: F401
 
 
 def _grads(conv_fn, params: list[torch.Tensor], x: torch.Tensor, g: torch.Tensor) -> list[torch.Tensor]:
@@ -32,20 +44,20 @@ def _grads(conv_fn, params: list[torch.Tensor], x: torch.Tensor, g: torch.Tensor
 @pytest.fixture(autouse=True)
 def avx2_cpu(monkeypatch):
     """The swap is taken on AVX2 CPUs only (where it was measured); test its path on any machine."""
-    monkeypatch.setattr(conv_backward, "cpu_is_avx2", lambda: True)
+    monkeypatch.setattr(accel, "cpu_is_avx2", lambda: True)
 
 
 @pytest.fixture
 def count_fast_calls(monkeypatch):
     """How often the swapped-convolution backward actually ran."""
     calls = []
-    original = conv_backward._WeightGradByForwardConv.backward
+    original = accel._WeightGradByForwardConv.backward
 
     def counting(ctx, grad_out):
         calls.append(grad_out.shape)
         return original(ctx, grad_out)
 
-    monkeypatch.setattr(conv_backward._WeightGradByForwardConv, "backward", staticmethod(counting))
+    monkeypatch.setattr(accel._WeightGradByForwardConv, "backward", staticmethod(counting))
     return calls
 
 
@@ -130,7 +142,7 @@ def test_no_grad_frozen_weights_autocast_and_other_cpus_take_the_plain_path(coun
     conv = _wide_conv()
     x = torch.randn(2, MIN_IN_CHANNELS, 4, 4)
     with monkeypatch.context() as m:
-        m.setattr(conv_backward, "cpu_is_avx2", lambda: False)
+        m.setattr(accel, "cpu_is_avx2", lambda: False)
         conv(x.clone().requires_grad_(True)).sum().backward()
     with torch.no_grad():
         conv(x)
@@ -179,9 +191,81 @@ def test_resnet18_step_matches_the_plain_network(count_fast_calls):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_training_models_use_it_unless_told_not_to():
+def test_training_models_use_it_unless_tuning_is_off():
     def swapped(cfg):
         return sum(type(m) is SmallMapConv2d for m in build_model(cfg, 4, 3).modules())
 
     assert swapped(TrainConfig()) == 7
-    assert swapped(TrainConfig(native_conv_backward=True)) == 0
+    assert swapped(TrainConfig(cpu_tuning="off")) == 0
+
+
+# --------------------------------------------------------------------------- kept malloc memory
+
+SRC = Path(accel.__file__).resolve().parents[1]
+BLOCK_BYTES = 64 * 2**20  # above glibc's largest mmap threshold (32 MiB), like a large activation
+CYCLES = 5
+# glibc settles into reusing the freed block only after a few cycles (7 here: until then memalign's
+# alignment slack keeps the freed block a little too small, and the heap grows instead).
+WARMUP_CYCLES = 20
+PAGE_BYTES = 4096
+
+# Allocates, touches and frees a 64 MiB tensor WARMUP_CYCLES + CYCLES times; prints the minor faults of the last CYCLES.
+FAULTS = f"""
+import resource, sys, torch
+from siamkit import accel
+if sys.argv[1] == "cached":
+    assert accel.keep_freed_memory()
+def cycle():
+    t = torch.empty({BLOCK_BYTES} // 4)
+    t.fill_(1.0)
+    del t
+for _ in range({WARMUP_CYCLES}):
+    cycle()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range({CYCLES}):
+    cycle()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def faults(setting: str) -> int:
+    env = {"PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "PATH": ""}
+    out = subprocess.run([sys.executable, "-c", FAULTS, setting], env=env, capture_output=True, text=True, check=True)
+    return int(out.stdout)
+
+
+def transparent_huge_pages_always() -> bool:
+    try:
+        return "[always]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_cached_setting_reuses_freed_memory_without_page_faults():
+    pages = CYCLES * BLOCK_BYTES // PAGE_BYTES  # 81,920: what the kernel maps in again when each block is new
+    system, cached = faults("system"), faults("cached")
+    assert cached < pages // 100, (cached, system)
+    if transparent_huge_pages_always():  # 2 MiB pages: 512 times fewer faults, still some
+        assert system > cached
+    else:
+        assert system >= 0.9 * pages, (cached, system)
+
+
+def test_other_c_libraries_are_left_alone(monkeypatch):
+    monkeypatch.setattr(accel.platform, "libc_ver", lambda: ("", ""))
+    monkeypatch.setattr(accel.ctypes, "CDLL", lambda *a: pytest.fail("mallopt called without glibc"))
+    assert accel.keep_freed_memory() is False
+
+
+@pytest.mark.parametrize("setting, calls", [("auto", 1), ("off", 0)])
+def test_train_on_cpu_sets_the_allocator_as_asked(setting, calls, monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(accel, "keep_freed_memory", lambda: seen.append(True) or True)
+    train(tiny_config(tmp_path / "run", steps=1, cpu_tuning=setting), progress=False)
+    assert len(seen) == calls
+
+
+def test_unknown_tuning_is_refused():
+    with pytest.raises(SiamkitError, match="--cpu-tuning 'fast' is not known; choose one of: auto, off"):
+        TrainConfig(cpu_tuning="fast").validate()

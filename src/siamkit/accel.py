@@ -1,32 +1,35 @@
-"""A faster weight gradient for convolutions on small feature maps, on AVX2 CPUs.
+"""CPU tuning behind one switch (`--cpu-tuning auto|off`): what siamkit changes for speed on CPU.
 
-On this project's AVX2 CPU (AMD EPYC) oneDNN computes a convolution's weight gradient with its older
-`jit:avx2` kernel (ONEDNN_VERBOSE=1 shows it), which runs at half the speed of the same layer's
-brgemm forward pass or less; in a ResNet18 training step at 112x112 the weight gradients take about
-half of the step. The weight gradient is itself a convolution -- of the input (batch and channels
-swapped) with the output gradient as the kernel -- and oneDNN's forward kernel runs that one near
-matmul speed when the feature map is small and the layer wide. `benchmarks/conv_weight_grad.py`
-measures both for every layer of ResNet18: the swapped convolution wins on 3x3 layers with at least
-256 input channels on maps of at most 7x7 (512->512 on 4x4: 62 -> 141 GFLOP/s; on 2x2: 31 -> 104)
-and loses elsewhere (1x1 layers, 128-channel layers, large maps), so only those layers take it: the
-weight gradients of a 112x112 step drop by a quarter, of a 64x64 step by over a third.
+`auto` (the default) does two things when training on CPU; `off` does neither and leaves PyTorch's
+own kernels and the C library's malloc as they are (the setting for runs that must match across machines).
 
-The result is the same gradient up to float rounding (tests/models/test_conv_backward.py checks it
-against autograd's). Everything else keeps nn.Conv2d's own path: CPUs other than AVX2 ones (not
-measured: AVX-512 CPUs have oneDNN's brgemm weight gradients), CUDA (cuDNN), torch.compile (inductor
-picks its own kernels), autocast, frozen weights, inference. `--native-conv-backward` turns it off.
+1. Keep freed memory in the process (`keep_freed_memory`). glibc serves blocks above its mmap
+   threshold (at most 32 MiB) with a fresh mmap and unmaps them on free, so every step would fault
+   its large activations in again; with mmap off and trimming made rare the next step reuses them,
+   as PyTorch's caching allocator does on GPU. Process-wide and not undone, so only training sets it.
+2. Weight gradients of wide convolutions on small maps as a forward convolution (`SmallMapConv2d`).
+   On AVX2 CPUs oneDNN's weight-gradient kernel for these layers runs at half its forward speed or
+   less; the weight gradient is itself a convolution (input with batch and channels swapped, the
+   output gradient as a dilated kernel), which the forward kernel runs fast. Same gradient up to
+   float rounding (tests/test_accel.py).
+
+Why these thresholds, and what each is worth, is measured in benchmarks/conv_weight_grad.py and
+benchmarks/cpu_allocator.py (results in benchmarks/results/ and the README's Performance section).
 """
 from __future__ import annotations
 
+import ctypes
+import platform
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Where the swapped convolution was faster than oneDNN's weight gradient (benchmarks/conv_weight_grad.py):
-# output maps of at most 7x7 (ResNet18's layer3/layer4 at 112x112 and 64x64; at 14x14 the swap was 10%
-# slower, at 28x28 3x slower), at least 256 input channels (128->256 lost at 7x7 and 4x4), kernels
+CPU_TUNINGS = ("auto", "off")
+
+# Where the swapped convolution measured faster than oneDNN's weight gradient on an AVX2 CPU
+# (benchmarks/conv_weight_grad.py): output maps of at most 7x7, at least 256 input channels, kernels
 # larger than 1x1 (a 1x1 weight gradient is a plain matrix product, which oneDNN already does well).
 SMALL_MAP_AREA = 49
 MIN_IN_CHANNELS = 256
@@ -83,16 +86,9 @@ class _WeightGradByForwardConv(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 has no device argument
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-
-
 @lru_cache(maxsize=None)
 def cpu_is_avx2() -> bool:
-    """The CPU kind the swap was measured on (ATen's kernels say AVX2: no AVX-512)."""
+    """The CPU kind the swap was measured on (ATen's kernels say AVX2: no AVX-512, where oneDNN's own is fast)."""
     return torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
@@ -109,7 +105,7 @@ class SmallMapConv2d(nn.Conv2d):
     def _fast_path(self, x: torch.Tensor) -> bool:
         if not (torch.is_grad_enabled() and self.weight.requires_grad and x.device.type == "cpu" and x.dim() == 4):
             return False
-        if torch.compiler.is_compiling() or _autocast_on("cpu") or not cpu_is_avx2():
+        if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") or not cpu_is_avx2():
             return False
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         out_size = ((x.shape[-2] + 2 * ph - kh) // sh + 1, (x.shape[-1] + 2 * pw - kw) // sw + 1)
@@ -146,3 +142,37 @@ def use_small_map_conv_backward(model: nn.Module) -> int:
             m.__class__ = SmallMapConv2d
             changed += 1
     return changed
+
+
+# mallopt(3) parameter numbers from glibc's malloc.h
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+# Return the heap's free top to the kernel only when it exceeds this (the largest int mallopt takes).
+TRIM_THRESHOLD_BYTES = 2**31 - 1
+
+
+def keep_freed_memory() -> bool:
+    """Turn off glibc malloc's mmap for large blocks and its trimming; False where the C library is not glibc.
+
+    Large requests from threads other than the main one still fall back to mmap, so nothing fails for want of it.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1  # 1 = success
+
+
+def tune_model(model: nn.Module, tuning: str) -> None:
+    """Apply the model-level CPU tuning (the layers decide per call, so a CUDA model is unaffected)."""
+    if tuning == "auto":
+        use_small_map_conv_backward(model)
+
+
+def tune_process(device: torch.device, tuning: str) -> None:
+    """Apply the process-level tuning for training on ``device`` (only on CPU; process-wide, not undone)."""
+    if device.type == "cpu" and tuning == "auto":
+        keep_freed_memory()

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import __version__
-from ..errors import SiamkitError
-from ..fileio import atomic_write
+from ._version import __version__
+from .errors import SiamkitError
+from .fileio import atomic_write
 
 FORMAT = "siamkit-checkpoint-v1"
 _FORMAT_PREFIX = "siamkit-checkpoint-v"

@@ -1,0 +1,100 @@
+"""Options declared once: a dataclass field carries its default, help, choices and checks; the CLI is built from it.
+
+``option(...)`` makes the field; ``check_fields`` validates an instance against the metadata (choices,
+ranges) with the same one-line messages everywhere; ``add_arguments`` turns the fields of a dataclass
+into argparse options (``--field-name``). Choices may be a callable, read when used, so that a registry
+entry added later (a toy loss in a test, a user's own backbone) is offered too.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any, Callable, Sequence
+
+from .errors import SiamkitError
+
+Choices = Sequence[str] | Callable[[], Sequence[str]]
+
+
+def option(
+    default: Any = None,
+    *,
+    help: str | Callable[[], str] = "",
+    group: str = "",
+    choices: Choices | None = None,
+    minimum: str | None = None,
+    nargs: int | None = None,
+    metavar: Any = None,
+    flag: str | None = None,
+    cli: bool = True,
+    default_factory: Callable[[], Any] | None = None,
+) -> Any:
+    """A dataclass field with what the CLI and the checks need.
+
+    minimum: "positive" (> 0) or "non-negative" (>= 0); flag: the CLI spelling when it is not --field-name
+    (e.g. "--no-channels-last" for a True default); cli=False: not a command-line option.
+    """
+    meta = dict(help=help, group=group, choices=choices, minimum=minimum, nargs=nargs, metavar=metavar, flag=flag, cli=cli)
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def choices_of(f: dataclasses.Field) -> tuple[str, ...] | None:
+    choices = f.metadata.get("choices")
+    return tuple(choices() if callable(choices) else choices) if choices is not None else None
+
+
+def check_fields(obj: Any) -> None:
+    """Raise SiamkitError for the first field whose value is not among its choices or below its minimum."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        allowed = choices_of(f)
+        if allowed is not None and value not in allowed:
+            raise SiamkitError(f"{flag_of(f.name)} {value!r} is not known; choose one of: {', '.join(allowed)}")
+        minimum = f.metadata.get("minimum")
+        if minimum == "positive" and not value > 0:
+            raise SiamkitError(f"{flag_of(f.name)} must be a positive number, got {value}")
+        if minimum == "non-negative" and value is not None and not value >= 0:
+            raise SiamkitError(f"{flag_of(f.name)} must be 0 or more, got {value}")
+
+
+def _type_of(f: dataclasses.Field, default: Any) -> Callable[[str], Any] | None:
+    text = str(f.type)
+    for name, kind in (("float", float), ("int", int)):
+        if text.startswith(name) or f"[{name}]" in text:
+            return kind
+    return None if isinstance(default, bool) else str
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, groups: dict[str, Any] | None = None) -> None:
+    """One argparse option per command-line field of dataclass ``cls``, in declaration order, grouped by metadata."""
+    groups = {} if groups is None else groups
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        group_name = meta.get("group", "")
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(group_name) if group_name else parser
+        target = groups[group_name]
+        default = getattr(defaults, f.name)
+        text = meta.get("help")
+        kwargs: dict[str, Any] = {"dest": f.name, "help": (text() if callable(text) else text) or None}
+        if isinstance(default, bool):
+            kwargs["action"] = "store_false" if default else "store_true"
+        else:
+            kwargs.update(type=_type_of(f, default), default=default)
+            if meta.get("nargs"):
+                kwargs["nargs"] = meta["nargs"]
+            if meta.get("metavar") is not None:
+                kwargs["metavar"] = meta["metavar"]
+            choices = choices_of(f)
+            if choices is not None:
+                kwargs["choices"] = choices
+        target.add_argument(meta.get("flag") or flag_of(f.name), **kwargs)

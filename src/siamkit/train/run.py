@@ -1,0 +1,293 @@
+"""Build a training run once: device, run folder, data, sampler, model and what updates it.
+
+``build_training`` is the model side alone (model, loss, optimizer, schedule, the fused step): the
+benchmarks call it to measure exactly what ``siamkit train`` runs. ``build_run`` adds the data, the
+run folder and, with ``--resume``, the state of the last checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import accel
+from .._version import __version__
+from ..checkpoint import load_checkpoint, remove_stale_temp_files, set_rng_state
+from ..config import TrainConfig
+from ..data.samplers import PKSampler, TupleSampler
+from ..data.sources import IdentityDataset, default_preprocess, load_source, require_trainable, source_of, split_identities
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess, augment, normalize
+from ..device import resolve_device, use_fast_cuda_kernels
+from ..errors import SiamkitError, info, warn
+from ..fileio import atomic_write_json, write_error
+from ..losses import JointLoss, build_metric_loss
+from ..models.siamese import ModelSpec, SiameseNet
+from . import distributed
+from .step import TrainStep, build_optimizer
+from .sync_bn import convert_to_sync_bn
+
+# Step budget when neither --steps nor --epochs is given.
+DEFAULT_STEPS = 200
+
+
+@dataclass
+class Training:
+    """The model and everything that updates it: what one optimisation step needs (train/step.py)."""
+
+    cfg: TrainConfig
+    device: torch.device
+    ctx: distributed.DistContext
+    model: SiameseNet
+    step_module: TrainStep
+    step_fn: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]  # step_module, or compiled
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    sync_bn: bool  # BatchNorm statistics are global already (no averaging of running stats after a step)
+    # BatchNorm buffers, put back when a step is skipped (they change in the forward pass).
+    buffers: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp)
+
+
+@dataclass
+class Run:
+    """One training run: its settings, data, sampler, model and where it writes."""
+
+    cfg: TrainConfig
+    ctx: distributed.DistContext
+    device: torch.device
+    run_dir: Path
+    pre: Preprocess
+    train_ds: IdentityDataset
+    val_ds: IdentityDataset | None
+    sampler: PKSampler | TupleSampler
+    total: int  # the run's total steps
+    training: Training
+    images: torch.Tensor  # the training images (uint8) on the device
+    labels: torch.Tensor
+    start_step: int = 0
+    best_accuracy: float = -1.0
+    checkpoint: dict[str, Any] | None = None  # the last checkpoint, when resuming
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised images and labels of ``step``: a pure function of (seed, step, rank), so resume is exact."""
+        idx = torch.from_numpy(self.sampler.batch(step).reshape(-1)).to(self.device)
+        x = self.images[idx]
+        mode = augment_mode(self.cfg)
+        if mode != "none":
+            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+            shift = max(1, round(min(self.pre.image_size) / 16)) if mode == "flip-shift" else 0
+            x = augment(x, gen, flip=True, shift=shift)
+        return normalize(x, self.pre, self.cfg.channels_last), self.labels[idx]
+
+
+def score_for(activation: str) -> str:
+    """Cosine for l2 embeddings (monotone in their distance); negative distance for the others."""
+    return "cosine" if activation == "l2" else "euclidean"
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def augment_mode(cfg: TrainConfig) -> str:
+    return source_of(cfg.data).augment if cfg.augment == "auto" else cfg.augment
+
+
+def preprocess_for(cfg: TrainConfig) -> Preprocess:
+    pre = default_preprocess(cfg.data, cfg.image_size, cfg.center_crop, cfg.grayscale)
+    if cfg.pretrained != "none":
+        # ImageNet weights expect ImageNet's statistics.
+        c = pre.channels
+        mean = IMAGENET_MEAN if c == 3 else (sum(IMAGENET_MEAN) / 3,)
+        std = IMAGENET_STD if c == 3 else (sum(IMAGENET_STD) / 3,)
+        pre = Preprocess(pre.image_size, pre.center_crop, c, mean, std)
+    return pre
+
+
+def build_model(cfg: TrainConfig, n_classes: int, in_channels: int) -> SiameseNet:
+    model = SiameseNet(ModelSpec.of(cfg, in_channels, n_classes), cfg.pretrained)
+    accel.tune_model(model.backbone, cfg.cpu_tuning)
+    return model
+
+
+def build_training(
+    cfg: TrainConfig, n_classes: int, in_channels: int, device: torch.device, total: int,
+    ctx: distributed.DistContext | None = None,
+) -> Training:
+    """Model, loss, optimizer, schedule and the fused step of ``cfg``, on ``device``."""
+    ctx = ctx or distributed.DistContext()
+    accel.tune_process(device, cfg.cpu_tuning)
+    use_fast_cuda_kernels(device)
+    model = build_model(cfg, n_classes, in_channels).to(device)
+    sync_bn, gather = distributed.plan(cfg, ctx)
+    if sync_bn:
+        convert_to_sync_bn(model, device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = JointLoss(build_metric_loss(cfg.loss, cfg.mining, cfg.margin), cfg.classification_weight)
+    params = model.trainable_parameters()
+    optimizer = build_optimizer(params, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.schedule))
+    # DDP runs the backbone passes; heads and loss run on the model itself (see TrainStep).
+    runner = distributed.wrap_ddp(model, device) if ctx.enabled else None
+    step_module = TrainStep(model, loss_fn, cfg.n_branches, runner, distributed.gather_with_grad if gather else None)
+    return Training(
+        cfg=cfg, device=device, ctx=ctx, model=model, step_module=step_module,
+        step_fn=torch.compile(step_module) if cfg.compile else step_module,
+        params=params, optimizer=optimizer, scheduler=scheduler,
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"),
+        sync_bn=sync_bn, buffers=list(model.buffers()),
+    )
+
+
+def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, overwrite: bool) -> Run:
+    """Everything a run needs, checked before anything is written; then its folder, created."""
+    device = resolve_device(cfg.device, ctx.local_rank, ctx.enabled)
+    run_dir = Path(cfg.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    # Every process checks before rank 0 creates anything, and all stop if any check fails.
+    distributed.agree(ctx, lambda: check_run_dir(run_dir, resume, overwrite))
+    checkpoint = distributed.agree(ctx, lambda: load_checkpoint(run_dir / "checkpoints" / "last.pt")) if resume else None
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    # Data: decoded once, identities held out for validation.
+    pre = preprocess_for(cfg)
+    train_ds, val_ds = split_identities(load_source(cfg.data, pre), cfg.val_identities, cfg.seed)
+    require_trainable(train_ds)
+    sampler = build_sampler(cfg, train_ds, ctx)
+    total = cfg.steps or (cfg.epochs * sampler.steps_per_epoch) or DEFAULT_STEPS
+    if checkpoint is not None:
+        check_resume(checkpoint, cfg, train_ds, sampler.steps_per_epoch, run_dir)
+
+    n_classes = train_ds.n_identities if cfg.classification_weight > 0 else 0
+    training = build_training(cfg, n_classes, pre.channels, device, total, ctx)
+    start_step, best_accuracy = restore(training, checkpoint, run_dir) if checkpoint is not None else (0, -1.0)
+    if ctx.is_main:
+        n_train = sum(p.numel() for p in training.params)
+        n_total = sum(p.numel() for p in training.model.parameters())
+        info(
+            f"{len(train_ds)} training images of {train_ds.n_identities} identities"
+            + (f", {len(val_ds)} held-out images of {val_ds.n_identities} identities" if val_ds else "")
+            + f"; {cfg.backbone} on {device}" + distributed.describe(ctx)
+            + f", {n_train:,} of {n_total:,} parameters train; {total} steps ({sampler.steps_per_epoch} per epoch)"
+        )
+    if ctx.is_main:  # created only now that data and model are known good
+        make_run_folder(run_dir, cfg, ctx.world, resume=resume, overwrite=overwrite)
+    return Run(
+        cfg=cfg, ctx=ctx, device=device, run_dir=run_dir, pre=pre, train_ds=train_ds, val_ds=val_ds, sampler=sampler,
+        total=total, training=training, images=train_ds.images.to(device),
+        labels=torch.from_numpy(train_ds.labels).to(device), start_step=start_step, best_accuracy=best_accuracy,
+        checkpoint=checkpoint,
+    )
+
+
+def build_sampler(cfg: TrainConfig, train_ds: IdentityDataset, ctx: distributed.DistContext) -> PKSampler | TupleSampler:
+    if not cfg.pk_batches:
+        return TupleSampler(train_ds.labels, cfg.n_branches, cfg.batch_size, cfg.seed, ctx.rank, ctx.world)
+    if cfg.identities_per_batch * cfg.images_per_identity * ctx.world > len(train_ds):
+        raise SiamkitError(
+            f"a PK batch of P={cfg.identities_per_batch} x K={cfg.images_per_identity} images"
+            + (f" x {ctx.world} processes" if ctx.world > 1 else "")
+            + f" is larger than the {len(train_ds)} training images; pass a smaller P or K"
+        )
+    return PKSampler(train_ds.labels, cfg.identities_per_batch, cfg.images_per_identity, cfg.seed, ctx.rank, ctx.world)
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to touch an earlier run unless asked; nothing is left behind here."""
+    if resume and overwrite:
+        raise SiamkitError("--resume continues a run and --overwrite replaces it: pass only one of them")
+    if resume:
+        if not (run_dir / "checkpoints" / "last.pt").is_file():
+            raise SiamkitError(f"--resume: {run_dir}/checkpoints/last.pt does not exist; pass the --out of an earlier run")
+        probe = run_dir / "checkpoints"
+    else:
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not overwrite:
+            raise SiamkitError(
+                f"run folder {run_dir} already exists; pass --resume to continue it, --overwrite to replace it, "
+                f"or another --out"
+            )
+        probe = run_dir if run_dir.is_dir() else next((p for p in run_dir.parents if p.exists()), Path("."))
+    if not probe.is_dir():
+        raise SiamkitError(f"cannot create the run folder {run_dir}: {probe} is a file, not a folder; pass another --out")
+    # Create and delete a file: os.access says yes to root even on read-only or virtual file systems.
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise SiamkitError(
+            f"cannot write the run folder {run_dir}: {probe} is not writable ({e.strerror}); pass another --out"
+        ) from None
+
+
+def make_run_folder(run_dir: Path, cfg: TrainConfig, world: int, *, resume: bool, overwrite: bool) -> None:
+    """The run folder with its checkpoints/ and config.json (an --overwrite'n run is removed first)."""
+    ckpt_dir = run_dir / "checkpoints"
+    if overwrite and run_dir.exists() and not resume:
+        shutil.rmtree(run_dir) if run_dir.is_dir() else run_dir.unlink()
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(ckpt_dir, e) from e
+    remove_stale_temp_files(ckpt_dir)
+    atomic_write_json(run_dir / "config.json", {**cfg.to_dict(), "siamkit_version": __version__, "world_size": world})
+
+
+def restore(training: Training, checkpoint: dict[str, Any], run_dir: Path) -> tuple[int, float]:
+    """Load a checkpoint's model, optimizer, schedule, scaler and random states; -> (step, best accuracy)."""
+    try:
+        training.model.load_state_dict(checkpoint["model"])
+    except RuntimeError:
+        raise SiamkitError(
+            f"--resume: the model in {run_dir} was trained with other model options; pass the same options"
+        ) from None
+    training.optimizer.load_state_dict(checkpoint["optimizer"])
+    training.scheduler.load_state_dict(checkpoint["scheduler"])
+    training.scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"])
+    return int(checkpoint["step"]), float(checkpoint.get("best_accuracy", -1.0))
+
+
+def check_resume(checkpoint: dict, cfg: TrainConfig, train_ds: IdentityDataset, steps_per_epoch: int, run_dir: Path) -> None:
+    """Refuse to continue a run on other data (the draws would differ); warn about changed options."""
+    saved = checkpoint.get("sampler", {})
+    if list(checkpoint.get("identities", train_ds.names)) != list(train_ds.names) or saved.get(
+        "steps_per_epoch", steps_per_epoch
+    ) != steps_per_epoch:
+        raise SiamkitError(
+            f"--resume: the training data differs from the run in {run_dir} "
+            f"({train_ds.n_identities} identities, {steps_per_epoch} steps per epoch now); "
+            f"pass the same --data, --val-identities, --seed and batch options as the run"
+        )
+    old = checkpoint.get("config", {})
+    changed = [
+        f"--{k.replace('_', '-')} {old[k]} -> {v}"
+        for k, v in cfg.to_dict().items()
+        if k in old and k != "out" and old[k] != v
+    ]
+    if changed:
+        warn(f"--resume with options other than the run's: {', '.join(changed)}; the run continues with the new ones")

@@ -1,0 +1,67 @@
+"""A run's checkpoints: the training state assembled in one place, and written (run.restore reads it back).
+
+Reading and writing the files (atomically, safely) is siamkit/checkpoint.py; this module decides what
+a checkpoint of a run holds.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..checkpoint import prune_checkpoints, rng_state, save_checkpoint
+from .logging import LossWindow
+from .run import Run, score_for
+
+
+def training_state(run: Run, step: int, window: LossWindow, **extra: Any) -> dict[str, Any]:
+    """Everything a run needs to continue exactly, and everything `siamkit.load` needs to rebuild the model."""
+    t = run.training
+    return {
+        "model": t.model.state_dict(),
+        "model_spec": t.model.spec.to_dict(),
+        "preprocess": run.pre.to_dict(),
+        "config": run.cfg.to_dict(),
+        "optimizer": t.optimizer.state_dict(),
+        "scheduler": t.scheduler.state_dict(),
+        "scaler": t.scaler.state_dict(),
+        "step": step,
+        "epoch": step // run.sampler.steps_per_epoch,
+        # Samplers are pure functions of (seed, step, rank): this is all it takes to continue the same draws.
+        "sampler": {
+            "type": type(run.sampler).__name__, "seed": run.cfg.seed, "step": step,
+            "steps_per_epoch": run.sampler.steps_per_epoch, "world": run.ctx.world,
+        },
+        # Loss sums since the last metrics row, so that a resumed run logs the same rows.
+        "log_window": window.state(),
+        "rng": rng_state(),
+        "identities": list(run.train_ds.names),
+        "score": score_for(run.cfg.embedding_activation),
+        "best_accuracy": run.best_accuracy,
+        **extra,
+    }
+
+
+class Checkpoints:
+    """Writes last.pt (and step-N.pt, best.pt) of a run on rank 0, and remembers the step last.pt holds."""
+
+    def __init__(self, run: Run, window: LossWindow):
+        self.run, self.window = run, window
+        self.saved_step: int | None = run.start_step if run.checkpoint is not None else None
+
+    def save(self, step: int, **extra: Any) -> None:
+        run = self.run
+        if run.ctx.is_main:
+            state = training_state(run, step, self.window, **extra)
+            save_checkpoint(run.ckpt_dir / "last.pt", state)
+            if run.cfg.keep_checkpoints > 1:
+                save_checkpoint(run.ckpt_dir / f"step-{step}.pt", state)
+                prune_checkpoints(run.ckpt_dir, run.cfg.keep_checkpoints)
+        self.saved_step = step
+        run.ctx.checkpoint, run.ctx.checkpoint_step = run.ckpt_dir / "last.pt", step  # named if another process dies
+
+    def save_best(self, step: int, **extra: Any) -> None:
+        save_checkpoint(self.run.ckpt_dir / "best.pt", training_state(self.run, step, self.window, **extra))
+
+    def describe_last(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint had been written yet"
+        return f"the last good checkpoint {self.run.ckpt_dir / 'last.pt'} (step {self.saved_step}) is intact"

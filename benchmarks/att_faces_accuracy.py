@@ -77,8 +77,8 @@ def main() -> None:
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             model, ckpt = load_model(out, "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
             pre = Preprocess.from_dict(ckpt["preprocess"])
-            report, _, _ = evaluate(model, pre, load_folder(test_dir, pre), score=ckpt["score"], flip=args.flip,
-                                    device=next(model.parameters()).device)
+            report = evaluate(model, pre, load_folder(test_dir, pre), score=ckpt["score"], flip=args.flip,
+                                    device=next(model.parameters()).device).report
             steps = ckpt["step"]
             print(f"| `{options or '(defaults)'}` | {seed} | {steps} | {report['accuracy_mean']:.4f} ± "
                   f"{report['accuracy_std']:.4f} | {report['eer']:.4f} | {report['roc_auc']:.4f} | {wall:.0f} | {cpu:.0f} |",

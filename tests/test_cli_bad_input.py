@@ -391,7 +391,7 @@ def test_good_pairs_file_evaluates(earlier_run, lfw_style, tmp_path, capfd, monk
     # Plots are not under test here, and eval/report.py's score histogram fails on the nearly constant scores
     # of a 2-step model (np.histogram_bin_edges: "Too many bins for data range"): keep the report only.
     written = []
-    monkeypatch.setattr(report_module, "write_report", lambda report, scores, same, out: written.append(report))
+    monkeypatch.setattr(report_module, "write_report", lambda report, scores, same, out, *baseline: written.append(report))
     pairs = tmp_path / "pairs.txt"
     pairs.write_text(GOOD_PAIRS)
     code, err = run_main(["evaluate", earlier_run, "--data", lfw_style, "--pairs", pairs, "--device", "cpu",

@@ -57,10 +57,9 @@ def _evaluate(args) -> int:
     out = Path(args.out) if args.out else run_dir_of(resolve_checkpoint(args.run)) / "eval"
     ds = load_source(args.data, pre)
     score = args.score or ckpt.get("score", "cosine")
-    report, scores, same = evaluate(
-        model, pre, ds, pairs_file=args.pairs, score=score, flip=args.flip, device=device, seed=args.seed
-    )
-    write_report(report, scores, same, out)
+    result = evaluate(model, pre, ds, pairs_file=args.pairs, score=score, flip=args.flip, device=device, seed=args.seed)
+    report = result.report
+    write_report(report, result.scores, result.same, out, result.baseline_scores)
     print(f"{args.data}: {out / 'report.json'}")
     print(format_summary(report))
     return 0

@@ -21,7 +21,7 @@ from .models.siamese import ModelOptions
 from .options import check_fields, option
 
 AMP_MODES = ("off", "bf16", "fp16")
-AUGMENTS = ("auto", "none", "flip", "flip-shift")
+AUGMENTS = ("auto", "none", "flip", "flip-shift", "face")
 SCHEDULES = ("cosine", "constant")
 # Keys a run's config.json holds besides the options (written by the loop; ignored by --config).
 RUN_KEYS = ("siamkit_version", "world_size", "out")
@@ -45,7 +45,9 @@ class TrainConfig(ModelOptions):
     center_crop: float | None = option(None, group="data", help="keep this fraction of the shorter side (lfw: 0.5)")
     grayscale: bool = option(False, group="data", help="train on one channel")
     augment: str = option("auto", group="data", choices=AUGMENTS,
-                          help="auto = the source's default: none for digits, flip-shift (mirror + small shifts) otherwise")
+                          help="auto = the source's default: none for digits, face for the built-in faces, flip-shift "
+                               "(mirror + small shifts) otherwise; face = per-image scale, rotation, shift, mirror, "
+                               "brightness/contrast and erasing (data/transforms.py FaceAugment)")
     # model (the rest are ModelOptions)
     pretrained: str = option("none", group="model", help="none | imagenet | PATH to a torchvision state dict")
     # loss and sampling

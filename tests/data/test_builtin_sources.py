@@ -79,3 +79,28 @@ def test_split_holds_out_whole_identities(att_faces):
     # labels are renumbered 0..n-1 and still match their images' folders
     for i in (0, 57, len(val) - 1):
         assert val.paths[i].split("/")[0] == val.names[val.labels[i]]
+
+
+def test_packaged_att_faces_equal_the_original_files_pixel_for_pixel(att_faces):
+    """The built-in faces (one PNG grid in the package) against Pillow's decoding of the 400 original PGMs."""
+    import numpy as np
+    from PIL import Image
+
+    from siamkit.data.sources import load_att_faces
+    from siamkit.data.transforms import Preprocess
+
+    native = Preprocess(image_size=(112, 92), channels=1, mean=(0.5,), std=(0.5,))  # no resize: exact pixels
+    ds = load_att_faces(native)
+    assert ds.images.shape == (400, 1, 112, 92) and ds.names == [f"s{i}" for i in range(1, 41)]
+    for img, label, path in zip(ds.images, ds.labels, ds.paths):
+        original = np.asarray(Image.open(att_faces / path))
+        assert path.split("/")[0] == ds.names[label]
+        assert np.array_equal(img[0].numpy(), original), path
+
+
+def test_att_train_and_test_are_the_readme_split():
+    from siamkit.data.sources import default_preprocess, load_source
+
+    train, test = (load_source(name, default_preprocess(name)) for name in ("att-train", "att-test"))
+    assert train.names == [f"s{i}" for i in range(1, 31)] and test.names == [f"s{i}" for i in range(31, 41)]
+    assert len(train) == 300 and len(test) == 100 and train.images.shape[1] == 1  # greyscale by default

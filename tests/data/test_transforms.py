@@ -61,3 +61,65 @@ def test_augment_shift_reaching_past_the_border_repeats_the_edge():
     assert shifted.dtype == torch.uint8
     for i in range(16):
         np.testing.assert_array_equal(shifted[i].numpy(), padded[i, :, dy[i] : dy[i] + 4, dx[i] : dx[i] + 5])
+
+
+# --------------------------------------------------------------------------- FaceAugment
+
+from siamkit.data.transforms import FaceAugment  # noqa: E402
+
+STILL = dict(scale=(1.0, 1.0), rotation=0.0, shift=0.0, flip=0.0, brightness_contrast=0.0, erase=0.0)
+
+
+def faces_batch(n: int = 6, c: int = 1, size: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, c, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def test_face_augment_with_nothing_drawn_is_the_identity():
+    # The identity grid samples every pixel at its own centre: bilinear weights (1, 0), exact after rounding.
+    x = faces_batch(c=3)
+    assert torch.equal(FaceAugment(**STILL)(x, torch.Generator().manual_seed(1)), x)
+
+
+def test_face_augment_mirror_is_a_horizontal_flip():
+    x = faces_batch()
+    out = FaceAugment(**{**STILL, "flip": 1.0})(x, torch.Generator().manual_seed(1))
+    assert torch.equal(out, x.flip(-1))
+
+
+def test_face_augment_brightness_and_contrast_by_hand():
+    """Per image: (x - mean) * c + mean + b, clipped to [0, 1]; c and b are the 6th and 7th draws of the generator."""
+    x = faces_batch(n=4)
+    aug = FaceAugment(**{**STILL, "brightness_contrast": 0.3})
+    out = aug(x, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    draws = [torch.rand(4, generator=g) for _ in range(7)]  # scale, angle, tx, ty, mirror, contrast, brightness
+    c, b = draws[5] * 0.6 + 0.7, draws[6] * 0.3 - 0.15
+    xf = x.double() / 255
+    mean = xf.mean(dim=(1, 2, 3), keepdim=True)
+    expected = ((xf - mean) * c.double().view(-1, 1, 1, 1) + mean + b.double().view(-1, 1, 1, 1)).clamp(0, 1) * 255
+    # float32 against float64: the values differ by ~1e-5 of a level, so rounding can differ by at most 1.
+    assert (out.double() - expected.round()).abs().max() <= 1
+    assert (out.double() - expected).abs().max() < 0.5 + 1e-3
+
+
+def test_face_augment_is_a_pure_function_of_the_generator_and_draws_per_sample():
+    x = faces_batch(n=1).expand(8, -1, -1, -1).contiguous()  # the same image 8 times
+    aug = FaceAugment()
+    a, b = aug(x, torch.Generator().manual_seed(3)), aug(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)  # same seed, same output
+    assert not torch.equal(a, aug(x, torch.Generator().manual_seed(4)))
+    distinct = {tuple(img.flatten().tolist()) for img in a}
+    assert len(distinct) == 8  # every sample drew its own warp, colour and erasing
+    assert a.dtype == torch.uint8 and a.shape == x.shape
+
+
+def test_face_augment_erases_one_rectangle_of_the_drawn_area():
+    aug = FaceAugment(**{**STILL, "erase": 1.0, "erase_area": (0.1, 0.1)})
+    g = torch.Generator().manual_seed(0)
+    mask = aug._erase_mask(50, 20, 20, lambda lo, hi: torch.rand(50, generator=g) * (hi - lo) + lo)
+    for m in mask:
+        rows, cols = m.any(1).nonzero().flatten(), m.any(0).nonzero().flatten()
+        # a filled rectangle: its bounding box is all True
+        assert m[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+        # 10% of 400 pixels = 40; integer sides (each floored, at least 1) keep it within [40/4, 40]
+        assert 10 <= int(m.sum()) <= 40

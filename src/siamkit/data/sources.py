@@ -69,6 +69,7 @@ class Source:
     image_size: tuple[int, int] = (64, 64)
     center_crop: float = 1.0
     augment: str = "flip-shift"  # what --augment auto means for it (none where mirrored images are other symbols)
+    grayscale: bool = False  # one channel by default (greyscale data)
 
 
 # --data NAME -> Source; anything else given to --data is a folder (FOLDER).
@@ -87,7 +88,7 @@ def source_of(data: str) -> Source:
 def default_preprocess(source: str, image_size=None, center_crop=None, grayscale=False) -> Preprocess:
     """The preprocessing a source gets unless the user overrides it."""
     entry = source_of(source)
-    channels = 1 if grayscale else 3
+    channels = 1 if grayscale or entry.grayscale else 3
     return Preprocess(
         image_size=tuple(image_size) if image_size else entry.image_size,
         center_crop=float(center_crop) if center_crop is not None else entry.center_crop,
@@ -306,12 +307,39 @@ def _load_lfw(pre: Preprocess, data_home: str | None) -> IdentityDataset:
     return _from_arrays("lfw", images, lfw.target, pre, names=list(lfw.target_names))
 
 
+# The AT&T faces, shipped inside the package (credit: data/ATT_FACES_CREDIT.txt; scripts/pack_att_faces.py).
+ATT_FACES_PNG = Path(__file__).with_name("att_faces.png")
+ATT_SHAPE = (40, 10, 112, 92)  # identities, images per identity, height, width
+
+
+def load_att_faces(pre: Preprocess, identities: range = range(40), root: str = "att") -> IdentityDataset:
+    """The built-in AT&T faces of people s<i+1> for i in ``identities``, paths as in the original folders."""
+    n_ids, per_id, h, w = ATT_SHAPE
+    with Image.open(ATT_FACES_PNG, formats=["PNG"]) as img:
+        grid = np.asarray(img)
+    if grid.shape != (n_ids * h, per_id * w):
+        raise SiamkitError(f"{ATT_FACES_PNG} is damaged ({grid.shape}); reinstall siamkit")
+    cells = [(i, k) for i in identities for k in range(per_id)]
+    return IdentityDataset(
+        images=torch.stack([image_to_uint8(Image.fromarray(grid[i * h:(i + 1) * h, k * w:(k + 1) * w]), pre)
+                            for i, k in cells]),
+        labels=np.repeat(np.arange(len(identities)), per_id),
+        names=[f"s{i + 1}" for i in identities],
+        paths=[f"s{i + 1}/{k + 1}.pgm" for i, k in cells],
+        root=root,
+    )
+
+
 FOLDER = Source(lambda path, pre, data_home: load_folder(path, pre))
 # Mirrored digits are other symbols: no augmentation by default.
 register_source("digits", Source(lambda _, pre, data_home: _load_digits(pre), image_size=(32, 32), augment="none"))
 register_source("olivetti", Source(lambda _, pre, data_home: _load_olivetti(pre, data_home)))
 # LFW's 250x250 frames hold much more than the face: keep the central half by default.
 register_source("lfw", Source(lambda _, pre, data_home: _load_lfw(pre, data_home), center_crop=0.5))
+# The built-in faces: all 40 people, or the split the README's accuracy numbers use (train s1-s30, test s31-s40).
+for _name, _ids in (("att", range(40)), ("att-train", range(30)), ("att-test", range(30, 40))):
+    register_source(_name, Source(lambda _, pre, data_home, ids=_ids, name=_name: load_att_faces(pre, ids, name),
+                                  image_size=(64, 64), grayscale=True))
 
 
 def split_identities(

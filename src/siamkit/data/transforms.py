@@ -5,10 +5,12 @@ and augmentation then run on whole batches of tensors, never image by image.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -90,3 +92,61 @@ def augment(batch: torch.Tensor, generator: torch.Generator, flip: bool, shift: 
         batch = batch.gather(2, rows.view(n, 1, h, 1).expand(n, c, h, w))
         batch = batch.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
     return batch
+
+
+@dataclass(frozen=True)
+class FaceAugment:
+    """Face-suited augmentation, every draw per sample, on a whole uint8 batch at once (on its device).
+
+    One affine warp per image (scale jitter, a small rotation, a shift, a mirror; edges extended),
+    then brightness and contrast, then random erasing of one rectangle (filled with noise). Draws come
+    from ``generator`` alone, so a step's augmentation is a pure function of (seed, step) and --resume
+    stays exact. torchvision.transforms.v2 draws one set of parameters per call, not per sample, hence this.
+    """
+
+    scale: tuple[float, float] = (0.9, 1.15)  # >1 zooms in (the face appears larger)
+    rotation: float = 10.0  # degrees, either way
+    shift: float = 0.08  # fraction of the image, either way
+    flip: float = 0.5  # probability of a mirror image
+    brightness_contrast: float = 0.3  # contrast in [1-b, 1+b] around the image mean, brightness +-b/2
+    erase: float = 0.25  # probability of erasing one rectangle
+    erase_area: tuple[float, float] = (0.02, 0.2)  # its area, as a fraction of the image
+
+    def __call__(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, c, h, w = batch.shape
+
+        def uniform(lo: float, hi: float) -> torch.Tensor:
+            return (torch.rand(n, generator=generator) * (hi - lo) + lo).to(batch.device)
+
+        scale = torch.exp(uniform(math.log(self.scale[0]), math.log(self.scale[1])))
+        angle = uniform(-self.rotation, self.rotation) * (math.pi / 180)
+        tx, ty = uniform(-self.shift, self.shift), uniform(-self.shift, self.shift)
+        mirror = torch.where(uniform(0.0, 1.0) < self.flip, -1.0, 1.0)
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        # The sampling grid maps output to input coordinates: the inverse of the warp applied to the image.
+        theta = torch.stack([torch.stack([cos * mirror, -sin, tx], 1), torch.stack([sin * mirror, cos, ty], 1)], 1)
+        x = batch.float() / 255.0
+        grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        b = self.brightness_contrast
+        contrast = uniform(1 - b, 1 + b).view(n, 1, 1, 1)
+        brightness = uniform(-b / 2, b / 2).view(n, 1, 1, 1)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = ((x - mean) * contrast + mean + brightness).clamp(0.0, 1.0)
+        x = torch.where(self._erase_mask(n, h, w, uniform)[:, None], torch.rand(x.shape, generator=generator).to(x), x)
+        return (x * 255.0).round().to(torch.uint8)
+
+    def _erase_mask(self, n: int, h: int, w: int, uniform) -> torch.Tensor:
+        """[n, h, w] True inside each image's erased rectangle (none for images not drawn for erasing)."""
+        erase = uniform(0.0, 1.0) < self.erase
+        area = uniform(*self.erase_area) * h * w
+        aspect = torch.exp(uniform(math.log(0.3), math.log(1 / 0.3)))
+        eh = (area * aspect).sqrt().clamp(1, h).long()
+        ew = (area / aspect).sqrt().clamp(1, w).long()
+        y0 = (uniform(0.0, 1.0) * (h - eh + 1)).long()
+        x0 = (uniform(0.0, 1.0) * (w - ew + 1)).long()
+        ys = torch.arange(h, device=erase.device).view(1, h, 1)
+        xs = torch.arange(w, device=erase.device).view(1, 1, w)
+        inside = (ys >= y0.view(n, 1, 1)) & (ys < (y0 + eh).view(n, 1, 1))
+        inside = inside & (xs >= x0.view(n, 1, 1)) & (xs < (x0 + ew).view(n, 1, 1))
+        return inside & erase.view(n, 1, 1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -10,6 +11,7 @@ from ..data.pairs import folder_pairs, read_lfw_pairs
 from ..data.sources import SOURCES, IdentityDataset
 from ..data.transforms import Preprocess
 from ..errors import SiamkitError
+from .baseline import baseline_report, pixel_scores
 from .embed import embed_images
 from .verification import pair_scores, verification_report
 
@@ -44,6 +46,13 @@ def pairs_for(ds: IdentityDataset, pairs_file: str | None, seed: int) -> PairSet
     )
 
 
+class Evaluation(NamedTuple):
+    report: dict  # report.json, with the pixel baseline's metrics under "baseline"
+    scores: np.ndarray  # the model's score of each pair
+    same: np.ndarray  # whether each pair is genuine
+    baseline_scores: np.ndarray  # the raw-pixel baseline's score of each pair
+
+
 def evaluate(
     model: torch.nn.Module,
     pre: Preprocess,
@@ -56,8 +65,10 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 256,
     sharded: bool = False,
-) -> tuple[dict, np.ndarray, np.ndarray]:
-    """(report, scores, same) for ``ds`` under the pair protocol; each used image is embedded once.
+) -> Evaluation:
+    """The model's report on ``ds`` under the pair protocol, beside the raw-pixel baseline on the same pairs.
+
+    Each image a pair uses is embedded once.
 
     ``sharded``: in a distributed run each process embeds a share of the images (see embed_images);
     every process gets the same report.
@@ -69,4 +80,6 @@ def evaluate(
     row[used] = np.arange(len(used))
     scores = pair_scores(emb[row[pairs.idx_a]], emb[row[pairs.idx_b]], score)
     report = verification_report(scores, pairs.same, pairs.fold, score)
-    return report, scores, pairs.same
+    pixels = pixel_scores(ds.images, pairs.idx_a, pairs.idx_b)
+    report["baseline"] = baseline_report(pixels, pairs.same, pairs.fold)
+    return Evaluation(report, scores, pairs.same, pixels)

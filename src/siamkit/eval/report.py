@@ -18,14 +18,19 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def _roc_png(report: dict, scores: np.ndarray, same: np.ndarray) -> bytes:
+def _roc_png(report: dict, scores: np.ndarray, same: np.ndarray, baseline_scores: np.ndarray | None) -> bytes:
     far, tar, _ = roc_curve(scores, same)
     n_impostor = int(np.count_nonzero(~same))
     # A log axis cannot show FAR = 0; start half a step below the smallest reachable FAR instead.
     floor = 0.5 / n_impostor
     fig = Figure(figsize=(5, 4.5))
     ax = fig.add_subplot()
-    ax.plot(np.maximum(far, floor), tar, lw=1.5, label="ROC")
+    ax.plot(np.maximum(far, floor), tar, lw=1.5, label="model")
+    if baseline_scores is not None:
+        b_far, b_tar, _ = roc_curve(baseline_scores, same)
+        auc = report.get("baseline", {}).get("roc_auc")
+        ax.plot(np.maximum(b_far, floor), b_tar, lw=1.2, ls="--", color="C7",
+                label="raw pixels" + (f", AUC = {auc:.4f}" if auc is not None else ""))
     eer = report["eer"]
     ax.plot([max(eer, floor)], [1.0 - eer], "o", color="C3", label=f"EER = {eer:.2%}")
     ax.set_xscale("log")
@@ -60,12 +65,13 @@ def _scores_png(report: dict, scores: np.ndarray, same: np.ndarray) -> bytes:
     return _png(fig)
 
 
-def write_report(report: dict, scores, same, out_dir: str | os.PathLike) -> None:
-    """Write report.json, roc.png and scores.png into ``out_dir``, each atomically."""
+def write_report(report: dict, scores, same, out_dir: str | os.PathLike, baseline_scores=None) -> None:
+    """Write report.json, roc.png (with the raw-pixel baseline's curve, if given) and scores.png, each atomically."""
     scores = np.asarray(scores, dtype=np.float64)
     same = np.asarray(same).astype(bool)
+    baseline = None if baseline_scores is None else np.asarray(baseline_scores, dtype=np.float64)
     # Draw everything before writing anything: a plotting failure leaves no partial set of outputs.
-    roc, hist = _roc_png(report, scores, same), _scores_png(report, scores, same)
+    roc, hist = _roc_png(report, scores, same, baseline), _scores_png(report, scores, same)
     out_dir = Path(out_dir)
     atomic_write_bytes(out_dir / "roc.png", roc)
     atomic_write_bytes(out_dir / "scores.png", hist)
@@ -85,4 +91,14 @@ def format_summary(report: dict) -> str:
             f"(per fold, threshold chosen on the other folds)",
             f"threshold: {report['threshold']:.6g} (chosen on all pairs; score >= threshold means same)",
         ]
+        + ([_baseline_line(report)] if "baseline" in report else [])
+    )
+
+
+def _baseline_line(report: dict) -> str:
+    b = report["baseline"]
+    gain = 100 * (report["accuracy_mean"] - b["accuracy_mean"])
+    return (
+        f"pixels:    accuracy {b['accuracy_mean']:.1%} ± {b['accuracy_std']:.1%}, AUC {b['roc_auc']:.3f} "
+        f"-> the model adds {gain:+.1f} points"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -19,6 +20,33 @@ class Backbone:
     width: int  # width of the features the backbone returns
     # Stages in forward order, each with the modules it holds, for --freeze-until; () = none named.
     stages: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Builds the model (no weights); None = torchvision's model of the same name, which has ImageNet weights.
+    build: Callable[[], nn.Module] | None = None
+
+
+def small_input_resnet(width: int = 64, blocks: tuple[int, ...] = (2, 2, 2, 2)) -> nn.Module:
+    """A ResNet for small inputs (32-64 px): a 3x3 stride-1 first convolution and no max-pool.
+
+    torchvision's stem (7x7 stride 2, then a stride-2 max-pool) divides the input by 4 before the first
+    block, so a 64x64 face ends on 2x2 maps; this stem keeps the full resolution into layer1, like the
+    CIFAR ResNets (He et al. 2016, section 4.2). Stage widths are width, 2x, 4x, 8x (64 = ResNet18's).
+    Module names match torchvision's ResNet, so --freeze-until and the CPU tuning treat it the same.
+    """
+    model = models.ResNet(models.resnet.BasicBlock, list(blocks))
+    model.inplanes = width
+    model.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+    model.bn1 = nn.BatchNorm2d(width)
+    model.maxpool = nn.Identity()
+    for i, n in enumerate(blocks):
+        setattr(model, f"layer{i + 1}", model._make_layer(models.resnet.BasicBlock, width * 2**i, n, stride=1 if i == 0 else 2))
+    model.fc = nn.Linear(width * 2 ** (len(blocks) - 1), 1000)
+    for m in model.modules():  # torchvision's initialisation, for the layers made here
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return model
 
 
 _RESNET_STAGES = (
@@ -36,6 +64,9 @@ BACKBONES: dict[str, Backbone] = {
     "resnet50": Backbone("fc", 2048, _RESNET_STAGES),
     "mobilenet_v3_small": Backbone("classifier", 576),
     "mobilenet_v3_large": Backbone("classifier", 960),
+    # Small-input ResNet18s (see small_input_resnet): full width, and a quarter of it for small data sets.
+    "resnet18-small": Backbone("fc", 512, _RESNET_STAGES, build=small_input_resnet),
+    "resnet18-small-w16": Backbone("fc", 128, _RESNET_STAGES, build=lambda: small_input_resnet(width=16)),
 }
 # Every stage name any backbone offers, in forward order (the --freeze-until choices).
 FREEZE_STAGES = ("none",) + tuple(dict.fromkeys(name for b in BACKBONES.values() for name, _ in b.stages))
@@ -47,9 +78,11 @@ def build_backbone(name: str, pretrained: str = "none", in_channels: int = 3) ->
         raise SiamkitError(f"--backbone {name!r} is not known; choose one of: {', '.join(BACKBONES)}")
     entry = BACKBONES[name]
     if pretrained == "imagenet":
+        if entry.build is not None:
+            raise SiamkitError(f"--backbone {name} has no ImageNet weights; pass --pretrained none or a state-dict file")
         model = _download_imagenet(name)
     else:
-        model = models.get_model(name, weights=None)
+        model = entry.build() if entry.build is not None else models.get_model(name, weights=None)
         if pretrained not in ("none", "", None):
             _load_local_weights(model, pretrained, entry.head_attr)
     setattr(model, entry.head_attr, nn.Identity())

@@ -97,7 +97,7 @@ def _train(cfg: TrainConfig, ctx, log_file: RunLogFile, *, resume: bool, overwri
                     metrics.log(row)
                     metrics.plot_every(20.0)
             if cfg.eval_every and run.val_ds is not None and step % cfg.eval_every == 0 and step < run.total:
-                report = _evaluate_held_out(run)[0]
+                report = _evaluate_held_out(run).report
                 if ctx.is_main and report["accuracy_mean"] > run.best_accuracy:
                     run.best_accuracy = report["accuracy_mean"]
                     checkpoints.save_best(step, threshold=report["threshold"])
@@ -116,9 +116,9 @@ def _train(cfg: TrainConfig, ctx, log_file: RunLogFile, *, resume: bool, overwri
             info("no identities held out (--val-identities 0): no evaluation")
         distributed.barrier(ctx)  # return once rank 0 has written everything: the run is complete
         return run.run_dir
-    report, scores, same = _evaluate_held_out(run)
+    report, scores, same, baseline_scores = _evaluate_held_out(run)
     if ctx.is_main:
-        write_report(report, scores, same, run.run_dir / "eval")
+        write_report(report, scores, same, run.run_dir / "eval", baseline_scores)
         checkpoints.save(step, threshold=report["threshold"])
         print(f"held-out identities ({run.val_ds.n_identities}), {run.run_dir / 'eval' / 'report.json'}:")
         print(format_summary(report))
@@ -152,7 +152,7 @@ def _stop(run: Run, step: int, signal_name: str | None, checkpoints: Checkpoints
 
 
 def _evaluate_held_out(run: Run):
-    """(report, scores, same) of the held-out identities; each process embeds a share in a distributed run."""
+    """The held-out identities' evaluation; each process embeds a share in a distributed run."""
     return evaluate(
         run.training.model, run.pre, run.val_ds, score=score_for(run.cfg.embedding_activation), flip=run.cfg.eval_flip,
         device=run.device, seed=run.cfg.seed, sharded=run.ctx.enabled,

@@ -25,7 +25,7 @@ from ..checkpoint import load_checkpoint, remove_stale_temp_files, set_rng_state
 from ..config import TrainConfig
 from ..data.samplers import PKSampler, TupleSampler
 from ..data.sources import IdentityDataset, default_preprocess, load_source, require_trainable, source_of, split_identities
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess, augment, normalize
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, FaceAugment, Preprocess, augment, normalize
 from ..device import resolve_device, use_fast_cuda_kernels
 from ..errors import SiamkitError, info, warn
 from ..fileio import atomic_write_json, write_error
@@ -91,8 +91,10 @@ class Run:
         idx = torch.from_numpy(self.sampler.batch(step).reshape(-1)).to(self.device)
         x = self.images[idx]
         mode = augment_mode(self.cfg)
-        if mode != "none":
-            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        if mode == "face":
+            x = FaceAugment()(x, gen)
+        elif mode != "none":
             shift = max(1, round(min(self.pre.image_size) / 16)) if mode == "flip-shift" else 0
             x = augment(x, gen, flip=True, shift=shift)
         return normalize(x, self.pre, self.cfg.channels_last), self.labels[idx]

@@ -49,7 +49,9 @@ class TrainConfig(ModelOptions):
                                "(mirror + small shifts) otherwise; face = per-image scale, rotation, shift, mirror, "
                                "brightness/contrast and erasing (data/transforms.py FaceAugment)")
     # model (the rest are ModelOptions)
-    pretrained: str = option("none", group="model", help="none | imagenet | PATH to a torchvision state dict")
+    pretrained: str = option("none", group="model",
+                             help="none | imagenet | PATH to a torchvision state dict | a siamkit run folder or "
+                                  "checkpoint (its backbone; the heads start fresh)")
     # loss and sampling
     loss: str = option("triplet", group="loss and sampling", choices=loss_names)
     margin: float | None = option(None, group="loss and sampling",

@@ -51,3 +51,53 @@ def test_greyscale_first_conv_sums_rgb_weights(tmp_path):
     model, _ = build_backbone("resnet18", pretrained=str(tmp_path / "r18.pth"), in_channels=1)
     assert model.conv1.in_channels == 1
     torch.testing.assert_close(model.conv1.weight, ref.conv1.weight.sum(dim=1, keepdim=True))
+
+
+def test_pretrained_from_a_siamkit_run_loads_its_backbone_and_fresh_heads(tmp_path):
+    from siamkit.checkpoint import load_checkpoint
+    from siamkit.errors import SiamkitError
+    from siamkit.models.siamese import ModelSpec, SiameseNet
+    from siamkit.train.loop import train
+    from tiny_run import tiny_config
+
+    run = tmp_path / "pretrain"
+    train(tiny_config(run, steps=2, embedding_dim=16), progress=False)
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")
+    spec = ModelSpec(backbone="mobilenet_v3_small", embedding_dim=16, n_classes=5)
+    torch.manual_seed(3)
+    tuned = SiameseNet(spec, str(run))
+    torch.manual_seed(3)
+    scratch = SiameseNet(spec)
+    for key, value in tuned.state_dict().items():
+        if key.startswith("backbone."):
+            assert torch.equal(value, saved["model"][key]), key  # the run's backbone, bit for bit
+        else:
+            assert torch.equal(value, scratch.state_dict()[key]), key  # heads as a fresh model draws them
+    assert not torch.equal(tuned.embedding.fc.weight, saved["model"]["embedding.fc.weight"])
+    # A checkpoint file works the same as its run folder.
+    same = SiameseNet(spec, str(run / "checkpoints" / "last.pt"))
+    assert torch.equal(same.backbone.features[0][0].weight, tuned.backbone.features[0][0].weight)
+    with pytest.raises(SiamkitError) as info:
+        SiameseNet(ModelSpec(backbone="resnet18"), str(run))
+    assert str(info.value) == (
+        f"--pretrained {run} is a siamkit run of --backbone mobilenet_v3_small on 3 channel(s); this run builds "
+        f"resnet18 on 3: pass --backbone mobilenet_v3_small"
+    )
+
+
+@pytest.mark.parametrize("name, width", [("resnet18-small", 64), ("resnet18-small-w16", 16)])
+def test_small_input_stem_keeps_the_resolution_into_layer1(name, width):
+    model, features = build_backbone(name, in_channels=1)
+    assert features == 8 * width
+    x = torch.randn(2, 1, 32, 32)
+    seen = {}
+    for stage in ("conv1", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+        getattr(model, stage).register_forward_hook(lambda m, i, o, stage=stage: seen.__setitem__(stage, tuple(o.shape)))
+    assert model(x).shape == (2, 8 * width)
+    # 3x3 stride-1 stem, no max-pool: 32x32 into layer1; layer4 ends on 4x4 (torchvision's stem: 1x1)
+    assert seen == {
+        "conv1": (2, width, 32, 32), "maxpool": (2, width, 32, 32), "layer1": (2, width, 32, 32),
+        "layer2": (2, 2 * width, 16, 16), "layer3": (2, 4 * width, 8, 8), "layer4": (2, 8 * width, 4, 4),
+    }
+    with pytest.raises(SiamkitError, match="has no ImageNet weights"):
+        build_backbone(name, pretrained="imagenet")

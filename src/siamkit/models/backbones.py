@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torchvision import models
 
+from ..checkpoint import load_checkpoint, resolve_checkpoint
 from ..errors import SiamkitError
 
 @dataclass(frozen=True)
@@ -77,6 +78,14 @@ def build_backbone(name: str, pretrained: str = "none", in_channels: int = 3) ->
     if name not in BACKBONES:
         raise SiamkitError(f"--backbone {name!r} is not known; choose one of: {', '.join(BACKBONES)}")
     entry = BACKBONES[name]
+    run = siamkit_checkpoint(pretrained)
+    if run is not None:  # a siamkit run: its backbone, loaded once the model has this run's shape
+        model = entry.build() if entry.build is not None else models.get_model(name, weights=None)
+        setattr(model, entry.head_attr, nn.Identity())
+        if in_channels != 3:
+            _set_input_channels(model, in_channels)
+        _load_backbone_of_run(model, name, in_channels, pretrained, run)
+        return model, entry.width
     if pretrained == "imagenet":
         if entry.build is not None:
             raise SiamkitError(f"--backbone {name} has no ImageNet weights; pass --pretrained none or a state-dict file")
@@ -89,6 +98,42 @@ def build_backbone(name: str, pretrained: str = "none", in_channels: int = 3) ->
     if in_channels != 3:
         _set_input_channels(model, in_channels)
     return model, entry.width
+
+
+def siamkit_checkpoint(pretrained: str | None) -> dict | None:
+    """The checkpoint, if ``pretrained`` names a siamkit run folder or a checkpoint siamkit wrote; else None."""
+    if pretrained in (None, "", "none", "imagenet"):
+        return None
+    path = Path(pretrained)
+    if path.is_dir():
+        return load_checkpoint(resolve_checkpoint(path))
+    if path.is_file() and path.suffix == ".pt":
+        try:
+            with open(path, "rb") as f:
+                is_zip = f.read(4) == b"PK\x03\x04"
+            state = torch.load(path, map_location="cpu", weights_only=True) if is_zip else None
+        except Exception:
+            return None  # not readable as a checkpoint: the state-dict path reports it
+        if isinstance(state, dict) and str(state.get("format", "")).startswith("siamkit-checkpoint"):
+            return load_checkpoint(path)  # the checks of a siamkit checkpoint (format version)
+    return None
+
+
+def _load_backbone_of_run(model: nn.Module, name: str, in_channels: int, path: str, ckpt: dict) -> None:
+    """Copy a siamkit run's backbone weights (its heads are not used: they start fresh)."""
+    spec = ckpt.get("model_spec", {})
+    theirs = (spec.get("backbone"), spec.get("in_channels"))
+    if theirs != (name, in_channels):
+        raise SiamkitError(
+            f"--pretrained {path} is a siamkit run of --backbone {theirs[0]} on {theirs[1]} channel(s); this run "
+            f"builds {name} on {in_channels}: pass --backbone {theirs[0]}"
+            + (" and --grayscale" if theirs[1] == 1 and in_channels != 1 else "")
+        )
+    state = {k.removeprefix("backbone."): v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise SiamkitError(f"--pretrained {path}: its backbone does not fit this one ({str(e).splitlines()[0][:160]})") from None
 
 
 def _download_imagenet(name: str) -> nn.Module:

@@ -30,6 +30,7 @@ from ..device import resolve_device, use_fast_cuda_kernels
 from ..errors import SiamkitError, info, warn
 from ..fileio import atomic_write_json, write_error
 from ..losses import JointLoss, build_metric_loss
+from ..models.backbones import siamkit_checkpoint
 from ..models.siamese import ModelSpec, SiameseNet
 from . import distributed
 from .step import TrainStep, build_optimizer
@@ -120,6 +121,11 @@ def augment_mode(cfg: TrainConfig) -> str:
 
 def preprocess_for(cfg: TrainConfig) -> Preprocess:
     pre = default_preprocess(cfg.data, cfg.image_size, cfg.center_crop, cfg.grayscale)
+    run = siamkit_checkpoint(cfg.pretrained)
+    if run is not None:
+        # Fine-tuning a siamkit run: its normalisation, and its channels (the backbone's first layer has them).
+        theirs = Preprocess.from_dict(run["preprocess"])
+        return Preprocess(pre.image_size, pre.center_crop, theirs.channels, theirs.mean, theirs.std)
     if cfg.pretrained != "none":
         # ImageNet weights expect ImageNet's statistics.
         c = pre.channels

@@ -71,9 +71,11 @@ ROWS = {
     "nchw": "3b. siamkit --no-channels-last",
     "tuningoff": "3c. siamkit --cpu-tuning off",
     "sysalloc": "3d. siamkit, malloc left alone (--cpu-tuning auto without its allocator part)",
+    "base": "3e. siamkit defaults at the --base-tree commit (its own row-3 code and src)",
 }
 DEFAULT_ROWS = ["naive6", "naive3", "siamkit", "compile", "bf16", "pml"]
-SIAMKIT_ROWS = ("siamkit", "compile", "bf16", "nchw", "tuningoff", "sysalloc")  # the rest are plain loops
+SIAMKIT_ROWS = ("siamkit", "compile", "bf16", "nchw", "tuningoff", "sysalloc")
+BASE_TREE_ENV = "SIAMKIT_BENCH_BASE_TREE"  # --base-tree, read by the "base" row's worker process  # the rest are plain loops
 TRIPLETS = 32
 N_IDENTITIES, PER_IDENTITY = 40, 10
 MARGIN = 0.2
@@ -222,6 +224,24 @@ class _Data:
         return torch.from_numpy(self.sampler.batch(step)).to(self.device)
 
 
+def _base_tree_siamkit(data, device, size: int):
+    """Row 3 as another commit builds it: that tree's src and its own benchmark's _Siamkit, in this process.
+
+    For comparing two commits side by side in one run (--base-tree DIR, e.g. a `git worktree` of the old commit).
+    """
+    import importlib.util
+
+    base = Path(os.environ[BASE_TREE_ENV]).resolve()
+    sys.path[:] = [str(base / "src"), str(base / "benchmarks")] + [p for p in sys.path if p != str(REPO / "src")]
+    spec = importlib.util.spec_from_file_location("base_train_throughput", base / "benchmarks" / "train_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import siamkit
+
+    assert Path(siamkit.__file__).resolve().is_relative_to(base), siamkit.__file__
+    return module._Siamkit("siamkit", data, device, size)
+
+
 def _worker(row: str, size: int, device_name: str, warmup: int, conn) -> None:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -239,7 +259,10 @@ def _worker(row: str, size: int, device_name: str, warmup: int, conn) -> None:
         rss0 = _rss_bytes()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        runner = _Siamkit(row, data, device, size) if row in SIAMKIT_ROWS else _Plain(row, data, device)
+        if row == "base":
+            runner = _base_tree_siamkit(data, device, size)
+        else:
+            runner = _Siamkit(row, data, device, size) if row in SIAMKIT_ROWS else _Plain(row, data, device)
         step = 0
         for _ in range(warmup):
             runner.step(step)
@@ -450,7 +473,12 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2 on CPU, 10 on CUDA)")
     p.add_argument("--data", default=None, help="ROF-neutral folder for the end-to-end run")
     p.add_argument("--e2e-sizes", type=int, nargs="*", default=None, help="sizes of the end-to-end runs (default: --sizes)")
+    p.add_argument("--base-tree", default=None, help="row 'base': a checkout of another commit to compare row 3 with")
     args = p.parse_args(argv)
+    if "base" in args.rows:
+        if not args.base_tree:
+            p.error("--rows base needs --base-tree DIR (a checkout of the commit to compare with)")
+        os.environ[BASE_TREE_ENV] = str(Path(args.base_tree).resolve())
 
     import torch
 

@@ -66,7 +66,7 @@ def _train(cfg: TrainConfig, ctx, log_file: RunLogFile, *, resume: bool, overwri
     if metrics is not None and resume:
         metrics.drop_after(run.start_step)
     window = LossWindow(
-        (run.checkpoint or {}).get("log_window"),
+        run.log_window,
         float(metrics.rows[-1]["elapsed_s"]) if (metrics is not None and metrics.rows) else 0.0,
     )
     checkpoints = Checkpoints(run, window)

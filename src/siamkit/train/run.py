@@ -81,7 +81,8 @@ class Run:
     labels: torch.Tensor
     start_step: int = 0
     best_accuracy: float = -1.0
-    checkpoint: dict[str, Any] | None = None  # the last checkpoint, when resuming
+    resumed: bool = False  # continued from checkpoints/last.pt
+    log_window: dict[str, Any] | None = None  # the resumed checkpoint's loss sums since its last metrics row
 
     @property
     def ckpt_dir(self) -> Path:
@@ -209,7 +210,7 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
         cfg=cfg, ctx=ctx, device=device, run_dir=run_dir, pre=pre, train_ds=train_ds, val_ds=val_ds, sampler=sampler,
         total=total, training=training, images=train_ds.images.to(device),
         labels=torch.from_numpy(train_ds.labels).to(device), start_step=start_step, best_accuracy=best_accuracy,
-        checkpoint=checkpoint,
+        resumed=checkpoint is not None, log_window=(checkpoint or {}).get("log_window"),
     )
 
 

@@ -45,7 +45,7 @@ class Checkpoints:
 
     def __init__(self, run: Run, window: LossWindow):
         self.run, self.window = run, window
-        self.saved_step: int | None = run.start_step if run.checkpoint is not None else None
+        self.saved_step: int | None = run.start_step if run.resumed else None
 
     def save(self, step: int, **extra: Any) -> None:
         run = self.run

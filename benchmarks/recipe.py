@@ -1,6 +1,7 @@
 """Choosing the training recipe by measurement: candidates x seeds on AT&T and ROF-neutral.
 
-Each candidate is a string of `siamkit train` options. For every (candidate, seed) it trains with the
+Each candidate is a string of `siamkit train` options, resolved as the command line does (the data's
+recipe first, `--recipe none` for the plain defaults). For every (candidate, seed) it trains with the
 product's own `train()` and reports:
 - `att`: trains on the built-in `att-train` (people s1-s30) holding out `--att-val` of them (chosen by the
   seed: a different identity-disjoint fold per seed); "val" is that fold's held-out report (what a default
@@ -32,7 +33,7 @@ import torch  # noqa: E402
 
 from machine import describe_device  # noqa: E402
 from siamkit.api import load_model  # noqa: E402
-from siamkit.cli import build_parser  # noqa: E402
+from siamkit.cli import parse_args  # noqa: E402
 from siamkit.config import TrainConfig  # noqa: E402
 from siamkit.data.sources import load_source  # noqa: E402
 from siamkit.data.transforms import Preprocess  # noqa: E402
@@ -44,7 +45,7 @@ METRICS = ("accuracy_mean", "roc_auc", "tar_1e-2", "pixels")
 
 def config_from(options: str, data: str, out: Path, seed: int, extra: list[str]) -> TrainConfig:
     argv = ["train", "--data", data, *extra, *shlex.split(options), "--out", str(out), "--seed", str(seed)]
-    return TrainConfig.from_dict(vars(build_parser().parse_args(argv)))
+    return TrainConfig.from_dict(vars(parse_args(argv)))  # as `siamkit train` resolves it: --recipe auto first
 
 
 def summary(report: dict) -> dict[str, float]:
@@ -92,7 +93,7 @@ def main() -> None:
     p.add_argument("--rof", type=Path, default=default_data / "rof_neutral")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="recipe_"))
-    print(f"### {args.task}: {describe_device('cpu')}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"### {args.task}: {describe_device('cpu')}, torch {torch.__version__}, "
           f"seeds {args.seeds}, {time.strftime('%Y-%m-%d %H:%M')}\n")
     what = "s31-s40 (test)" if args.task == "att" else "held-out 20% of identities"
     head = f"| options | {what}: 10-fold accuracy % | AUC | TAR @ FAR 1e-2 % | pixels: accuracy % | model - pixels (points) |"

@@ -10,9 +10,10 @@ from conftest import tree_snapshot
 
 REPORT_KEYS = {
     "n_pairs", "n_genuine", "n_impostor", "roc_auc", "eer", "tar_at_far", "accuracy_mean", "accuracy_std",
-    "threshold", "score",
+    "threshold", "score", "baseline",
 }
-FAST = ["--image-size", "32", "32", "--batch-size", "8", "--no-progress"]
+# --recipe none: these tests exercise the plain options on small budgets, not the faces recipe.
+FAST = ["--image-size", "32", "32", "--batch-size", "8", "--no-progress", "--recipe", "none"]
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +139,8 @@ def test_bad_train_options_fail_with_one_line_and_write_nothing(args, message, t
     from siamkit.cli import main
 
     out = tmp_path / "run"
-    assert main(["train", "--out", str(out), "--steps", "1", *FAST, *args]) == 2  # in-process: same code path
+    # digits (10 identities) as before the built-in faces became the default data
+    assert main(["train", "--data", "digits", "--out", str(out), "--steps", "1", *FAST, *args]) == 2  # in-process
     err = capsys.readouterr().err
     assert message in err
     assert "Traceback" not in err

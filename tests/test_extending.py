@@ -14,7 +14,7 @@ import torch
 
 from siamkit import cli
 from siamkit.batchnorm import POLICIES, BNPolicy, register_policy
-from siamkit.config import TrainConfig
+from siamkit.config import RECIPES, TrainConfig
 from siamkit.data.sources import SOURCES, Source, load_source, register_source
 from siamkit.errors import SiamkitError
 from siamkit.losses import METRIC_LOSSES, MarginLoss, register_loss
@@ -84,7 +84,7 @@ def test_every_config_field_is_a_train_option_with_its_default():
     parser = cli.build_parser()
     args = vars(parser.parse_args(["train"]))
     fields = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", True)}
-    not_config = {"command", "config", "resume", "overwrite", "no_progress"}
+    not_config = {"command", "config", "recipe", "resume", "overwrite", "no_progress"}
     assert set(args) - not_config == fields
     assert TrainConfig.from_dict(args) == TrainConfig()
 
@@ -129,3 +129,16 @@ def test_messages_go_to_the_siamkit_logger_and_train_log(tmp_path, capfd):
     finally:
         logger.setLevel(level)
     assert not [line for line in capfd.readouterr().err.splitlines() if line.startswith("siamkit:")]
+
+
+def test_recipes_start_train_and_flags_override_them():
+    faces = RECIPES["faces"]
+    auto = TrainConfig.from_dict(vars(cli.parse_args(["train"])))  # the built-in faces: the faces recipe
+    assert auto.data == "att" and all(getattr(auto, k) == v for k, v in faces.items())
+    digits = TrainConfig.from_dict(vars(cli.parse_args(["train", "--data", "digits"])))
+    assert digits == TrainConfig(data="digits")  # digits: no recipe, the plain defaults
+    mine = TrainConfig.from_dict(vars(cli.parse_args(["train", "--data", "faces/", "--lr", "0.01", "--image-size", "48", "48"])))
+    assert mine.lr == 0.01 and mine.image_size == [48, 48] and mine.backbone == faces["backbone"]  # a face folder
+    plain = TrainConfig.from_dict(vars(cli.parse_args(["train", "--recipe", "none"])))
+    assert plain == TrainConfig()
+    assert set(faces) <= {f.name for f in dataclasses.fields(TrainConfig)}

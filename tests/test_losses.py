@@ -238,3 +238,16 @@ def test_joint_loss_without_classifier_is_the_metric_loss():
                 JointLoss(TripletLoss(), 1.0)(embeddings, labels, None)):
         assert set(out) == {"loss", "metric"}
         assert out["loss"].item() == pytest.approx(metric.item(), rel=1e-6)
+
+
+def test_metric_weight_scales_the_metric_term_and_zero_trains_the_classifier_alone():
+    g = torch.Generator().manual_seed(0)
+    embeddings = F.normalize(torch.randn(9, 4, generator=g), dim=1)
+    labels = torch.tensor([0, 1, 2] * 3)
+    logits = torch.randn(9, 3, generator=g)
+    full = JointLoss(TripletLoss(), 0.5)(embeddings, labels, logits)
+    half = JointLoss(TripletLoss(), 0.5, metric_weight=0.5)(embeddings, labels, logits)
+    alone = JointLoss(TripletLoss(), 0.5, metric_weight=0.0)(embeddings, labels, logits)
+    ce = F.cross_entropy(logits, labels)
+    assert half["loss"].item() == pytest.approx(0.5 * full["metric"].item() + 0.5 * ce.item(), rel=1e-6)
+    assert alone["loss"].item() == pytest.approx(0.5 * ce.item(), rel=1e-6) and alone["metric"].item() == 0.0

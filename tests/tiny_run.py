@@ -44,7 +44,7 @@ def tiny_config(out: Path, **overrides: Any) -> TrainConfig:
 
 def tiny_args(out: Path, **overrides: Any) -> list[str]:
     """The same settings as ``siamkit train`` arguments."""
-    args = ["train", "--out", str(out), "--no-progress"]
+    args = ["train", "--out", str(out), "--no-progress", "--recipe", "none"]
     for key, value in {**TINY, **overrides}.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):

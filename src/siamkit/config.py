@@ -23,6 +23,19 @@ from .options import check_fields, option
 AMP_MODES = ("off", "bf16", "fp16")
 AUGMENTS = ("auto", "none", "flip", "flip-shift", "face")
 SCHEDULES = ("cosine", "constant")
+# Recipes: sets of options that work well together, measured by benchmarks/recipe.py (README "Accuracy on
+# unseen faces"). `siamkit train --recipe auto` (the default) applies the data source's recipe; options given
+# on the command line override it. From Python: TrainConfig(**RECIPES["faces"], data=...).
+RECIPES: dict[str, dict[str, Any]] = {
+    "none": {},
+    "faces": {
+        "backbone": "resnet18-small-w16", "image_size": [32, 32], "augment": "face", "eval_flip": True,
+        "identities_per_batch": 16, "images_per_identity": 4, "mining": "batch-hard",
+        "classifier": "cosface", "classifier_input": "embedding", "scale": 30.0, "class_margin": 0.35,
+        "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05, "epochs": 100, "max_steps": 600, "warmup_steps": 15,
+    },
+}
+
 # Keys a run's config.json holds besides the options (written by the loop; ignored by --config).
 RUN_KEYS = ("siamkit_version", "world_size", "out")
 # Argument groups of `siamkit train --help`, in this order.
@@ -37,7 +50,7 @@ def sources_help() -> str:
 @dataclass
 class TrainConfig(ModelOptions):
     # data
-    data: str = option("digits", group="data", help=sources_help)
+    data: str = option("att", group="data", help=sources_help)
     val_identities: float = option(0.2, group="data", minimum="non-negative",
                                    help="identities held out for validation: a fraction < 1 or a count")
     image_size: list[int] | None = option(None, group="data", nargs=2, metavar=("H", "W"),
@@ -63,13 +76,20 @@ class TrainConfig(ModelOptions):
     mining: str = option("none", group="loss and sampling", choices=mining_names, help="online mining on PK batches")
     classification_weight: float = option(1.0, group="multi-branch training", minimum="non-negative",
                                           help="weight W of the classification loss on every branch (0 = no classifier)")
+    metric_weight: float = option(1.0, group="loss and sampling", minimum="non-negative",
+                                  help="weight of the metric loss (0 = the classifier alone, e.g. CosFace training)")
     # optimisation
+    optimizer: str = option("adam", group="optimisation", choices=("adam", "adamw"),
+                            help="adamw: decoupled weight decay (--weight-decay) on the weights, not on biases and norms")
     lr: float = option(1e-3, group="optimisation")
     betas: list[float] = option(group="optimisation", nargs=2, default_factory=lambda: [0.9, 0.999])
     weight_decay: float = option(0.0, group="optimisation", minimum="non-negative")
     steps: int = option(0, group="optimisation", minimum="non-negative",
                         help="total steps of the run (default: 200 unless --epochs)")
     epochs: int = option(0, group="optimisation", minimum="non-negative", help="total epochs of the run")
+    max_steps: int = option(0, group="optimisation", minimum="non-negative",
+                            help="at most this many steps, whatever --epochs gives (0 = no cap): keeps a budget in "
+                                 "epochs within a time budget on large data sets")
     warmup_steps: int = option(0, group="optimisation", minimum="non-negative")
     schedule: str = option("cosine", group="optimisation", choices=SCHEDULES,
                            help="cosine decay to 0 over the run, or constant")
@@ -150,6 +170,8 @@ class TrainConfig(ModelOptions):
             raise SiamkitError(f"--image-size takes H W, each at least 8 pixels, got {self.image_size}")
         if self.center_crop is not None and not 0 < self.center_crop <= 1:
             raise SiamkitError(f"--center-crop takes a fraction in (0, 1], got {self.center_crop}")
+        if self.metric_weight == 0 and self.classification_weight == 0:
+            raise SiamkitError("--metric-weight 0 and --classification-weight 0 leave nothing to train; raise one of them")
         if self.scale <= 0 or self.class_margin < 0:
             raise SiamkitError("--scale must be positive and --class-margin 0 or more")
         self._validate_batches()

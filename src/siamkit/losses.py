@@ -198,25 +198,31 @@ def build_metric_loss(loss: str, mining: str, margin: float | None = None) -> Ma
 
 
 class JointLoss(nn.Module):
-    """metric loss + weight × (mean over branches of the cross-entropy of each branch's logits).
+    """metric_weight × metric loss + weight × (mean over branches of the cross-entropy of each branch's logits).
 
     Branches have equal sizes, so the mean of per-branch mean cross-entropies is the mean over all rows.
+    metric_weight 0 trains the classifier alone (margin-softmax training, as ArcFace does): the metric loss
+    is then not computed, and its log column reads 0.
     """
 
-    def __init__(self, metric: nn.Module, classification_weight: float = 0.0):
+    def __init__(self, metric: nn.Module, classification_weight: float = 0.0, metric_weight: float = 1.0):
         super().__init__()
         self.metric = metric
         self.classification_weight = classification_weight
+        self.metric_weight = metric_weight
 
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        metric = self.metric(embeddings.float(), labels)
+        if self.metric_weight:
+            metric = self.metric(embeddings.float(), labels)
+        else:
+            metric = embeddings.new_zeros((), dtype=torch.float32)
         if logits is None or self.classification_weight == 0:
-            return {"loss": metric, "metric": metric}
+            return {"loss": self.metric_weight * metric, "metric": metric}
         classification = F.cross_entropy(logits.float(), labels)
         return {
-            "loss": metric + self.classification_weight * classification,
+            "loss": self.metric_weight * metric + self.classification_weight * classification,
             "metric": metric,
             "classification": classification,
         }

@@ -5,6 +5,7 @@ Python + PyTorch is the expensive part of a distributed test on CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from datetime import timedelta
@@ -55,17 +56,42 @@ def recording_step():
     return RecordingStep
 
 
+@contextlib.contextmanager
+def float64_training():
+    """siamkit's training loop in float64: the model's parameters and buffers, and the images it is fed.
+
+    For comparisons whose claim is exactness (same arithmetic, another order of reductions). In float32
+    two such runs' gradients differ by up to 3e-8 (step 1) and 6e-7 (step 2) absolute: above Adam's eps
+    (1e-8) and not small against most of ResNet-18's gradients (8.6M of 11.2M are below 1e-6), so Adam
+    moves those weights by up to lr either way. In float64 they differ by ~1e-14, a millionth of eps.
+    siamkit's losses still evaluate in float32 (they cast the embeddings), on the same rounded values in
+    runs whose embeddings agree to float64 precision.
+    """
+    from siamkit.train import run
+
+    build_model, normalize = run.build_model, run.normalize
+    run.build_model = lambda *args, **kwargs: build_model(*args, **kwargs).double()
+    run.normalize = lambda *args, **kwargs: normalize(*args, **kwargs).double()
+    try:
+        yield
+    finally:
+        run.build_model, run.normalize = build_model, normalize
+
+
 def train_runs(rank: int, world: int, runs: list[tuple[str, dict, dict]], record: str) -> None:
     """Train each (name, config, train() keywords) in turn; save each process's model to RECORD/name-rankR.pt.
 
-    (and the model before its first step to RECORD/name-rankR-initial.pt)
+    (and the model before its first step to RECORD/name-rankR-initial.pt). The keyword ``float64=True``
+    is not train()'s: it trains that run under float64_training().
     """
     from siamkit.config import TrainConfig
     from siamkit.train import loop, run
 
     run.TrainStep = step = recording_step()
     for name, overrides, kwargs in runs:
-        loop.train(TrainConfig(**overrides), progress=False, **kwargs)
+        kwargs = dict(kwargs)
+        with float64_training() if kwargs.pop("float64", False) else contextlib.nullcontext():
+            loop.train(TrainConfig(**overrides), progress=False, **kwargs)
         torch.save(step.model_seen.state_dict(), Path(record) / f"{name}-rank{rank}.pt")
         torch.save(step.initial_state, Path(record) / f"{name}-rank{rank}-initial.pt")
 

@@ -7,7 +7,7 @@ import random
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,38 +22,19 @@ STEPS = 6
 COMPARED = ("model", "optimizer", "scheduler", "scaler", "step", "epoch", "sampler", "rng", "log_window")
 
 
-def siamkit_process(*args: str) -> subprocess.Popen:
+def siamkit_process(*args: str, signal_after: tuple[str, int] | None = None) -> subprocess.Popen:
+    """``siamkit ARGS`` in a subprocess; ``signal_after=(SIGNAL, k)``: it sends itself SIGNAL after checkpoint k."""
     env = {**os.environ, **ONE_THREAD_ENV, "PYTHONPATH": str(REPO / "src")}
-    return subprocess.Popen(
-        [sys.executable, "-m", "siamkit", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    if signal_after is None:
+        command = ["-m", "siamkit", *args]
+    else:
+        command = [str(Path(__file__).with_name("_signal_after_checkpoint.py")), signal_after[0], str(signal_after[1]), *args]
+    return subprocess.Popen([sys.executable, *command], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     _, err = proc.communicate(timeout=timeout)
     return proc.returncode, err
-
-
-def logged_step(run_dir: Path) -> int:
-    """The last step with a complete row in metrics.csv (the writer may be mid-line)."""
-    try:
-        text = (run_dir / "metrics.csv").read_text()
-    except FileNotFoundError:
-        return 0
-    lines = [line for line in text.split("\n")[1:-1] if line]  # only lines that ended with a newline
-    return int(lines[-1].split(",")[0]) if lines else 0
-
-
-def wait_for_step(proc: subprocess.Popen, run_dir: Path, k: int, timeout: float = 300) -> None:
-    """Return once the run has logged step k and written a checkpoint."""
-    deadline = time.monotonic() + timeout
-    while logged_step(run_dir) < k or not (run_dir / "checkpoints" / "last.pt").exists():
-        if proc.poll() is not None:
-            pytest.fail(f"training ended before step {k}: {proc.stderr.read()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"training did not reach step {k} in {timeout} s")
-        time.sleep(0.005)
 
 
 def resume(run_dir: Path, capfd) -> None:
@@ -83,24 +64,21 @@ def uninterrupted(tmp_path_factory, one_torch_thread) -> Path:
 
 
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(uninterrupted, tmp_path, capfd):
+    # Killed by itself right after checkpoint k: an outside kill races the run, which may finish first.
     k = random.Random().randint(2, STEPS - 1)
     run_dir = tmp_path / "run"
-    proc = siamkit_process(*tiny_args(run_dir, steps=STEPS))
-    wait_for_step(proc, run_dir, k)
-    proc.send_signal(signal.SIGKILL)
+    proc = siamkit_process(*tiny_args(run_dir, steps=STEPS), signal_after=("SIGKILL", k))
     rc, _ = finish(proc)
     assert rc == -signal.SIGKILL
     killed_at = load_raw(run_dir / "checkpoints" / "last.pt")["step"]
-    assert 1 <= killed_at < STEPS, f"kill step {k}: the checkpoint holds step {killed_at}"
+    assert killed_at == k, f"kill step {k}: the checkpoint holds step {killed_at}"
     resume(run_dir, capfd)
     assert_same_run(uninterrupted, run_dir)
 
 
 def test_sigterm_checkpoints_and_says_how_to_continue(uninterrupted, tmp_path, capfd):
     run_dir = tmp_path / "run"
-    proc = siamkit_process(*tiny_args(run_dir, steps=STEPS))
-    wait_for_step(proc, run_dir, 2)
-    proc.send_signal(signal.SIGTERM)
+    proc = siamkit_process(*tiny_args(run_dir, steps=STEPS), signal_after=("SIGTERM", 2))
     rc, err = finish(proc)
     assert rc == 143, err
     saved = load_raw(run_dir / "checkpoints" / "last.pt")
@@ -116,6 +94,17 @@ def test_sigterm_checkpoints_and_says_how_to_continue(uninterrupted, tmp_path, c
     assert_same_run(uninterrupted, run_dir)
 
 
+def ctrl_c() -> None:
+    """Press Ctrl-C: SIGINT to this process's main thread, whose Python handler has run when this returns.
+
+    Sent to the main thread, not to the process (os.kill): POSIX lets the kernel hand a process-directed
+    signal to any thread that does not block it (a full suite leaves many: torch, gloo, inductor's
+    compile pool), and Python would then run the handler whenever the main thread next checks, possibly
+    a step later. pthread_kill names the thread, and CPython runs the handler before it returns.
+    """
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+
 def test_ctrl_c_finishes_the_step_and_checkpoints(tmp_path, monkeypatch, capsys):
     real_save, pressed = state.save_checkpoint, []
 
@@ -123,17 +112,22 @@ def test_ctrl_c_finishes_the_step_and_checkpoints(tmp_path, monkeypatch, capsys)
         real_save(path, state)
         if state["step"] == 2 and path.name == "last.pt" and not pressed:
             pressed.append(True)
-            os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C (once) during step 3
+            ctrl_c()  # the user presses Ctrl-C (once) after the checkpoint of step 2
+            handler = signal.getsignal(signal.SIGINT)
+            assert getattr(handler, "__self__", None) is not None and handler.__self__.signal_name == "SIGINT", (
+                "the training loop's SIGINT handler did not run at the Ctrl-C"
+            )
 
     monkeypatch.setattr(state, "save_checkpoint", save_then_ctrl_c)
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as info:
         cli.main(tiny_args(run_dir, steps=STEPS))
     assert info.value.code == 130
-    assert capsys.readouterr().err.splitlines()[-1] == (
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
         f"siamkit: SIGINT received: stopped after step 2 of {STEPS}; checkpoint saved to "
         f"{run_dir / 'checkpoints' / 'last.pt'}; continue with the same command plus --resume"
-    )
+    ), err
     assert load_raw(run_dir / "checkpoints" / "last.pt")["step"] == 2
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
 
@@ -142,12 +136,13 @@ def test_second_ctrl_c_exits_at_once_without_damage(tmp_path, monkeypatch, capsy
     """The first Ctrl-C asks for a clean stop; the second one lands while last.pt is being rewritten."""
     real_save, real_atomic_write = state.save_checkpoint, checkpoint_module.atomic_write
     kept: dict[str, bytes] = {}
+    ran_on_after_second_ctrl_c = []
 
     def save_then_ctrl_c(path, state):
         real_save(path, state)
         if state["step"] == 2 and path.name == "last.pt" and not kept:
             kept["last.pt"] = path.read_bytes()
-            os.kill(os.getpid(), signal.SIGINT)
+            ctrl_c()
 
     def write_half_then_ctrl_c(path, write, hint=""):
         if not kept:
@@ -159,8 +154,8 @@ def test_second_ctrl_c_exits_at_once_without_damage(tmp_path, monkeypatch, capsy
             buf = io.BytesIO()
             write(buf)
             f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(5)  # the handler raises KeyboardInterrupt here, long before this ends
+            ctrl_c()  # the handler raises KeyboardInterrupt here
+            ran_on_after_second_ctrl_c.append(True)
             f.write(buf.getvalue()[len(buf.getvalue()) // 2 :])
 
         return real_atomic_write(path, interrupted, hint)
@@ -168,11 +163,13 @@ def test_second_ctrl_c_exits_at_once_without_damage(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(state, "save_checkpoint", save_then_ctrl_c)
     monkeypatch.setattr(checkpoint_module, "atomic_write", write_half_then_ctrl_c)
     run_dir = tmp_path / "run"
-    t0 = time.monotonic()
     assert cli.main(tiny_args(run_dir, steps=STEPS)) == 130
-    assert time.monotonic() - t0 < 60
-    err = capsys.readouterr().err.splitlines()
-    assert err[-1] == "siamkit: interrupted; files written so far are intact (checkpoints are replaced atomically)"
+    # At once: nothing ran on after the second Ctrl-C (checked by what ran, not by the clock).
+    assert ran_on_after_second_ctrl_c == []
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "siamkit: interrupted; files written so far are intact (checkpoints are replaced atomically)"
+    ), err
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "last.pt").read_bytes() == kept["last.pt"]  # the step-2 checkpoint, untouched
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.pt"]  # no half-written temporary file

@@ -70,6 +70,7 @@ class Source:
     center_crop: float = 1.0
     augment: str = "flip-shift"  # what --augment auto means for it (none where mirrored images are other symbols)
     grayscale: bool = False  # one channel by default (greyscale data)
+    recipe: str = "faces"  # the options `siamkit train --recipe auto` starts from (config.RECIPES)
 
 
 # --data NAME -> Source; anything else given to --data is a folder (FOLDER).
@@ -332,7 +333,8 @@ def load_att_faces(pre: Preprocess, identities: range = range(40), root: str = "
 
 FOLDER = Source(lambda path, pre, data_home: load_folder(path, pre))
 # Mirrored digits are other symbols: no augmentation by default.
-register_source("digits", Source(lambda _, pre, data_home: _load_digits(pre), image_size=(32, 32), augment="none"))
+register_source("digits", Source(lambda _, pre, data_home: _load_digits(pre), image_size=(32, 32), augment="none",
+                                 recipe="none"))
 register_source("olivetti", Source(lambda _, pre, data_home: _load_olivetti(pre, data_home)))
 # LFW's 250x250 frames hold much more than the face: keep the central half by default.
 register_source("lfw", Source(lambda _, pre, data_home: _load_lfw(pre, data_home), center_crop=0.5))

@@ -23,6 +23,9 @@ class ModelOptions:
     bn_policy: str = option("joint", group="multi-branch training", choices=lambda: tuple(POLICIES),
                             help="how BatchNorm runs over the branches (README: Which BatchNorm policy?)")
     classifier: str = option("softmax", group="multi-branch training", choices=CLASSIFIERS)
+    classifier_input: str = option("features", group="multi-branch training", choices=("features", "embedding"),
+                                   help="what the classifier reads: the backbone's features, or the embedding "
+                                        "(as ArcFace/CosFace training does: the margin shapes the embedding itself)")
     scale: float = option(30.0, group="multi-branch training", help="ArcFace/CosFace scale s")
     class_margin: float = option(0.3, group="multi-branch training", help="ArcFace/CosFace margin m")
     freeze_until: str = option("none", group="multi-branch training", choices=lambda: FREEZE_STAGES,
@@ -52,7 +55,8 @@ class SiameseNet(nn.Module):
         self.backbone, width = build_backbone(spec.backbone, pretrained, spec.in_channels)
         self.embedding = EmbeddingHead(width, spec.embedding_dim, spec.embedding_activation)
         self.classifier = (
-            build_classifier(spec.classifier, width, spec.n_classes, spec.scale, spec.class_margin)
+            build_classifier(spec.classifier, width if spec.classifier_input == "features" else spec.embedding_dim,
+                             spec.n_classes, spec.scale, spec.class_margin)
             if spec.n_classes > 0
             else None
         )

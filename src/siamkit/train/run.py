@@ -156,7 +156,7 @@ def build_training(
         convert_to_sync_bn(model, device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loss_fn = JointLoss(build_metric_loss(cfg.loss, cfg.mining, cfg.margin), cfg.classification_weight)
+    loss_fn = JointLoss(build_metric_loss(cfg.loss, cfg.mining, cfg.margin), cfg.classification_weight, cfg.metric_weight)
     params = model.trainable_parameters()
     optimizer = build_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.schedule))
@@ -189,6 +189,8 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
     require_trainable(train_ds)
     sampler = build_sampler(cfg, train_ds, ctx)
     total = cfg.steps or (cfg.epochs * sampler.steps_per_epoch) or DEFAULT_STEPS
+    if cfg.max_steps and not cfg.steps:
+        total = min(total, cfg.max_steps)
     if checkpoint is not None:
         check_resume(checkpoint, cfg, train_ds, sampler.steps_per_epoch, run_dir)
 

@@ -82,3 +82,21 @@ def metrics_rows(run_dir: Path) -> list[dict]:
 
     with open(run_dir / "metrics.csv", newline="") as f:
         return list(csv.DictReader(f))
+
+
+class Crash(Exception):
+    """What crash_after_checkpoint raises: a run dying right after a checkpoint."""
+
+
+def crash_after_checkpoint(monkeypatch, step: int) -> None:
+    """Make training raise Crash right after it writes checkpoints/last.pt of ``step`` (undo with monkeypatch.undo())."""
+    from siamkit.train import state
+
+    real_save = state.save_checkpoint
+
+    def save_then_crash(path, saved):
+        real_save(path, saved)
+        if path.name == "last.pt" and saved["step"] == step:
+            raise Crash
+
+    monkeypatch.setattr(state, "save_checkpoint", save_then_crash)

@@ -17,10 +17,12 @@ from siamkit.eval.protocol import evaluate
 from siamkit.data.sources import load_source, split_identities
 from siamkit.data.transforms import Preprocess
 from siamkit.api import load_model
-from siamkit.train import loop, run, state
+from siamkit.train import loop, run
 from siamkit.checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from siamkit.train.loop import train
-from tiny_run import BACKBONE, assert_identical, load_raw, metrics_rows, one_torch_thread, tiny_config  # noqa: F401
+from tiny_run import (  # noqa: F401
+    BACKBONE, Crash, assert_identical, crash_after_checkpoint, load_raw, metrics_rows, one_torch_thread, tiny_config,
+)
 
 
 def att_subset(att_faces, root, n):
@@ -85,17 +87,7 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
     ref = tiny_config(tmp_path / "ref", steps=steps, log_every=2)
     train(ref, progress=False)
 
-    class Crash(Exception):
-        pass
-
-    real_save = state.save_checkpoint
-
-    def save_then_crash(path, state):
-        real_save(path, state)
-        if path.name == "last.pt" and state["step"] == 3:
-            raise Crash
-
-    monkeypatch.setattr(state, "save_checkpoint", save_then_crash)
+    crash_after_checkpoint(monkeypatch, 3)
     cfg = tiny_config(tmp_path / "run", steps=steps, log_every=2)
     with pytest.raises(Crash):
         train(cfg, progress=False)

@@ -174,3 +174,28 @@ def test_second_ctrl_c_exits_at_once_without_damage(tmp_path, monkeypatch, capsy
     assert (ckpts / "last.pt").read_bytes() == kept["last.pt"]  # the step-2 checkpoint, untouched
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.pt"]  # no half-written temporary file
     assert load_raw(ckpts / "last.pt")["step"] == 2
+
+
+def test_resume_on_faces_with_the_face_augmentation_is_bit_identical(att_faces, tmp_path, monkeypatch):
+    """The faces recipe's per-sample augmentation draws from (seed, step) alone: a crash and --resume change nothing."""
+    from siamkit.train.loop import train
+    from tiny_run import Crash, crash_after_checkpoint, tiny_config
+
+    data = tmp_path / "faces"
+    data.mkdir()
+    for i in range(1, 5):
+        (data / f"s{i}").symlink_to(att_faces / f"s{i}")
+    options = dict(data=str(data), augment="face", identities_per_batch=4, images_per_identity=2,
+                   mining="batch-hard", steps=4, log_every=1, grayscale=True)
+    train(tiny_config(tmp_path / "ref", **options), progress=False)
+
+    crash_after_checkpoint(monkeypatch, 2)
+    cfg = tiny_config(tmp_path / "run", **options)
+    with pytest.raises(Crash):
+        train(cfg, progress=False)
+    monkeypatch.undo()
+    train(cfg, resume=True, progress=False)
+    ref, got = load_raw(tmp_path / "ref" / "checkpoints" / "last.pt"), load_raw(tmp_path / "run" / "checkpoints" / "last.pt")
+    for key in COMPARED:
+        assert_identical(ref[key], got[key], key)
+    assert [r["loss"] for r in metrics_rows(tmp_path / "ref")] == [r["loss"] for r in metrics_rows(tmp_path / "run")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from conftest import tree_snapshot
@@ -179,3 +180,20 @@ def test_verify_and_evaluate_input_errors(att_run, cli, tmp_path, att_faces):
     r = cli("evaluate", str(out), "--data", str(att_faces), "--pairs", str(tmp_path / "bad_pairs.txt"),
             "--out", str(tmp_path / "ev"))
     assert r.returncode == 2 and "bad_pairs.txt" in r.stderr and not (tmp_path / "ev").exists()
+
+
+def test_a_run_evaluated_with_flips_verifies_with_flips(tmp_path):
+    """The threshold of a run with --eval-flip was calibrated on flip-averaged embeddings: load() embeds the same way."""
+    import siamkit
+    from siamkit.eval.embed import embed_images
+    from siamkit.train.loop import train
+    from tiny_run import tiny_config
+
+    train(tiny_config(tmp_path / "run", steps=1, val_identities=0, eval_flip=True), progress=False)
+    v = siamkit.load(tmp_path / "run")
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    batch = torch.stack([v._to_uint8(im) for im in images])
+    flipped = embed_images(v.model, batch, v.preprocess, "cpu", flip=True)
+    plain = embed_images(v.model, batch, v.preprocess, "cpu", flip=False)
+    assert v.flip and np.array_equal(v.embed(list(images)), flipped)
+    assert np.array_equal(v.embed(list(images), flip=False), plain) and not np.array_equal(flipped, plain)

@@ -33,9 +33,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 class Verifier:
     """Embeds images and says whether two show the same identity, with the model's own preprocessing."""
 
-    def __init__(self, model: SiameseNet, preprocess: Preprocess, threshold: float | None, score: str, device="cpu"):
+    def __init__(self, model: SiameseNet, preprocess: Preprocess, threshold: float | None, score: str, device="cpu",
+                 flip: bool = False):
         self.model, self.preprocess, self.threshold, self.score_name = model, preprocess, threshold, score
         self.device = torch.device(device)
+        self.flip = flip  # add mirrored images' embeddings, as the run did when it calibrated the threshold
 
     def _to_uint8(self, image) -> torch.Tensor:
         if isinstance(image, (str, os.PathLike)):
@@ -57,10 +59,10 @@ class Verifier:
             raise TypeError(f"cannot embed a {type(image).__name__}; pass paths, PIL images, arrays or tensors")
         return image_to_uint8(image, self.preprocess)
 
-    def embed(self, images: Sequence, flip: bool = False) -> np.ndarray:
-        """Embeddings [N, D] of image paths, PIL images, HxW(xC) arrays or CxHxW tensors."""
+    def embed(self, images: Sequence, flip: bool | None = None) -> np.ndarray:
+        """Embeddings [N, D] of image paths, PIL images, HxW(xC) arrays or CxHxW tensors (flip None: the run's)."""
         batch = torch.stack([self._to_uint8(im) for im in images])
-        return embed_images(self.model, batch, self.preprocess, self.device, flip=flip)
+        return embed_images(self.model, batch, self.preprocess, self.device, flip=self.flip if flip is None else flip)
 
     def score(self, a, b) -> float | np.ndarray:
         """Similarity of a and b (higher = more alike); a list of images on each side gives an array."""
@@ -82,4 +84,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Verifie
     """A Verifier for a run folder (its best.pt or last.pt) or a checkpoint file."""
     model, ckpt = load_model(path, device)
     threshold = ckpt.get("threshold")
-    return Verifier(model, Preprocess.from_dict(ckpt["preprocess"]), threshold, ckpt.get("score", "cosine"), device)
+    return Verifier(model, Preprocess.from_dict(ckpt["preprocess"]), threshold, ckpt.get("score", "cosine"), device,
+                    flip=run_flip(ckpt))
+
+
+def run_flip(ckpt: dict) -> bool:
+    """Whether the run evaluated (and calibrated its threshold) with mirrored images' embeddings added."""
+    return bool(ckpt.get("config", {}).get("eval_flip", False))

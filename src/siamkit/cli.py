@@ -62,7 +62,8 @@ def _evaluate(args) -> int:
     out = Path(args.out) if args.out else run_dir_of(resolve_checkpoint(args.run)) / "eval"
     ds = load_source(args.data, pre)
     score = args.score or ckpt.get("score", "cosine")
-    result = evaluate(model, pre, ds, pairs_file=args.pairs, score=score, flip=args.flip, device=device, seed=args.seed)
+    flip = run_flip(ckpt) if args.flip is None else args.flip
+    result = evaluate(model, pre, ds, pairs_file=args.pairs, score=score, flip=flip, device=device, seed=args.seed)
     report = result.report
     write_report(report, result.scores, result.same, out, result.baseline_scores)
     print(f"{args.data}: {out / 'report.json'}")
@@ -100,7 +101,7 @@ def _embed(args) -> int:
     model, ckpt = load_model(args.run, device)
     pre = Preprocess.from_dict(ckpt["preprocess"])
     ds = load_source(args.data, pre)
-    emb = embed_images(model, ds.images, pre, device, flip=args.flip)
+    emb = embed_images(model, ds.images, pre, device, flip=run_flip(ckpt) if args.flip is None else args.flip)
     buf = io.BytesIO()
     np.savez(buf, embeddings=emb, labels=ds.labels, names=np.array(ds.names), paths=np.array(ds.paths))
     atomic_write_bytes(args.out, buf.getvalue())
@@ -118,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder or checkpoint file")
     p.add_argument("--data", required=True, help=sources_help())
     p.add_argument("--pairs", default=None, help="LFW-format pairs.txt (folds = its sets)")
-    p.add_argument("--flip", action="store_true", help="add the embedding of the mirrored image")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the embedding of the mirrored image (default: as the run calibrated its threshold)")
     p.add_argument("--out", default=None, help="report folder (default: RUN/eval)")
     p.add_argument("--score", choices=("cosine", "euclidean"), default=None, help="default: the model's own")
     p.add_argument("--device", default="auto")
@@ -134,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder or checkpoint file")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="FILE.npz")
-    p.add_argument("--flip", action="store_true")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the embedding of the mirrored image (default: as the run was evaluated)")
     p.add_argument("--device", default="auto")
     return parser
 

@@ -32,7 +32,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "backbone": "resnet18-small-w16", "image_size": [32, 32], "augment": "face", "eval_flip": True,
         "identities_per_batch": 16, "images_per_identity": 4, "mining": "batch-hard",
         "classifier": "cosface", "classifier_input": "embedding", "scale": 30.0, "class_margin": 0.35,
-        "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05, "epochs": 100, "max_steps": 600, "warmup_steps": 15,
+        "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05, "epochs": 100, "max_steps": 3000, "warmup_steps": 15,
     },
 }
 

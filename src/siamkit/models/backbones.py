@@ -25,7 +25,18 @@ class Backbone:
     build: Callable[[], nn.Module] | None = None
 
 
-def small_input_resnet(width: int = 64, blocks: tuple[int, ...] = (2, 2, 2, 2)) -> nn.Module:
+def flat_map_pool(channels: int, side: int = 4, dropout: float = 0.2) -> nn.Module:
+    """Instead of global average pooling: the final map (pooled to side x side) normalised, dropped out and flattened.
+
+    The output layer of ArcFace's ResNets (BN -> dropout -> flatten -> FC): the embedding keeps where on the
+    face each feature is, which average pooling throws away. Measured on AT&T: +1.6 points on unseen people
+    (benchmarks/recipe.py, README "Accuracy on unseen faces"). Its BatchNorm is the backbone's, so the BN
+    policies cover it. Adaptive pooling makes the width (channels x side^2) the same for any input size.
+    """
+    return nn.Sequential(nn.AdaptiveAvgPool2d(side), nn.BatchNorm2d(channels), nn.Dropout(dropout), nn.Flatten())
+
+
+def small_input_resnet(width: int = 64, blocks: tuple[int, ...] = (2, 2, 2, 2), flat: bool = False) -> nn.Module:
     """A ResNet for small inputs (32-64 px): a 3x3 stride-1 first convolution and no max-pool.
 
     torchvision's stem (7x7 stride 2, then a stride-2 max-pool) divides the input by 4 before the first
@@ -41,6 +52,8 @@ def small_input_resnet(width: int = 64, blocks: tuple[int, ...] = (2, 2, 2, 2)) 
     for i, n in enumerate(blocks):
         setattr(model, f"layer{i + 1}", model._make_layer(models.resnet.BasicBlock, width * 2**i, n, stride=1 if i == 0 else 2))
     model.fc = nn.Linear(width * 2 ** (len(blocks) - 1), 1000)
+    if flat:
+        model.avgpool = flat_map_pool(width * 2 ** (len(blocks) - 1))
     for m in model.modules():  # torchvision's initialisation, for the layers made here
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -68,6 +81,9 @@ BACKBONES: dict[str, Backbone] = {
     # Small-input ResNet18s (see small_input_resnet): full width, and a quarter of it for small data sets.
     "resnet18-small": Backbone("fc", 512, _RESNET_STAGES, build=small_input_resnet),
     "resnet18-small-w16": Backbone("fc", 128, _RESNET_STAGES, build=lambda: small_input_resnet(width=16)),
+    # ... with the flattened 4x4 final map as features (flat_map_pool): the faces recipe's backbone.
+    "resnet18-small-w16-flat": Backbone("fc", 128 * 16, _RESNET_STAGES,
+                                        build=lambda: small_input_resnet(width=16, flat=True)),
 }
 # Every stage name any backbone offers, in forward order (the --freeze-until choices).
 FREEZE_STAGES = ("none",) + tuple(dict.fromkeys(name for b in BACKBONES.values() for name, _ in b.stages))

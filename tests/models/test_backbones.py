@@ -85,15 +85,18 @@ def test_pretrained_from_a_siamkit_run_loads_its_backbone_and_fresh_heads(tmp_pa
     )
 
 
-@pytest.mark.parametrize("name, width", [("resnet18-small", 64), ("resnet18-small-w16", 16)])
-def test_small_input_stem_keeps_the_resolution_into_layer1(name, width):
-    model, features = build_backbone(name, in_channels=1)
-    assert features == 8 * width
+@pytest.mark.parametrize("name, width, features", [
+    ("resnet18-small", 64, 512), ("resnet18-small-w16", 16, 128),
+    ("resnet18-small-w16-flat", 16, 128 * 4 * 4),  # layer4's 4x4 map flattened instead of averaged
+])
+def test_small_input_stem_keeps_the_resolution_into_layer1(name, width, features):
+    model, width_reported = build_backbone(name, in_channels=1)
+    assert width_reported == features
     x = torch.randn(2, 1, 32, 32)
     seen = {}
     for stage in ("conv1", "maxpool", "layer1", "layer2", "layer3", "layer4"):
         getattr(model, stage).register_forward_hook(lambda m, i, o, stage=stage: seen.__setitem__(stage, tuple(o.shape)))
-    assert model(x).shape == (2, 8 * width)
+    assert model(x).shape == (2, features)
     # 3x3 stride-1 stem, no max-pool: 32x32 into layer1; layer4 ends on 4x4 (torchvision's stem: 1x1)
     assert seen == {
         "conv1": (2, width, 32, 32), "maxpool": (2, width, 32, 32), "layer1": (2, width, 32, 32),
@@ -101,3 +104,17 @@ def test_small_input_stem_keeps_the_resolution_into_layer1(name, width):
     }
     with pytest.raises(SiamkitError, match="has no ImageNet weights"):
         build_backbone(name, pretrained="imagenet")
+
+
+def test_flat_map_features_are_the_normalised_final_map_in_order():
+    """In eval mode (no dropout) the flat features are layer4's map through its BatchNorm, flattened channel-major."""
+    model, _ = build_backbone("resnet18-small-w16-flat", in_channels=1)
+    model.eval()
+    x = torch.randn(3, 1, 32, 32)
+    trunk = torch.nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool,
+                                model.layer1, model.layer2, model.layer3, model.layer4)
+    bn = model.avgpool[1]
+    by_hand = ((trunk(x) - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(bn.running_var.view(1, -1, 1, 1) + bn.eps)
+               * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)).reshape(3, -1)
+    # float32, same operations up to BatchNorm's fused form: agreement to a few ulps of values of order 1
+    torch.testing.assert_close(model(x), by_hand, rtol=1e-5, atol=1e-5)

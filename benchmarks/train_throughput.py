@@ -224,6 +224,13 @@ class _Data:
         return torch.from_numpy(self.sampler.batch(step)).to(self.device)
 
 
+def _use_base_tree() -> None:
+    """Import siamkit from the --base-tree checkout in this (worker) process: call before anything imports it."""
+    base = Path(os.environ[BASE_TREE_ENV]).resolve()
+    assert not any(m == "siamkit" or m.startswith("siamkit.") for m in sys.modules), "siamkit imported already"
+    sys.path[:] = [str(base / "src"), str(base / "benchmarks")] + [p for p in sys.path if p != str(REPO / "src")]
+
+
 def _base_tree_siamkit(data, device, size: int):
     """Row 3 as another commit builds it: that tree's src and its own benchmark's _Siamkit, in this process.
 
@@ -232,7 +239,6 @@ def _base_tree_siamkit(data, device, size: int):
     import importlib.util
 
     base = Path(os.environ[BASE_TREE_ENV]).resolve()
-    sys.path[:] = [str(base / "src"), str(base / "benchmarks")] + [p for p in sys.path if p != str(REPO / "src")]
     spec = importlib.util.spec_from_file_location("base_train_throughput", base / "benchmarks" / "train_throughput.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -248,6 +254,8 @@ def _worker(row: str, size: int, device_name: str, warmup: int, conn) -> None:
 
     device = torch.device(device_name)
     cuda = device.type == "cuda"
+    if row == "base":
+        _use_base_tree()
 
     def sync():
         if cuda:

@@ -48,7 +48,7 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from .api import load_model
+    from .api import load_model, run_flip
     from .data.sources import load_source
     from .data.transforms import Preprocess
     from .eval.protocol import evaluate
@@ -88,7 +88,7 @@ def _embed(args) -> int:
 
     import numpy as np
 
-    from .api import load_model
+    from .api import load_model, run_flip
     from .data.sources import load_source
     from .data.transforms import Preprocess
     from .eval.embed import embed_images

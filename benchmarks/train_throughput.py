@@ -72,11 +72,18 @@ ROWS = {
     "tuningoff": "3c. siamkit --cpu-tuning off",
     "sysalloc": "3d. siamkit, malloc left alone (--cpu-tuning auto without its allocator part)",
     "base": "3e. siamkit defaults at the --base-tree commit (its own row-3 code and src)",
+    # The GPU table (benchmarks/gpu.sh): baselines at the precision of the rows they are compared with.
+    "naive6bf16": "1b. naive loop: 6 passes, bf16 autocast",
+    "naive3bf16": "2b. naive loop: 3 passes, bf16 autocast",
+    "bf16compile": "5b. siamkit --amp bf16 --compile",
+    "cudagraphs": "5c. siamkit --amp bf16 --compile --compile-mode reduce-overhead (CUDA graphs)",
 }
 DEFAULT_ROWS = ["naive6", "naive3", "siamkit", "compile", "bf16", "pml"]
-SIAMKIT_ROWS = ("siamkit", "compile", "bf16", "nchw", "tuningoff", "sysalloc")
+SIAMKIT_ROWS = ("siamkit", "compile", "bf16", "nchw", "tuningoff", "sysalloc", "bf16compile", "cudagraphs")
+BF16_ROWS = ("bf16", "bf16compile", "cudagraphs", "naive6bf16", "naive3bf16")  # MFU against the bf16 matmul rate
+GPU_ROWS = ["naive6", "naive3", "siamkit", "naive6bf16", "bf16compile", "cudagraphs"]
 BASE_TREE_ENV = "SIAMKIT_BENCH_BASE_TREE"  # --base-tree, read by the "base" row's worker process  # the rest are plain loops
-TRIPLETS = 32
+TRIPLETS = 32  # per step; --triplets sets it (in every worker process too)
 N_IDENTITIES, PER_IDENTITY = 40, 10
 MARGIN = 0.2
 
@@ -105,7 +112,8 @@ class _Plain:
         self.classifier = nn.Linear(512, N_IDENTITIES)
         self.modules = nn.ModuleList([self.backbone, self.embedding, self.classifier]).to(device)
         self.optimizer = torch.optim.Adam(self.modules.parameters(), lr=1e-3)
-        self.kind, self.data, self.F, self.torch = kind, data, F, torch
+        self.kind, self.data, self.F, self.torch = kind.removesuffix("bf16"), data, F, torch
+        self.bf16 = kind.endswith("bf16")  # autocast, as people add mixed precision to such a loop
         if kind == "pml":
             from pytorch_metric_learning import losses, miners
 
@@ -138,7 +146,8 @@ class _Plain:
         return metric + sum(F.cross_entropy(lg, y) for lg, y in zip(logits, ys)) / 3
 
     def step(self, step: int) -> float:
-        loss = self.forward(step)
+        with self.torch.autocast(self.data.device.type, dtype=self.torch.bfloat16, enabled=self.bf16):
+            loss = self.forward(step)
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
@@ -167,7 +176,9 @@ class _Siamkit:
         torch.manual_seed(0)
         cfg = TrainConfig(
             image_size=[size, size], classification_weight=1.0, batch_size=TRIPLETS, schedule="constant",
-            compile=kind == "compile", amp="bf16" if kind == "bf16" else "off", channels_last=kind != "nchw",
+            compile=kind in ("compile", "bf16compile", "cudagraphs"),
+            compile_mode="reduce-overhead" if kind == "cudagraphs" else "default",
+            amp="bf16" if kind in BF16_ROWS else "off", channels_last=kind != "nchw",
             cpu_tuning="off" if kind == "tuningoff" else "auto",
         )
         self.training = build_training(cfg, N_IDENTITIES, 3, device, total=10**9)
@@ -248,9 +259,12 @@ def _base_tree_siamkit(data, device, size: int):
     return module._Siamkit("siamkit", data, device, size)
 
 
-def _worker(row: str, size: int, device_name: str, warmup: int, conn) -> None:
+def _worker(row: str, size: int, device_name: str, warmup: int, triplets: int, conn) -> None:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
+
+    global TRIPLETS
+    TRIPLETS = triplets  # a spawned process starts from the module's default
 
     device = torch.device(device_name)
     cuda = device.type == "cuda"
@@ -306,6 +320,39 @@ def _worker(row: str, size: int, device_name: str, warmup: int, conn) -> None:
         conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
 
+def _probe_triplets(size: int, device_name: str, candidates: list[int], conn) -> None:
+    """The largest of ``candidates`` at which row 1 (six passes, fp32: the most memory of any row) still steps."""
+    import torch
+
+    global TRIPLETS
+    fits = 0
+    for triplets in candidates:
+        TRIPLETS = triplets
+        try:
+            runner = _Plain("naive6", _Data(size, torch.device(device_name)), torch.device(device_name))
+            runner.step(0)
+            runner.step(1)  # the second step holds the optimizer state too
+            torch.cuda.synchronize()
+            fits = triplets
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            runner = None
+            torch.cuda.empty_cache()
+    conn.send(fits)
+
+
+def largest_triplets(ctx, size: int, device: str, limit: int = 8192) -> int:
+    """Triplets per step for --triplets max: powers of two from 32, probed in a process of their own."""
+    candidates = [32 * 2**k for k in range(20) if 32 * 2**k <= limit]
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_probe_triplets, args=(size, device, candidates, child), daemon=True)
+    proc.start()
+    fits = parent.recv()
+    proc.join()
+    return fits
+
+
 # ----------------------------------------------------------------------------------------------- parent
 
 
@@ -348,7 +395,7 @@ class Worker:
     def __init__(self, ctx, row: str, size: int, device: str, warmup: int):
         self.row, self.size = row, size
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(row, size, device, warmup, child), daemon=True)
+        self.proc = ctx.Process(target=_worker, args=(row, size, device, warmup, TRIPLETS, child), daemon=True)
         self.proc.start()
         self.flops = None
         self.error = None
@@ -472,10 +519,15 @@ def _fmt_mem(b) -> str:
 
 
 def main(argv=None) -> int:
+    global TRIPLETS  # --triplets: read by the workers' arguments and the end-to-end run
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 112])
-    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=DEFAULT_ROWS)
+    p.add_argument("--rows", nargs="+", choices=[*ROWS, "gpu"], default=DEFAULT_ROWS,
+                   help="rows to run; 'gpu': the GPU table's rows (" + " ".join(GPU_ROWS) + ")")
+    p.add_argument("--triplets", default=str(TRIPLETS),
+                   help="triplets per step (default 32), or 'max': the largest power of two from 32 at which row 1 "
+                        "fits in GPU memory (probed first; CUDA only)")
     p.add_argument("--rounds", type=int, default=3, help="rounds; every row runs --steps steps per round")
     p.add_argument("--steps", type=int, default=None, help="timed steps per round (default: 3 on CPU, 25 on CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2 on CPU, 10 on CUDA)")
@@ -483,6 +535,12 @@ def main(argv=None) -> int:
     p.add_argument("--e2e-sizes", type=int, nargs="*", default=None, help="sizes of the end-to-end runs (default: --sizes)")
     p.add_argument("--base-tree", default=None, help="row 'base': a checkout of another commit to compare row 3 with")
     args = p.parse_args(argv)
+    if "gpu" in args.rows:
+        args.rows = GPU_ROWS
+    if args.triplets != "max" and not (args.triplets.isdigit() and int(args.triplets) > 0):
+        p.error(f"--triplets takes a positive count or 'max', got {args.triplets!r}")
+    if args.triplets == "max" and args.device != "cuda":
+        p.error("--triplets max probes GPU memory: use it with --device cuda")
     if "base" in args.rows:
         if not args.base_tree:
             p.error("--rows base needs --base-tree DIR (a checkout of the commit to compare with)")
@@ -506,6 +564,14 @@ def main(argv=None) -> int:
 
     ctx = mp.get_context("spawn")
     started = time.perf_counter()
+    if args.triplets == "max":
+        TRIPLETS = min(largest_triplets(ctx, size, args.device) for size in args.sizes)
+        print(f"  --triplets max: {TRIPLETS} triplets per step fit at every size (row 1, fp32)", file=sys.stderr)
+        if TRIPLETS == 0:
+            print("--triplets max: not even 32 triplets fit in GPU memory", file=sys.stderr)
+            return 2
+    else:
+        TRIPLETS = int(args.triplets)
     # Workers build and warm up (torch.compile included) before any timing. On CUDA they do it at the same
     # time (compilation is CPU work on a many-core host); on CPU one after another, so that warm-ups don't
     # fight over the cores.
@@ -543,7 +609,7 @@ def main(argv=None) -> int:
             if p0 is not None and p1 is not None:
                 waited, timed = waited + (p1 - p0) / 1e6, timed + time.perf_counter() - t0
             print(f"  {size}x{size} round {r + 1}/{args.rounds} done", file=sys.stderr)
-        if "bf16" in args.rows:
+        if set(BF16_ROWS) & set(args.rows):
             mm_bf16 = max(mm_bf16, matmul_flops(device, torch.bfloat16, mm_sizes, mm_window)[0])
         for row in args.rows:
             w = workers[(size, row)]
@@ -597,7 +663,7 @@ def main(argv=None) -> int:
             ratio = f"{ips / base:.2f}" if base else "-"
             # CPUs without native bf16 run bf16 matmuls far slower than fp32: measure against the faster one.
             mfus = [
-                res["flops"] * steps / t / (max(mm_bf16, ref) if row == "bf16" else ref) for t, ref in res["rounds"]
+                res["flops"] * steps / t / (max(mm_bf16, ref) if row in BF16_ROWS else ref) for t, ref in res["rounds"]
             ]
             mfu = f"{statistics.median(mfus):.0%} ({min(mfus):.0%}-{max(mfus):.0%})"
             print(

@@ -98,6 +98,7 @@ def lfw_style(att_faces, tmp_path_factory) -> Path:
         (["--identities-per-batch", "8", "--images-per-identity", "200", "--mining", "batch-hard"],
          "a PK batch of P=8 x K=200 images is larger than the 1435 training images; pass a smaller P or K"),
         (["--batch-size", "2000"], "--batch-size 2000 x 1 process(es) is larger than the 1435 usable anchor images"),
+        (["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead applies to a compiled step: add --compile"),
     ],
 )
 def test_options_out_of_range(tmp_path, capfd, options, expected):

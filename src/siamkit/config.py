@@ -96,6 +96,9 @@ class TrainConfig(ModelOptions):
                            help="cosine decay to 0 over the run, or constant")
     # speed
     compile: bool = option(False, group="speed", help="torch.compile the training step")
+    compile_mode: str = option("default", group="speed", choices=("default", "reduce-overhead", "max-autotune"),
+                               help="torch.compile's mode, with --compile: reduce-overhead replays the step as a "
+                                    "CUDA graph (on CUDA; fewer kernel launches at small batches)")
     amp: str = option("off", group="speed", choices=AMP_MODES)
     channels_last: bool = option(True, group="speed", flag="--no-channels-last", help="keep the NCHW layout")
     cpu_tuning: str = option("auto", group="speed", choices=CPU_TUNINGS,
@@ -176,6 +179,8 @@ class TrainConfig(ModelOptions):
         if self.scale <= 0 or self.class_margin < 0:
             raise SiamkitError("--scale must be positive and --class-margin 0 or more")
         self._validate_batches()
+        if self.compile_mode != "default" and not self.compile:
+            raise SiamkitError(f"--compile-mode {self.compile_mode} applies to a compiled step: add --compile")
         if self.amp == "fp16" and self.device == "cpu":
             raise SiamkitError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or off")
 

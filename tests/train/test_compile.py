@@ -279,3 +279,16 @@ def test_compiled_training_run_matches_eager_and_compiles_once(att_faces, tmp_pa
     eager, compiled = _losses(runs[False]), _losses(runs[True])
     assert len(eager) == len(compiled) == 6
     np.testing.assert_allclose(compiled, eager, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode, expected", [("default", None), ("reduce-overhead", "reduce-overhead")])
+def test_compile_mode_reaches_torch_compile(monkeypatch, mode, expected):
+    """--compile-mode is handed to torch.compile as its mode ("default" is torch's mode=None)."""
+    from siamkit.train.run import build_training
+
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: seen.update(kw) or module)
+    cfg = TrainConfig(image_size=[32, 32], compile=True, compile_mode=mode, device="cpu", cpu_tuning="off")
+    training = build_training(cfg, n_classes=4, in_channels=3, device=torch.device("cpu"), total=10)
+    assert seen == {"mode": expected}
+    assert training.step_fn is training.step_module  # what the stand-in compile returned

@@ -163,9 +163,12 @@ def build_training(
     # DDP runs the backbone passes; heads and loss run on the model itself (see TrainStep).
     runner = distributed.wrap_ddp(model, device) if ctx.enabled else None
     step_module = TrainStep(model, loss_fn, cfg.n_branches, runner, distributed.gather_with_grad if gather else None)
+    step_fn = step_module
+    if cfg.compile:  # torch.compile's own default mode is mode=None
+        step_fn = torch.compile(step_module, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
     return Training(
         cfg=cfg, device=device, ctx=ctx, model=model, step_module=step_module,
-        step_fn=torch.compile(step_module) if cfg.compile else step_module,
+        step_fn=step_fn,
         params=params, optimizer=optimizer, scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"),
         sync_bn=sync_bn, buffers=list(model.buffers()),

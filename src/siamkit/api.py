@@ -14,7 +14,8 @@ from .errors import SiamkitError
 from .eval.embed import embed_images
 from .eval.verification import pair_scores
 from .models.siamese import ModelSpec, SiameseNet
-from .checkpoint import load_checkpoint, resolve_checkpoint
+from .calibration import choose_threshold, run_calibration
+from .checkpoint import load_checkpoint, resolve_checkpoint, run_dir_of
 
 
 
@@ -34,8 +35,12 @@ class Verifier:
     """Embeds images and says whether two show the same identity, with the model's own preprocessing."""
 
     def __init__(self, model: SiameseNet, preprocess: Preprocess, threshold: float | None, score: str, device="cpu",
-                 flip: bool = False):
+                 flip: bool = False, calibration: dict | None = None):
         self.model, self.preprocess, self.threshold, self.score_name = model, preprocess, threshold, score
+        # The thresholds verify chooses from (calibration.py); a bare threshold is a calibration of its own.
+        if calibration is None and threshold is not None:
+            calibration = {"source": "the threshold given to Verifier", "threshold": threshold, "thresholds_at_far": {}}
+        self.calibration = calibration
         self.device = torch.device(device)
         self.flip = flip  # add mirrored images' embeddings, as the run did when it calibrated the threshold
 
@@ -71,21 +76,35 @@ class Verifier:
         s = pair_scores(ea, eb, self.score_name)
         return float(s[0]) if single else s
 
-    def verify(self, a, b, threshold: float | None = None) -> bool | np.ndarray:
-        """True where a and b show the same identity (score >= threshold)."""
-        t = self.threshold if threshold is None else threshold
-        if t is None:
-            raise SiamkitError("this checkpoint has no calibrated threshold (no held-out evaluation); pass threshold=")
+    def verify(self, a, b, threshold: float | None = None, far: float | None = None) -> bool | np.ndarray:
+        """True where a and b show the same identity (score >= threshold).
+
+        The threshold: ``threshold`` if given, else the one calibrated at false-accept rate ``far`` (1e-1, 1e-2,
+        1e-3: see ``calibration["thresholds_at_far"]``), else the calibrated accuracy-maximising one.
+        """
+        if threshold is not None and far is not None:
+            raise SiamkitError("pass threshold= or far=, not both")
+        t = threshold if threshold is not None else self.threshold_for(far)
         s = self.score(a, b)
         return bool(s >= t) if isinstance(s, float) else s >= t
 
+    def threshold_for(self, far: float | None = None) -> float:
+        """The calibrated threshold at false-accept rate ``far`` (None: the accuracy-maximising one)."""
+        if far is None and self.threshold is not None:
+            return self.threshold
+        return choose_threshold(self.calibration, far)[0]
+
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Verifier:
-    """A Verifier for a run folder (its best.pt or last.pt) or a checkpoint file."""
+    """A Verifier for a run folder (its best.pt or last.pt) or a checkpoint file.
+
+    Its thresholds: the run's calibration.json (evaluate --calibrate) if there is one, else the training's.
+    """
     model, ckpt = load_model(path, device)
-    threshold = ckpt.get("threshold")
+    calibration = run_calibration(run_dir_of(resolve_checkpoint(path)), ckpt)
+    threshold = None if calibration is None else calibration["threshold"]
     return Verifier(model, Preprocess.from_dict(ckpt["preprocess"]), threshold, ckpt.get("score", "cosine"), device,
-                    flip=run_flip(ckpt))
+                    flip=run_flip(ckpt), calibration=calibration)
 
 
 def run_flip(ckpt: dict) -> bool:

@@ -59,27 +59,52 @@ def _evaluate(args) -> int:
     device = resolve_device(args.device)
     model, ckpt = load_model(args.run, device)
     pre = Preprocess.from_dict(ckpt["preprocess"])
-    out = Path(args.out) if args.out else run_dir_of(resolve_checkpoint(args.run)) / "eval"
-    ds = load_source(args.data, pre)
+    run_dir = run_dir_of(resolve_checkpoint(args.run))
+    out = Path(args.out) if args.out else run_dir / "eval"
     score = args.score or ckpt.get("score", "cosine")
     flip = run_flip(ckpt) if args.flip is None else args.flip
+    if args.calibrate and (score != ckpt.get("score", "cosine") or flip != run_flip(ckpt)):
+        # verify scores with the run's own score and flip: thresholds found otherwise would not fit them.
+        raise SiamkitError("--calibrate finds thresholds for the run's own --score and --flip; drop those options")
+    ds = load_source(args.data, pre)
     result = evaluate(model, pre, ds, pairs_file=args.pairs, score=score, flip=flip, device=device, seed=args.seed)
     report = result.report
     write_report(report, result.scores, result.same, out, result.baseline_scores)
     print(f"{args.data}: {out / 'report.json'}")
     print(format_summary(report))
+    if args.calibrate:
+        from .calibration import calibration_entry, record_calibration, run_calibration
+
+        entry = calibration_entry(report, f"{args.data} (evaluate --calibrate)")
+        path = record_calibration(run_dir, entry, previous=run_calibration(run_dir, ckpt))
+        print(f"calibrated: {path} now holds these thresholds (the previous ones are kept in its history); "
+              f"verify uses them")
     return 0
 
 
 def _verify(args) -> int:
-    from .api import load
+    from . import load
+    from .calibration import choose_threshold
 
-    verifier = load(args.run, device="cpu")
-    threshold = args.threshold if args.threshold is not None else verifier.threshold
-    if threshold is None:
-        raise SiamkitError(f"{args.run} has no calibrated threshold (trained without held-out identities); pass --threshold")
+    if args.threshold is not None and args.far is not None:
+        raise SiamkitError("pass --threshold or --far, not both")
+    if (args.pairs is None) == (args.image2 is None):
+        raise SiamkitError("give two images, or --pairs PAIRS.csv --out DECISIONS.csv (not both)")
+    if args.pairs is not None and (args.out is None or args.image1 is not None):
+        raise SiamkitError("--pairs takes no image arguments and needs --out DECISIONS.csv")
+    verifier = load(args.run)
+    if args.threshold is not None:
+        threshold, what = args.threshold, "given with --threshold"
+    else:
+        threshold, what = choose_threshold(verifier.calibration, args.far)
+    if args.pairs is not None:
+        from .eval.decisions import verify_pairs_csv
+
+        verify_pairs_csv(verifier, args.pairs, args.out, threshold, what)
+        return 0
     s = verifier.score(args.image1, args.image2)
     print(f"score {s:.4f}  threshold {threshold:.4f}  {'SAME' if s >= threshold else 'DIFFERENT'}")
+    print(f"threshold: {what}")
     return 0
 
 
@@ -125,12 +150,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", choices=("cosine", "euclidean"), default=None, help="default: the model's own")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the impostor pairs (no --pairs)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="store this report's thresholds in the run (RUN/calibration.json, the previous ones kept "
+                        "in its history): verify then uses them")
 
     p = sub.add_parser("verify", help="do two images show the same identity?")
-    p.add_argument("run", help="run folder or checkpoint file")
-    p.add_argument("image1")
-    p.add_argument("image2")
-    p.add_argument("--threshold", type=float, default=None, help="default: the threshold calibrated in training")
+    p.add_argument("run", help="run folder, checkpoint file or exported .onnx file")
+    p.add_argument("image1", nargs="?")
+    p.add_argument("image2", nargs="?")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="default: the run's calibrated threshold (calibration.json, else the training's)")
+    p.add_argument("--far", type=float, default=None,
+                   help="use the threshold calibrated at this false-accept rate (1e-1, 1e-2 or 1e-3)")
+    p.add_argument("--pairs", default=None, metavar="PAIRS_CSV",
+                   help="verify many pairs: a CSV file of two image paths per row (relative to its folder)")
+    p.add_argument("--out", default=None, metavar="DECISIONS_CSV", help="with --pairs: score, threshold, decision")
 
     p = sub.add_parser("embed", help="write embeddings of a data set to an .npz file")
     p.add_argument("run", help="run folder or checkpoint file")

@@ -91,8 +91,22 @@ def format_summary(report: dict) -> str:
             f"(per fold, threshold chosen on the other folds)",
             f"threshold: {report['threshold']:.6g} (chosen on all pairs; score >= threshold means same)",
         ]
+        + _far_lines(report)
         + ([_baseline_line(report)] if "baseline" in report else [])
     )
+
+
+def _far_lines(report: dict) -> list[str]:
+    """One line per FAR operating point; a FAR that too few impostor pairs decide is named as such."""
+    lines = []
+    for key, t in report.get("thresholds_at_far", {}).items():
+        line = (f"FAR {key}:  threshold {t['threshold']:.6g} (measured FAR {t['far']:.2e}, TAR {t['tar']:.2%}, "
+                f"{t['n_impostor']} impostor pairs)")
+        if not t["supported"]:
+            line += (f"; fewer than 10/FAR = {10 / float(key):.0f} impostor pairs: not a measurement, "
+                     f"calibrate on more pairs (evaluate --calibrate)")
+        lines.append(line)
+    return lines
 
 
 def _baseline_line(report: dict) -> str:

@@ -100,7 +100,7 @@ def _train(cfg: TrainConfig, ctx, log_file: RunLogFile, *, resume: bool, overwri
                 report = _evaluate_held_out(run).report
                 if ctx.is_main and report["accuracy_mean"] > run.best_accuracy:
                     run.best_accuracy = report["accuracy_mean"]
-                    checkpoints.save_best(step, threshold=report["threshold"])
+                    checkpoints.save_best(step, threshold=report["threshold"], thresholds_at_far=report["thresholds_at_far"])
             if step % cfg.checkpoint_every == 0 and step < run.total:
                 checkpoints.save(step)
         if stopping:
@@ -119,7 +119,7 @@ def _train(cfg: TrainConfig, ctx, log_file: RunLogFile, *, resume: bool, overwri
     report, scores, same, baseline_scores = _evaluate_held_out(run)
     if ctx.is_main:
         write_report(report, scores, same, run.run_dir / "eval", baseline_scores)
-        checkpoints.save(step, threshold=report["threshold"])
+        checkpoints.save(step, threshold=report["threshold"], thresholds_at_far=report["thresholds_at_far"])
         print(f"held-out identities ({run.val_ds.n_identities}), {run.run_dir / 'eval' / 'report.json'}:")
         print(format_summary(report))
     distributed.barrier(ctx)

@@ -6,16 +6,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .data.sources import decode_image
-from .data.transforms import Preprocess, image_to_uint8
+from .data.transforms import Preprocess
 from .errors import SiamkitError
 from .eval.embed import embed_images
-from .eval.verification import pair_scores
 from .models.siamese import ModelSpec, SiameseNet
-from .calibration import choose_threshold, run_calibration
+from .calibration import run_calibration
 from .checkpoint import load_checkpoint, resolve_checkpoint, run_dir_of
+from .verifier import VerifierBase, image_pixels
 
 
 
@@ -31,7 +29,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     return model.to(device).eval(), ckpt
 
 
-class Verifier:
+class Verifier(VerifierBase):
     """Embeds images and says whether two show the same identity, with the model's own preprocessing."""
 
     def __init__(self, model: SiameseNet, preprocess: Preprocess, threshold: float | None, score: str, device="cpu",
@@ -45,54 +43,12 @@ class Verifier:
         self.flip = flip  # add mirrored images' embeddings, as the run did when it calibrated the threshold
 
     def _to_uint8(self, image) -> torch.Tensor:
-        if isinstance(image, (str, os.PathLike)):
-            try:
-                return decode_image(image, self.preprocess)
-            except ValueError as e:
-                raise SiamkitError(f"cannot read image {image}: {e}") from None
-            except FileNotFoundError:
-                raise SiamkitError(f"image {image} does not exist") from None
-        if isinstance(image, torch.Tensor):
-            image = image.detach().cpu().numpy()
-            if image.ndim == 3 and image.shape[0] in (1, 3):
-                image = image.transpose(1, 2, 0)
-        if isinstance(image, np.ndarray):
-            if image.dtype != np.uint8:
-                image = np.clip(np.rint(image * 255.0 if image.max() <= 1.0 else image), 0, 255).astype(np.uint8)
-            image = Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[-1] == 1 else image)
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"cannot embed a {type(image).__name__}; pass paths, PIL images, arrays or tensors")
-        return image_to_uint8(image, self.preprocess)
+        return torch.from_numpy(image_pixels(image, self.preprocess))
 
     def embed(self, images: Sequence, flip: bool | None = None) -> np.ndarray:
         """Embeddings [N, D] of image paths, PIL images, HxW(xC) arrays or CxHxW tensors (flip None: the run's)."""
         batch = torch.stack([self._to_uint8(im) for im in images])
         return embed_images(self.model, batch, self.preprocess, self.device, flip=self.flip if flip is None else flip)
-
-    def score(self, a, b) -> float | np.ndarray:
-        """Similarity of a and b (higher = more alike); a list of images on each side gives an array."""
-        single = not isinstance(a, (list, tuple))
-        ea, eb = self.embed([a] if single else a), self.embed([b] if single else b)
-        s = pair_scores(ea, eb, self.score_name)
-        return float(s[0]) if single else s
-
-    def verify(self, a, b, threshold: float | None = None, far: float | None = None) -> bool | np.ndarray:
-        """True where a and b show the same identity (score >= threshold).
-
-        The threshold: ``threshold`` if given, else the one calibrated at false-accept rate ``far`` (1e-1, 1e-2,
-        1e-3: see ``calibration["thresholds_at_far"]``), else the calibrated accuracy-maximising one.
-        """
-        if threshold is not None and far is not None:
-            raise SiamkitError("pass threshold= or far=, not both")
-        t = threshold if threshold is not None else self.threshold_for(far)
-        s = self.score(a, b)
-        return bool(s >= t) if isinstance(s, float) else s >= t
-
-    def threshold_for(self, far: float | None = None) -> float:
-        """The calibrated threshold at false-accept rate ``far`` (None: the accuracy-maximising one)."""
-        if far is None and self.threshold is not None:
-            return self.threshold
-        return choose_threshold(self.calibration, far)[0]
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Verifier:

@@ -7,10 +7,11 @@ import warnings
 from pathlib import Path
 
 from ._version import __version__
-from .config import GROUPS, RECIPES, TrainConfig, sources_help
-from .data.sources import source_of
 from .errors import SiamkitError
-from .options import add_arguments
+
+# Commands whose parser needs no PyTorch: an exported .onnx model verifies in an environment without it.
+TORCH_FREE_COMMANDS = ("verify",)
+TRAIN_HELP = "train a Siamese network, then evaluate it on held-out identities"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,7 +23,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _train_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("train", help="train a Siamese network, then evaluate it on held-out identities",
+    from .config import GROUPS, RECIPES, TrainConfig
+    from .options import add_arguments
+
+    p = sub.add_parser("train", help=TRAIN_HELP,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     groups = {name: p.add_argument_group(name) for name in GROUPS}
     add_arguments(p, TrainConfig, groups)
@@ -40,6 +44,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
+    from .config import TrainConfig
     from .train.loop import train
 
     cfg = TrainConfig.from_dict(vars(args))  # the parser's other options (--resume, ...) are not config
@@ -108,6 +113,26 @@ def _verify(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .export import check_images, export_run, same_decisions
+    from .api import load_model
+
+    if args.format == "onnx" and not args.out.lower().endswith(".onnx"):
+        raise SiamkitError(f"--out {args.out} must end in .onnx (siamkit.load and verify recognise the file by it)")
+    _, ckpt = load_model(args.run)
+    ds, what = check_images(ckpt, args.data)
+    result = export_run(args.run, args.format, args.out, ds.images)
+    meta = result["metadata"]
+    line = (f"{args.format} export -> {args.out}; checked on {len(ds)} images ({what}): max abs difference "
+            f"{result['max_abs_diff']:.1e} (limit 1e-4)")
+    if meta["calibration"] is not None:
+        differ, n = same_decisions(ds, result["exported"], result["reference"], meta["score"],
+                                   meta["calibration"]["threshold"])
+        line += f"; {n - differ} of {n} pair decisions the same"
+    print(line)
+    return 0
+
+
 def _embed(args) -> int:
     import io
 
@@ -134,11 +159,16 @@ def _embed(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
+    """The command line; ``torch_free``: only the parts the TORCH_FREE_COMMANDS need are complete."""
     parser = _Parser(prog="siamkit", description="Train and evaluate Siamese networks for verification.")
     parser.add_argument("--version", action="version", version=f"siamkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    parser.train_parser = _train_parser(sub)
+    parser.train_parser = sub.add_parser("train", help=TRAIN_HELP) if torch_free else _train_parser(sub)
+    if torch_free:
+        sources_help = lambda: "a data folder or built-in source"  # noqa: E731
+    else:
+        from .config import sources_help
 
     p = sub.add_parser("evaluate", help="verification report of a trained model on a data set")
     p.add_argument("run", help="run folder or checkpoint file")
@@ -166,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="verify many pairs: a CSV file of two image paths per row (relative to its folder)")
     p.add_argument("--out", default=None, metavar="DECISIONS_CSV", help="with --pairs: score, threshold, decision")
 
+    p = sub.add_parser("export", help="export the embedding network (ONNX or TorchScript) with its preprocessing "
+                                      "and thresholds, checked against PyTorch on the spot")
+    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument("--out", required=True, help="FILE.onnx, or FILE.pt for TorchScript (metadata in FILE.pt.json)")
+    p.add_argument("--data", default=None, help="images to check the export on (default: the run's held-out identities)")
+
     p = sub.add_parser("embed", help="write embeddings of a data set to an .npz file")
     p.add_argument("run", help="run folder or checkpoint file")
     p.add_argument("--data", required=True)
@@ -178,9 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, with `train`'s options resolved: flags > --config file or --recipe > TrainConfig defaults."""
-    parser = build_parser()
+    words = [w for w in (sys.argv[1:] if argv is None else argv) if not w.startswith("-")]
+    parser = build_parser(torch_free=bool(words) and words[0] in TORCH_FREE_COMMANDS)
     args = parser.parse_args(argv)
     if args.command == "train":
+        from .config import RECIPES, TrainConfig
+        from .data.sources import source_of
+
         if args.config:
             start = TrainConfig.read_options(args.config)
         else:
@@ -197,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
     try:
         args = parse_args(argv)
-        return {"train": _train, "evaluate": _evaluate, "verify": _verify, "embed": _embed}[args.command](args)
+        return {"train": _train, "evaluate": _evaluate, "verify": _verify, "embed": _embed,
+                "export": _export}[args.command](args)
     except SiamkitError as e:
         print(f"siamkit: error: {e}", file=sys.stderr)
         return 2

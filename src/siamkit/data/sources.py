@@ -17,14 +17,10 @@ import torch
 from PIL import Image
 
 from ..errors import SiamkitError, warn
+from .pixels import MAX_IMAGE_PIXELS, PILLOW_FORMATS, decode_image_array  # noqa: F401 (imported from here)
 from .transforms import Preprocess, image_to_uint8
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
-# The Pillow decoders tried on a file, whatever its extension: the formats above and no others (e.g. not EPS,
-# which hands the file to Ghostscript), so a disguised file meets only the common, well-fuzzed decoders.
-PILLOW_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP", "GIF")
-# Refuse images above this many pixels before decoding them (decompression-bomb guard).
-MAX_IMAGE_PIXELS = 40_000_000
 # Keep decoded images in memory only while they take at most this share of the machine's RAM.
 MAX_MEMORY_SHARE = 0.5
 
@@ -172,30 +168,7 @@ def _is_file(entry: os.DirEntry) -> bool:
 
 def decode_image(path: str | os.PathLike, pre: Preprocess) -> torch.Tensor:
     """Decode one image file; raise ValueError with a short reason if it is unusable."""
-    try:
-        with Image.open(path, formats=PILLOW_FORMATS) as img:
-            w, h = img.size
-            if w * h > MAX_IMAGE_PIXELS:
-                raise ValueError(f"{w}x{h} pixels is too large (limit {MAX_IMAGE_PIXELS:,})")
-            if w == 0 or h == 0:
-                raise ValueError("image has no pixels")
-            img.load()
-            return image_to_uint8(img, pre)
-    except ValueError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"too large, refused before decoding ({_first_line(e)})") from None
-    except (OSError, SyntaxError) as e:
-        raise ValueError(_first_line(e)) from None
-    except MemoryError:
-        raise ValueError("too large to decode in memory") from None
-    except Exception as e:  # Pillow's decoders raise many types on crafted files (struct.error, IndexError...)
-        raise ValueError(f"not a decodable image ({type(e).__name__}: {_first_line(e)})") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
+    return torch.from_numpy(decode_image_array(path, pre))
 
 
 def load_folder(root: str | os.PathLike, pre: Preprocess) -> IdentityDataset:

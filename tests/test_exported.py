@@ -1,0 +1,115 @@
+"""An exported .onnx model through onnxruntime (exported.py): the run's decisions, in a process without torch."""
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+pytest.importorskip("onnxruntime", reason='the export tests need the export extra: pip install -e ".[test]"')
+
+# A meta-path finder that makes torch and torchvision unimportable, as in an environment without them.
+BLOCKER = textwrap.dedent('''
+    import sys
+
+    class _NoTorch:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "torchvision"):
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked: siamkit runs here without torch)", name=name)
+            return None
+
+    sys.meta_path.insert(0, _NoTorch())
+''')
+
+
+@pytest.fixture
+def no_torch(tmp_path):
+    """Environment for run_cli in which `import torch` fails (a sitecustomize on PYTHONPATH installs the blocker)."""
+    import os
+
+    from conftest import REPO
+
+    (tmp_path / "blocker").mkdir()
+    (tmp_path / "blocker" / "sitecustomize.py").write_text(BLOCKER)
+    path = os.pathsep.join([str(tmp_path / "blocker"), str(REPO / "src"), os.environ.get("PYTHONPATH", "")])
+    return {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+def python(code: str, env: dict):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+def test_the_blocker_blocks(no_torch):
+    r = python("import torch", no_torch)
+    assert r.returncode != 0 and "blocked: siamkit runs here without torch" in r.stderr
+    r = python("import torchvision.models", no_torch)
+    assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr
+
+
+def test_verify_an_onnx_file_without_torch_gives_the_runs_decision(trained_run, onnx_file, att_faces, no_torch,
+                                                                 capsys):
+    from siamkit.cli import main
+
+    pairs = [("s1/1.pgm", "s1/2.pgm"), ("s1/1.pgm", "s2/1.pgm"), ("s35/3.pgm", "s35/7.pgm"), ("s36/1.pgm", "s37/1.pgm")]
+    for a, b in pairs:
+        a, b = str(att_faces / a), str(att_faces / b)
+        r = run_cli("verify", str(onnx_file), a, b, env=no_torch)
+        assert r.returncode == 0, r.stderr
+        assert main(["verify", str(trained_run), a, b]) == 0
+        run_words, onnx_words = capsys.readouterr().out.split(), r.stdout.split()
+        assert onnx_words[4] == run_words[4]  # SAME / DIFFERENT
+        assert onnx_words[3] == run_words[3]  # the threshold, from the file's metadata
+        # Scores printed with 4 decimals; embeddings agree to 1e-4, so the scores to within a last-digit step.
+        assert float(onnx_words[1]) == pytest.approx(float(run_words[1]), abs=2e-4)
+        assert "calibrated on held-out identities at the end of training" in r.stdout
+
+
+def test_python_api_and_pairs_csv_without_torch(trained_run, onnx_file, att_faces, no_torch, tmp_path):
+    import siamkit
+
+    images = [str(att_faces / f"s{p}" / f"{i}.pgm") for p in (3, 4) for i in (1, 2, 3)]
+    (tmp_path / "pairs.csv").write_text("".join(f"{a},{b}\n" for a in images for b in images if a < b))
+    code = textwrap.dedent(f'''
+        import json, sys
+        import siamkit
+        from siamkit.cli import main
+        v = siamkit.load({str(onnx_file)!r})
+        emb = v.embed({images!r})
+        same = [bool(v.verify({images[0]!r}, im, far=1e-1)) for im in {images!r}]
+        assert main(["verify", {str(onnx_file)!r}, "--pairs", {str(tmp_path / "pairs.csv")!r},
+                     "--out", {str(tmp_path / "d.csv")!r}, "--far", "1e-1"]) == 0
+        assert not any(m.split(".")[0] in ("torch", "torchvision") for m in sys.modules)
+        print(json.dumps({{"emb": emb.tolist(), "same": same}}))
+    ''')
+    r = python(code, no_torch)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    v = siamkit.load(trained_run)
+    assert np.abs(np.array(got["emb"]) - v.embed(images)).max() < 1e-4  # the export's parity bound
+    assert got["same"] == [bool(v.verify(images[0], im, far=1e-1)) for im in images]
+    rows = (tmp_path / "d.csv").read_text().splitlines()
+    assert rows[0] == "image1,image2,score,threshold,decision" and len(rows) == 1 + 15
+
+
+def test_files_that_are_not_siamkit_exports_are_refused(onnx_file, tmp_path, no_torch):
+    import onnx
+
+    bad = tmp_path / "garbage.onnx"
+    bad.write_bytes(b"not a protobuf at all" * 10)
+    model = onnx.load(str(onnx_file))
+    del model.metadata_props[:]
+    onnx.save(model, str(tmp_path / "foreign.onnx"))
+    image = str(tmp_path / "garbage.onnx")
+    for path, message in [(bad, "is not a readable ONNX model"), (tmp_path / "foreign.onnx", "not one siamkit exported"),
+                          (tmp_path / "missing.onnx", "does not exist")]:
+        r = run_cli("verify", str(path), image, image, env=no_torch)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("siamkit: error:")

@@ -68,6 +68,10 @@ def _evaluate(args) -> int:
     out = Path(args.out) if args.out else run_dir / "eval"
     score = args.score or ckpt.get("score", "cosine")
     flip = run_flip(ckpt) if args.flip is None else args.flip
+    if args.protocol == "identification":
+        return _evaluate_identification(args, model, ckpt, pre, device, out)
+    if args.data is None:
+        raise SiamkitError("evaluate needs --data (or --protocol identification with --gallery and --probes)")
     if args.calibrate and (score != ckpt.get("score", "cosine") or flip != run_flip(ckpt)):
         # verify scores with the run's own score and flip: thresholds found otherwise would not fit them.
         raise SiamkitError("--calibrate finds thresholds for the run's own --score and --flip; drop those options")
@@ -133,6 +137,116 @@ def _export(args) -> int:
     return 0
 
 
+def _embed_dataset(verifier, ds, progress: bool = True):
+    """Embeddings of an IdentityDataset with a run's Verifier, in chunks behind a progress bar."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from .eval.embed import embed_images
+
+    chunks = [embed_images(verifier.model, ds.images[i:i + 256], verifier.preprocess, verifier.device, flip=verifier.flip)
+              for i in tqdm(range(0, len(ds), 256), desc="embed", unit="chunk", disable=not progress)]
+    return np.concatenate(chunks)
+
+
+def _enroll(args) -> int:
+    from pathlib import Path as _Path
+
+    from .gallery import GALLERY_FILE, load_gallery, model_probe, new_gallery, save_gallery
+
+    out = _Path(args.out)
+    if args.remove:
+        gallery = load_gallery(out)
+        for name in args.remove:
+            gallery = gallery.remove(name)
+        save_gallery(gallery, out)
+        print(f"removed {', '.join(args.remove)}: {len(gallery.names)} identities ({len(gallery.labels)} images) "
+              f"in {out / GALLERY_FILE}")
+        return 0
+    if args.run is None or args.data is None:
+        raise SiamkitError("enroll needs RUN and --data GALLERY_FOLDER (or --remove NAME)")
+    if (out / GALLERY_FILE).exists() and not args.add:
+        raise SiamkitError(f"{out / GALLERY_FILE} exists; pass --add to add people to it, or another --out")
+    from .api import load
+    from .data.sources import load_source
+
+    verifier = load(args.run)
+    probe = model_probe(verifier)
+    if args.add:
+        gallery = load_gallery(out)
+        gallery.check_model(probe, args.run)  # before embedding anything
+    ds = load_source(args.data, verifier.preprocess)
+    new = new_gallery(_embed_dataset(verifier, ds, not args.no_progress), ds.labels, ds.names,
+                      [str(_Path(ds.root) / p) if ds.root else p for p in ds.paths], score=verifier.score_name,
+                      model=str(_Path(args.run).resolve()), probe_embedding=probe,
+                      preprocess=verifier.preprocess.to_dict(), calibration=verifier.calibration)
+    gallery = gallery.add(new) if args.add else new
+    save_gallery(gallery, out)
+    print(f"enrolled {len(ds.names)} identities ({len(ds)} images) from {args.data}: {len(gallery.names)} identities "
+          f"({len(gallery.labels)} images) in {out / GALLERY_FILE}")
+    return 0
+
+
+def _identify(args) -> int:
+    from . import load
+    from .calibration import choose_threshold
+    from .gallery import load_gallery, model_probe
+
+    if args.top_k < 1:
+        raise SiamkitError(f"--top-k must be at least 1, got {args.top_k}")
+    gallery = load_gallery(args.gallery)
+    model = args.model or gallery.meta["model"]
+    verifier = load(model)
+    gallery.check_model(model_probe(verifier), model)
+    if args.threshold is not None:
+        threshold, what = args.threshold, "given with --threshold"
+    else:
+        threshold, what = choose_threshold(verifier.calibration, args.far)
+    ids, scores = gallery.search(verifier.embed(args.images), args.top_k, args.backend)
+    for image, row_ids, row_scores in zip(args.images, ids, scores):
+        best, best_score = gallery.names[row_ids[0]], row_scores[0]
+        verdict = best if best_score >= threshold else f"unknown (best {best} {best_score:.4f} < threshold)"
+        top = ", ".join(f"{gallery.names[i]} {s:.4f}" for i, s in zip(row_ids, row_scores))
+        print(f"{image}: {verdict}\n  top-{len(row_ids)}: {top}")
+    print(f"threshold {threshold:.6g}: {what}")
+    return 0
+
+
+def _evaluate_identification(args, model, ckpt, pre, device, out) -> int:
+    import numpy as np
+
+    from .data.sources import load_source
+    from .eval.baseline import pixel_embeddings
+    from .eval.embed import embed_images
+    from .eval.identification import format_identification, identification_report
+    from .fileio import atomic_write_json
+    from .gallery import exact_scores
+    from .api import run_flip
+
+    if not args.gallery or not args.probes:
+        raise SiamkitError("--protocol identification needs --gallery FOLDER and --probes FOLDER")
+    gallery, probes = load_source(args.gallery, pre), load_source(args.probes, pre)
+    score = args.score or ckpt.get("score", "cosine")
+    flip = run_flip(ckpt) if args.flip is None else args.flip
+    g_emb = embed_images(model, gallery.images, pre, device, flip=flip)
+    p_emb = embed_images(model, probes.images, pre, device, flip=flip)
+    index = {name: i for i, name in enumerate(gallery.names)}
+    probe_ids = np.array([index.get(probes.names[label], -1) for label in probes.labels])
+    if not (probe_ids >= 0).any():
+        raise SiamkitError(f"no probe in {args.probes} shows anyone enrolled in {args.gallery} (identities are "
+                           f"matched by folder name)")
+    report = identification_report(exact_scores(p_emb, g_emb, score), gallery.labels, gallery.n_identities,
+                                   probe_ids)
+    report["score"] = score
+    pixels = identification_report(exact_scores(pixel_embeddings(probes.images), pixel_embeddings(gallery.images),
+                                                 "cosine"), gallery.labels, gallery.n_identities, probe_ids)
+    report["baseline"] = {key: pixels[key] for key in ("rank1", "rank5", "cmc", "map", "open_set") if key in pixels}
+    atomic_write_json(out / "identification.json", report)
+    print(f"gallery {args.gallery}, probes {args.probes}: {out / 'identification.json'}")
+    print(format_identification(report, report["baseline"]))
+    return 0
+
+
 def _embed(args) -> int:
     import io
 
@@ -172,8 +286,13 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="verification report of a trained model on a data set")
     p.add_argument("run", help="run folder or checkpoint file")
-    p.add_argument("--data", required=True, help=sources_help())
+    p.add_argument("--data", default=None, help=sources_help())
     p.add_argument("--pairs", default=None, help="LFW-format pairs.txt (folds = its sets)")
+    p.add_argument("--protocol", choices=("verification", "identification"), default="verification",
+                   help="identification: 1:N search of --probes against --gallery (rank-1/5, CMC, mAP, open set)")
+    p.add_argument("--gallery", default=None, help="identification: folder of enrolled identities")
+    p.add_argument("--probes", default=None,
+                   help="identification: folder of probe images (identities not in --gallery are unknowns)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="add the embedding of the mirrored image (default: as the run calibrated its threshold)")
     p.add_argument("--out", default=None, help="report folder (default: RUN/eval)")
@@ -202,6 +321,25 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     p.add_argument("--out", required=True, help="FILE.onnx, or FILE.pt for TorchScript (metadata in FILE.pt.json)")
     p.add_argument("--data", default=None, help="images to check the export on (default: the run's held-out identities)")
+
+    p = sub.add_parser("enroll", help="embed a folder-per-identity gallery into an index on disk, for identify")
+    p.add_argument("run", nargs="?", help="run folder or checkpoint file")
+    p.add_argument("--data", default=None, help="folder of identity sub-folders to enroll")
+    p.add_argument("--out", required=True, metavar="GALLERY_DIR", help="where the gallery lives (gallery.npz)")
+    p.add_argument("--add", action="store_true", help="add --data's people to the gallery in --out")
+    p.add_argument("--remove", action="append", default=None, metavar="NAME", help="take a person out (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("identify", help="who, of an enrolled gallery, is in each image? (top-k, or unknown)")
+    p.add_argument("gallery", metavar="GALLERY_DIR")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--threshold", type=float, default=None, help="below it a probe is unknown (default: the "
+                   "model's calibrated threshold)")
+    p.add_argument("--far", type=float, default=None, help="use the threshold calibrated at this false-accept rate")
+    p.add_argument("--backend", choices=("exact", "faiss", "hnsw"), default="exact",
+                   help="exact: one matrix product; faiss / hnsw: faiss-cpu's exact or HNSW index")
+    p.add_argument("--model", default=None, help="default: the model the gallery was enrolled with")
 
     p = sub.add_parser("embed", help="write embeddings of a data set to an .npz file")
     p.add_argument("run", help="run folder or checkpoint file")
@@ -239,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         return {"train": _train, "evaluate": _evaluate, "verify": _verify, "embed": _embed,
-                "export": _export}[args.command](args)
+                "export": _export, "enroll": _enroll, "identify": _identify}[args.command](args)
     except SiamkitError as e:
         print(f"siamkit: error: {e}", file=sys.stderr)
         return 2

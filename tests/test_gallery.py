@@ -183,3 +183,23 @@ def test_evaluate_identification_on_att(trained_run, att_faces, tmp_path, capsys
     assert [o["supported"] for o in report["open_set"].values()] == [False, False, False, True]
     out = capsys.readouterr().out
     assert "needs at least 100 unknown probes" in out and "pixels:" in out and "rank-1" in out
+
+
+def test_verifier_identify(trained_run, att_faces, tmp_path):
+    import siamkit
+    from siamkit.cli import main
+
+    folder = people(tmp_path / "g", att_faces, ["s31", "s32", "s33"], range(1, 6))
+    assert main(["enroll", str(trained_run), "--data", str(folder), "--out", str(tmp_path / "gal"),
+                 "--no-progress"]) == 0
+    v = siamkit.load(trained_run)
+    probes = [str(att_faces / "s32" / "8.pgm"), str(att_faces / "s39" / "8.pgm")]
+    got = v.identify(probes, tmp_path / "gal", k=2, threshold=0.5)
+    g = load_gallery(tmp_path / "gal")
+    ids, scores = g.search(v.embed(probes), 2)
+    for r, row, s in zip(got, ids, scores):
+        assert [name for name, _ in r["top_k"]] == [g.names[i] for i in row]
+        assert r["identity"] == (g.names[row[0]] if s[0] >= 0.5 else None) and r["score"] == pytest.approx(s[0])
+    # With far=, the run's calibrated threshold at that FAR decides who is unknown.
+    t = v.threshold_for(1e-1)
+    assert [r["identity"] is None for r in v.identify(probes, g, far=1e-1)] == [s[0] < t for s in scores]

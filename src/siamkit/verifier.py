@@ -74,3 +74,21 @@ class VerifierBase:
         if far is None and self.threshold is not None:
             return self.threshold
         return choose_threshold(self.calibration, far)[0]
+
+    def identify(self, images: Sequence, gallery, k: int = 5, threshold: float | None = None,
+                 far: float | None = None, backend: str = "exact") -> list[dict]:
+        """Who of ``gallery`` (a folder written by siamkit enroll, or a gallery.Gallery) is in each image?
+
+        One dict per image: ``identity`` (None when the best score is below the threshold: unknown), ``score``
+        (the best identity's) and ``top_k`` ([(name, score), ...], best first). The threshold as in ``verify``.
+        """
+        from .gallery import Gallery, load_gallery, model_probe
+
+        g = gallery if isinstance(gallery, Gallery) else load_gallery(gallery)
+        g.check_model(model_probe(self), "this model")
+        if threshold is not None and far is not None:
+            raise SiamkitError("pass threshold= or far=, not both")
+        t = threshold if threshold is not None else self.threshold_for(far)
+        ids, scores = g.search(self.embed(list(images)), k, backend)
+        return [{"identity": g.names[row[0]] if s[0] >= t else None, "score": float(s[0]),
+                 "top_k": [(g.names[i], float(x)) for i, x in zip(row, s)]} for row, s in zip(ids, scores)]

@@ -175,34 +175,54 @@ def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def exact_scores(probes: np.ndarray, vectors: np.ndarray, score: str) -> np.ndarray:
     """[P, V] similarities by one matrix product (cosine: of the normalised rows; euclidean: minus the distance)."""
-    p, v = np.asarray(probes, dtype=np.float32), np.asarray(vectors, dtype=np.float32)
-    if score == "cosine":
-        return normalise_rows(p) @ normalise_rows(v).T
-    if score == "euclidean":
-        sq = (p * p).sum(1)[:, None] + (v * v).sum(1)[None, :] - 2 * (p @ v.T)
-        return -np.sqrt(np.maximum(sq, 0))
-    raise ValueError(f"unknown score {score!r}")
+    index = ExactIndex(vectors, np.arange(len(vectors)), len(vectors), score)
+    return index._scores(np.atleast_2d(np.asarray(probes, dtype=np.float32)))
 
 
 def search(probes: np.ndarray, vectors: np.ndarray, owner: np.ndarray, n_ids: int, k: int, score: str,
            backend: str = "exact") -> tuple[np.ndarray, np.ndarray]:
     """Top-k identities (by each identity's best vector) for every probe: (ids [P, k], scores [P, k])."""
+    return make_index(vectors, owner, n_ids, score, backend).search(probes, k)
+
+
+def make_index(vectors: np.ndarray, owner: np.ndarray, n_ids: int, score: str, backend: str = "exact"):
+    """An index over the gallery's vectors: ExactIndex, or FaissIndex (backend "faiss": exact, "hnsw": approximate)."""
     if backend not in BACKENDS:
         raise SiamkitError(f"unknown search backend {backend!r}; use one of {', '.join(BACKENDS)}")
-    probes = np.atleast_2d(np.asarray(probes, dtype=np.float32))
-    k = min(k, n_ids)
-    if k < 1:
+    if n_ids < 1:
         raise SiamkitError("the gallery is empty; enroll people first")
-    if backend != "exact":
-        return FaissIndex(vectors, owner, n_ids, score, hnsw=backend == "hnsw").search(probes, k)
-    rows = max(1, _CHUNK_ELEMENTS // max(len(vectors), 1))
-    ids, scores = [], []
-    for start in range(0, len(probes), rows):
-        s = _by_identity(exact_scores(probes[start:start + rows], vectors, score), owner, n_ids)
-        i, t = _top_k(s, k)
-        ids.append(i)
-        scores.append(t)
-    return np.concatenate(ids), np.concatenate(scores)
+    if backend == "exact":
+        return ExactIndex(vectors, owner, n_ids, score)
+    return FaissIndex(vectors, owner, n_ids, score, hnsw=backend == "hnsw")
+
+
+class ExactIndex:
+    """Exact search by one matrix product per block of probes (the vectors are normalised once, for cosine)."""
+
+    def __init__(self, vectors: np.ndarray, owner: np.ndarray, n_ids: int, score: str):
+        if score not in ("cosine", "euclidean"):
+            raise ValueError(f"unknown score {score!r}")
+        v = np.asarray(vectors, dtype=np.float32)
+        self.vectors = normalise_rows(v) if score == "cosine" else v
+        self.sq_norms = None if score == "cosine" else (v * v).sum(1)
+        self.owner, self.n_ids, self.score = np.asarray(owner), n_ids, score
+
+    def _scores(self, p: np.ndarray) -> np.ndarray:
+        if self.score == "cosine":
+            return normalise_rows(p) @ self.vectors.T
+        sq = (p * p).sum(1)[:, None] + self.sq_norms[None, :] - 2 * (p @ self.vectors.T)
+        return -np.sqrt(np.maximum(sq, 0))
+
+    def search(self, probes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        probes = np.atleast_2d(np.asarray(probes, dtype=np.float32))
+        k = min(k, self.n_ids)
+        rows = max(1, _CHUNK_ELEMENTS // max(len(self.vectors), 1))
+        ids, scores = [], []
+        for start in range(0, len(probes), rows):
+            i, t = _top_k(_by_identity(self._scores(probes[start:start + rows]), self.owner, self.n_ids), k)
+            ids.append(i)
+            scores.append(t)
+        return np.concatenate(ids), np.concatenate(scores)
 
 
 class FaissIndex:
@@ -230,6 +250,8 @@ class FaissIndex:
         self.per_identity = int(np.bincount(self.owner, minlength=n_ids).max())
 
     def search(self, probes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        probes = np.atleast_2d(np.asarray(probes, dtype=np.float32))
+        k = min(k, self.n_ids)
         p = np.ascontiguousarray(normalise_rows(probes) if self.score == "cosine" else probes, dtype=np.float32)
         # The k best identities' best vectors lie within the first (k - 1) * per_identity + 1 vectors.
         kk = min(self.index.ntotal, k * self.per_identity)

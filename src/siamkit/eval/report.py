@@ -19,6 +19,12 @@ def _png(fig: Figure) -> bytes:
 
 
 def _roc_png(report: dict, scores: np.ndarray, same: np.ndarray, baseline_scores: np.ndarray | None) -> bytes:
+    return _png(roc_figure(report, scores, same, baseline_scores))
+
+
+def roc_figure(report: dict, scores, same, baseline_scores=None) -> Figure:
+    """The ROC of roc.png as a matplotlib Figure (TensorBoard draws it too)."""
+    scores, same = np.asarray(scores, dtype=np.float64), np.asarray(same).astype(bool)
     far, tar, _ = roc_curve(scores, same)
     n_impostor = int(np.count_nonzero(~same))
     # A log axis cannot show FAR = 0; start half a step below the smallest reachable FAR instead.
@@ -42,7 +48,7 @@ def _roc_png(report: dict, scores: np.ndarray, same: np.ndarray, baseline_scores
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    return _png(fig)
+    return fig
 
 
 def _scores_png(report: dict, scores: np.ndarray, same: np.ndarray) -> bytes:

@@ -113,3 +113,37 @@ def test_files_that_are_not_siamkit_exports_are_refused(onnx_file, tmp_path, no_
         r = run_cli("verify", str(path), image, image, env=no_torch)
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("siamkit: error:")
+
+
+def test_identify_with_the_onnx_export_without_torch(trained_run, onnx_file, att_faces, no_torch, tmp_path, capsys):
+    """A gallery enrolled with the run is searched with its ONNX export (it embeds the same), without torch."""
+    from siamkit.cli import main
+
+    folder = tmp_path / "g"
+    for name in ("s31", "s32", "s33"):
+        (folder / name).mkdir(parents=True)
+        for i in range(1, 4):
+            (folder / name / f"{i}.pgm").symlink_to(att_faces / name / f"{i}.pgm")
+    assert main(["enroll", str(trained_run), "--data", str(folder), "--out", str(tmp_path / "gal"),
+                 "--no-progress"]) == 0
+    probes = [str(att_faces / "s32" / "7.pgm"), str(att_faces / "s38" / "7.pgm")]
+    capsys.readouterr()
+    assert main(["identify", str(tmp_path / "gal"), *probes, "--top-k", "3"]) == 0
+    with_run = capsys.readouterr().out.splitlines()
+    r = run_cli("identify", str(tmp_path / "gal"), *probes, "--top-k", "3", "--model", str(onnx_file), env=no_torch)
+    assert r.returncode == 0, r.stderr
+    with_onnx = r.stdout.splitlines()
+    import re
+
+    def words(line):
+        return [w for w in line.split() if not re.fullmatch(r"-?\d+\.\d+[,:]?", w)]
+
+    def numbers(line):
+        return [float(w.rstrip(",:")) for w in line.split() if re.fullmatch(r"-?\d+\.\d+[,:]?", w)]
+
+    assert len(with_run) == len(with_onnx) == 5  # two probes x (verdict, top-k) + the threshold line
+    for a, b in zip(with_run, with_onnx):
+        # The same identities in the same order; scores printed with 4 decimals agree within a last-digit step
+        # (the export's embeddings are within 1e-4 of the run's).
+        assert words(a) == words(b)
+        np.testing.assert_allclose(numbers(a), numbers(b), atol=2e-4)

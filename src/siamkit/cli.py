@@ -1,4 +1,5 @@
-"""Command line: siamkit train | evaluate | verify | embed. The train options are generated from TrainConfig."""
+"""Command line: siamkit train | evaluate | verify | export | enroll | identify | embed. The train options are generated
+from TrainConfig."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,7 @@ from ._version import __version__
 from .errors import SiamkitError
 
 # Commands whose parser needs no PyTorch: an exported .onnx model verifies in an environment without it.
-TORCH_FREE_COMMANDS = ("verify",)
+TORCH_FREE_COMMANDS = ("verify", "identify")
 TRAIN_HELP = "train a Siamese network, then evaluate it on held-out identities"
 
 

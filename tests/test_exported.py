@@ -147,3 +147,10 @@ def test_identify_with_the_onnx_export_without_torch(trained_run, onnx_file, att
         # (the export's embeddings are within 1e-4 of the run's).
         assert words(a) == words(b)
         np.testing.assert_allclose(numbers(a), numbers(b), atol=2e-4)
+
+
+def test_api_load_dispatches_an_onnx_file_too(onnx_file):
+    from siamkit.api import load
+    from siamkit.exported import ExportedVerifier
+
+    assert isinstance(load(onnx_file), ExportedVerifier)

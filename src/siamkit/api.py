@@ -13,6 +13,7 @@ from .eval.embed import embed_images
 from .models.siamese import ModelSpec, SiameseNet
 from .calibration import run_calibration
 from .checkpoint import load_checkpoint, resolve_checkpoint, run_dir_of
+from .exported import is_exported, load_exported
 from .verifier import VerifierBase, image_pixels
 
 
@@ -51,11 +52,14 @@ class Verifier(VerifierBase):
         return embed_images(self.model, batch, self.preprocess, self.device, flip=self.flip if flip is None else flip)
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Verifier:
-    """A Verifier for a run folder (its best.pt or last.pt) or a checkpoint file.
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> VerifierBase:
+    """A Verifier for a run folder (its best.pt or last.pt) or a checkpoint file; an ExportedVerifier for an
+    exported .onnx file (siamkit.load reaches it without importing torch).
 
     Its thresholds: the run's calibration.json (evaluate --calibrate) if there is one, else the training's.
     """
+    if is_exported(path):
+        return load_exported(path)
     model, ckpt = load_model(path, device)
     calibration = run_calibration(run_dir_of(resolve_checkpoint(path)), ckpt)
     threshold = None if calibration is None else calibration["threshold"]

@@ -154,3 +154,21 @@ def test_api_load_dispatches_an_onnx_file_too(onnx_file):
     from siamkit.exported import ExportedVerifier
 
     assert isinstance(load(onnx_file), ExportedVerifier)
+
+
+def test_embed_a_folder_with_the_onnx_export_without_torch(trained_run, onnx_file, att_faces, no_torch, tmp_path):
+    folder = tmp_path / "people"
+    for name in ("s33", "s34"):
+        (folder / name).mkdir(parents=True)
+        for i in range(1, 5):
+            (folder / name / f"{i}.pgm").symlink_to(att_faces / name / f"{i}.pgm")
+    (folder / "s34" / "9.pgm").write_bytes(b"not an image")  # skipped with a warning, as embed with the run does
+    r = run_cli("embed", str(onnx_file), "--data", str(folder), "--out", str(tmp_path / "onnx.npz"), env=no_torch)
+    assert r.returncode == 0, r.stderr
+    assert "skipped 1 unreadable image(s)" in r.stderr
+    r = run_cli("embed", str(trained_run), "--data", str(folder), "--out", str(tmp_path / "run.npz"))
+    assert r.returncode == 0, r.stderr
+    a, b = np.load(tmp_path / "onnx.npz"), np.load(tmp_path / "run.npz")
+    for key in ("labels", "names", "paths"):
+        np.testing.assert_array_equal(a[key], b[key])
+    assert a["embeddings"].shape == (8, 128) and np.abs(a["embeddings"] - b["embeddings"]).max() < 1e-4

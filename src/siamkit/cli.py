@@ -11,7 +11,7 @@ from ._version import __version__
 from .errors import SiamkitError
 
 # Commands whose parser needs no PyTorch: an exported .onnx model verifies in an environment without it.
-TORCH_FREE_COMMANDS = ("verify", "identify")
+TORCH_FREE_COMMANDS = ("verify", "identify", "embed")
 TRAIN_HELP = "train a Siamese network, then evaluate it on held-out identities"
 
 
@@ -249,6 +249,12 @@ def _evaluate_identification(args, model, ckpt, pre, device, out) -> int:
 
 
 def _embed(args) -> int:
+    from .exported import is_exported
+
+    if is_exported(args.run):  # before anything imports torch
+        if not args.out.endswith(".npz"):
+            raise SiamkitError(f"--out {args.out} must end in .npz")
+        return _embed_exported(args)
     import io
 
     import numpy as np
@@ -271,6 +277,26 @@ def _embed(args) -> int:
     np.savez(buf, embeddings=emb, labels=ds.labels, names=np.array(ds.names), paths=np.array(ds.paths))
     atomic_write_bytes(args.out, buf.getvalue())
     print(f"{len(emb)} embeddings of dimension {emb.shape[1]} -> {args.out}")
+    return 0
+
+
+def _embed_exported(args) -> int:
+    """embed with an exported .onnx model: onnxruntime, no torch; the flip setting is the export's."""
+    import io
+
+    import numpy as np
+
+    from .exported import embed_folder, load_exported
+    from .fileio import atomic_write_bytes
+
+    if args.flip is not None:
+        raise SiamkitError("an exported model mirrors images (or not) as its run did; drop --flip")
+    out = embed_folder(load_exported(args.run), args.data)
+    buf = io.BytesIO()
+    np.savez(buf, embeddings=out["embeddings"], labels=out["labels"], names=np.array(out["names"]),
+             paths=np.array(out["paths"]))
+    atomic_write_bytes(args.out, buf.getvalue())
+    print(f"{len(out['embeddings'])} embeddings of dimension {out['embeddings'].shape[1]} -> {args.out}")
     return 0
 
 
@@ -343,7 +369,7 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="default: the model the gallery was enrolled with")
 
     p = sub.add_parser("embed", help="write embeddings of a data set to an .npz file")
-    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("run", help="run folder, checkpoint file or exported .onnx file (then --data is a folder)")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="FILE.npz")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,

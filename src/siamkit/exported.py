@@ -13,8 +13,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .data.pixels import Preprocess
-from .errors import SiamkitError
+from tqdm import tqdm
+
+from .data.pixels import Preprocess, list_image_folder
+from .errors import SiamkitError, warn
 from .verifier import VerifierBase, image_pixels
 
 EXPORT_FORMAT = "siamkit-export-v1"  # export.py writes it; kept here too so that this module needs no torch
@@ -67,9 +69,41 @@ class ExportedVerifier(VerifierBase):
 
     def embed(self, images: Sequence) -> np.ndarray:
         """Embeddings [N, D] of image paths, PIL images, HxW(xC) arrays or CxHxW tensors."""
-        pixels = np.stack([image_pixels(im, self.preprocess) for im in images])
-        out = [self.session.run(None, {"images": pixels[i:i + BATCH]})[0] for i in range(0, len(pixels), BATCH)]
+        return self.embed_pixels(np.stack([image_pixels(im, self.preprocess) for im in images]))
+
+    def embed_pixels(self, pixels: np.ndarray, progress: bool = False) -> np.ndarray:
+        """Embeddings [N, D] of uint8 pixels [N, C, H, W] at the model's size."""
+        starts = range(0, len(pixels), BATCH)
+        out = [self.session.run(None, {"images": pixels[i:i + BATCH]})[0]
+               for i in tqdm(starts, desc="embed", unit="batch", disable=not progress)]
         return np.concatenate(out)
+
+
+def embed_folder(verifier: ExportedVerifier, root: str | os.PathLike, progress: bool = True) -> dict:
+    """A folder of identity sub-folders -> {"embeddings", "labels", "names", "paths"} as siamkit embed writes them.
+
+    Unreadable images are skipped with one warning, as when training or evaluating on the folder.
+    """
+    names, files = list_image_folder(root)
+    pixels, labels, paths, bad = [], [], [], []
+    for label, folder in enumerate(files):
+        for path in folder:
+            try:
+                pixels.append(image_pixels(path, verifier.preprocess))
+            except SiamkitError as e:
+                bad.append(str(e).removeprefix("cannot read image "))
+                continue
+            labels.append(label)
+            paths.append(str(path.relative_to(root)))
+    if bad:
+        warn(f"skipped {len(bad)} unreadable image(s): {'; '.join(bad[:5])}{'; ...' if len(bad) > 5 else ''}")
+    if not pixels:
+        raise SiamkitError(f"no readable images in {root}; check the files are images Pillow can open")
+    used = sorted(set(labels))  # identities whose every image was unreadable drop out, labels stay 0..K-1
+    remap = {old: new for new, old in enumerate(used)}
+    return {"embeddings": verifier.embed_pixels(np.stack(pixels), progress),
+            "labels": np.array([remap[label] for label in labels]), "names": [names[i] for i in used],
+            "paths": paths}
 
 
 def load_exported(path: str | os.PathLike) -> ExportedVerifier:

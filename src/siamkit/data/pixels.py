@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
+from ..errors import SiamkitError, warn
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# The Pillow decoders tried on a file, whatever its extension: the formats of IMAGE_EXTENSIONS (data/sources.py) and no others (e.g. not EPS,
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+# The Pillow decoders tried on a file, whatever its extension: the formats above and no others (e.g. not EPS,
 # which hands the file to Ghostscript), so a disguised file meets only the common, well-fuzzed decoders.
 PILLOW_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP", "GIF")
 # Refuse images above this many pixels before decoding them (decompression-bomb guard).
@@ -94,3 +99,59 @@ def decode_image_array(path: str | os.PathLike, pre: Preprocess) -> np.ndarray:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def list_image_folder(root: str | os.PathLike, builtin: Sequence[str] = ()) -> tuple[list[str], list[list[Path]]]:
+    """Identity names and their candidate image files, sorted; clear errors for unusable folders.
+
+    ``builtin``: the names of built-in sources, offered in the error for a folder that does not exist.
+    """
+    root_path = Path(root)
+    if not root_path.exists():
+        raise SiamkitError(
+            f"data folder {root} does not exist; pass a folder with one sub-folder per identity"
+            + (f", or one of: {', '.join(builtin)}" if builtin else "")
+        )
+    if not root_path.is_dir():
+        raise SiamkitError(f"--data {root} is a file, not a folder; pass a folder with one sub-folder per identity")
+    names: list[str] = []
+    files: list[list[Path]] = []
+    try:
+        entries = sorted(os.scandir(root_path), key=lambda e: e.name)
+    except OSError as e:
+        raise SiamkitError(f"cannot read data folder {root}: {e.strerror}") from None
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            is_dir = entry.is_dir()  # follows links; a broken link reads as "not a folder"
+        except OSError as e:  # a symlink loop (ELOOP) or an unreadable entry
+            warn(f"skipped {entry.path}: {e.strerror}")
+            is_dir = False
+        if not is_dir:
+            continue
+        try:
+            images = sorted(
+                Path(f.path)
+                for f in os.scandir(entry.path)
+                if not f.name.startswith(".") and f.name.lower().endswith(IMAGE_EXTENSIONS) and _is_file(f)
+            )
+        except OSError as e:
+            warn(f"skipped identity folder {entry.path}: {e.strerror}")
+            continue
+        if images:
+            names.append(entry.name)
+            files.append(images)
+    if not names:
+        raise SiamkitError(
+            f"data folder {root} has no identity sub-folders with images; expected {root}/<identity>/<image>.jpg "
+            f"(formats: {', '.join(e[1:] for e in IMAGE_EXTENSIONS)})"
+        )
+    return names, files
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return True  # a symlink loop or unreadable entry: decoding reports it among the skipped images

@@ -17,10 +17,9 @@ import torch
 from PIL import Image
 
 from ..errors import SiamkitError, warn
-from .pixels import MAX_IMAGE_PIXELS, PILLOW_FORMATS, decode_image_array  # noqa: F401 (imported from here)
+from .pixels import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, PILLOW_FORMATS, decode_image_array, list_image_folder  # noqa: F401 (imported from here)
 from .transforms import Preprocess, image_to_uint8
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 # Keep decoded images in memory only while they take at most this share of the machine's RAM.
 MAX_MEMORY_SHARE = 0.5
 
@@ -115,55 +114,7 @@ def _check_memory(n_images: int, pre: Preprocess) -> None:
 
 def list_folder(root: str | os.PathLike) -> tuple[list[str], list[list[Path]]]:
     """Identity names and their candidate image files, sorted; clear errors for unusable folders."""
-    root_path = Path(root)
-    if not root_path.exists():
-        raise SiamkitError(
-            f"data folder {root} does not exist; pass a folder with one sub-folder per identity, "
-            f"or one of: {', '.join(SOURCES)}"
-        )
-    if not root_path.is_dir():
-        raise SiamkitError(f"--data {root} is a file, not a folder; pass a folder with one sub-folder per identity")
-    names: list[str] = []
-    files: list[list[Path]] = []
-    try:
-        entries = sorted(os.scandir(root_path), key=lambda e: e.name)
-    except OSError as e:
-        raise SiamkitError(f"cannot read data folder {root}: {e.strerror}") from None
-    for entry in entries:
-        if entry.name.startswith("."):
-            continue
-        try:
-            is_dir = entry.is_dir()  # follows links; a broken link reads as "not a folder"
-        except OSError as e:  # a symlink loop (ELOOP) or an unreadable entry
-            warn(f"skipped {entry.path}: {e.strerror}")
-            is_dir = False
-        if not is_dir:
-            continue
-        try:
-            images = sorted(
-                Path(f.path)
-                for f in os.scandir(entry.path)
-                if not f.name.startswith(".") and f.name.lower().endswith(IMAGE_EXTENSIONS) and _is_file(f)
-            )
-        except OSError as e:
-            warn(f"skipped identity folder {entry.path}: {e.strerror}")
-            continue
-        if images:
-            names.append(entry.name)
-            files.append(images)
-    if not names:
-        raise SiamkitError(
-            f"data folder {root} has no identity sub-folders with images; expected {root}/<identity>/<image>.jpg "
-            f"(formats: {', '.join(e[1:] for e in IMAGE_EXTENSIONS)})"
-        )
-    return names, files
-
-
-def _is_file(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_file()
-    except OSError:
-        return True  # a symlink loop or unreadable entry: decoding reports it among the skipped images
+    return list_image_folder(root, tuple(SOURCES))
 
 
 def decode_image(path: str | os.PathLike, pre: Preprocess) -> torch.Tensor:

@@ -98,10 +98,10 @@ def _onnx_bytes(wrapper: torch.nn.Module, example: torch.Tensor, metadata: dict)
 
 def _torchscript_bytes(wrapper: torch.nn.Module, example: torch.Tensor) -> bytes:
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export; trace still works
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export; it still works
         traced = torch.jit.trace(wrapper, example, check_trace=False)
-    buf = io.BytesIO()
-    torch.jit.save(traced, buf)
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
     return buf.getvalue()
 
 
@@ -112,7 +112,9 @@ def _embed_exported(fmt: str, data: bytes, images: np.ndarray, batch_size: int =
         session = onnx_session(data)
         run = lambda x: session.run(None, {"images": x})[0]  # noqa: E731
     else:
-        module = torch.jit.load(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
+            module = torch.jit.load(io.BytesIO(data))
         run = lambda x: module(torch.from_numpy(x)).detach().numpy()  # noqa: E731
     return np.concatenate([run(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
 

@@ -59,3 +59,40 @@ def tree_snapshot(path: Path) -> dict[str, bytes]:
 @pytest.fixture
 def cli():
     return run_cli
+
+
+# ---------------------------------------------------------------- a trained run and its ONNX export
+# (tests/test_export.py, tests/test_exported.py)
+
+
+@pytest.fixture(scope="session")
+def trained_run(att_split, tmp_path_factory):
+    """30 steps of resnet18 on AT&T s1-s30 at 32x32, 6 identities held out: scores spread enough that a
+    decision is not a coin toss at float32 rounding (a 3-step model scores every pair about 1.0)."""
+    from siamkit.train.loop import train
+    from tiny_run import tiny_config
+
+    out = tmp_path_factory.mktemp("export") / "run"
+    train(tiny_config(out, data=str(att_split[0]), backbone="resnet18", steps=30, val_identities=6,
+                      log_every=10, checkpoint_every=30), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported(trained_run, tmp_path_factory):
+    """(model.onnx, what siamkit export printed)."""
+    import contextlib
+    import io
+
+    from siamkit.cli import main
+
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["export", str(trained_run), "--out", str(path)]) == 0
+    return path, out.getvalue()
+
+
+@pytest.fixture(scope="session")
+def onnx_file(exported):
+    return exported[0]

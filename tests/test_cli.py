@@ -11,7 +11,7 @@ from conftest import tree_snapshot
 
 REPORT_KEYS = {
     "n_pairs", "n_genuine", "n_impostor", "roc_auc", "eer", "tar_at_far", "accuracy_mean", "accuracy_std",
-    "threshold", "score", "baseline",
+    "threshold", "score", "baseline", "thresholds_at_far",
 }
 # --recipe none: these tests exercise the plain options on small budgets, not the faces recipe.
 FAST = ["--image-size", "32", "32", "--batch-size", "8", "--no-progress", "--recipe", "none"]

@@ -1,4 +1,5 @@
-"""Command line: siamkit train | evaluate | verify | embed. The train options are generated from TrainConfig."""
+"""Command line: siamkit train | evaluate | verify | export | enroll | identify | embed. The train options are generated
+from TrainConfig."""
 from __future__ import annotations
 
 import argparse
@@ -7,10 +8,11 @@ import warnings
 from pathlib import Path
 
 from ._version import __version__
-from .config import GROUPS, RECIPES, TrainConfig, sources_help
-from .data.sources import source_of
 from .errors import SiamkitError
-from .options import add_arguments
+
+# Commands whose parser needs no PyTorch: an exported .onnx model verifies in an environment without it.
+TORCH_FREE_COMMANDS = ("verify", "identify", "embed")
+TRAIN_HELP = "train a Siamese network, then evaluate it on held-out identities"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,7 +24,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _train_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("train", help="train a Siamese network, then evaluate it on held-out identities",
+    from .config import GROUPS, RECIPES, TrainConfig
+    from .options import add_arguments
+
+    p = sub.add_parser("train", help=TRAIN_HELP,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     groups = {name: p.add_argument_group(name) for name in GROUPS}
     add_arguments(p, TrainConfig, groups)
@@ -40,6 +45,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
+    from .config import TrainConfig
     from .train.loop import train
 
     cfg = TrainConfig.from_dict(vars(args))  # the parser's other options (--resume, ...) are not config
@@ -59,31 +65,196 @@ def _evaluate(args) -> int:
     device = resolve_device(args.device)
     model, ckpt = load_model(args.run, device)
     pre = Preprocess.from_dict(ckpt["preprocess"])
-    out = Path(args.out) if args.out else run_dir_of(resolve_checkpoint(args.run)) / "eval"
-    ds = load_source(args.data, pre)
+    run_dir = run_dir_of(resolve_checkpoint(args.run))
+    out = Path(args.out) if args.out else run_dir / "eval"
     score = args.score or ckpt.get("score", "cosine")
     flip = run_flip(ckpt) if args.flip is None else args.flip
+    if args.protocol == "identification":
+        return _evaluate_identification(args, model, ckpt, pre, device, out)
+    if args.data is None:
+        raise SiamkitError("evaluate needs --data (or --protocol identification with --gallery and --probes)")
+    if args.calibrate and (score != ckpt.get("score", "cosine") or flip != run_flip(ckpt)):
+        # verify scores with the run's own score and flip: thresholds found otherwise would not fit them.
+        raise SiamkitError("--calibrate finds thresholds for the run's own --score and --flip; drop those options")
+    ds = load_source(args.data, pre)
     result = evaluate(model, pre, ds, pairs_file=args.pairs, score=score, flip=flip, device=device, seed=args.seed)
     report = result.report
     write_report(report, result.scores, result.same, out, result.baseline_scores)
     print(f"{args.data}: {out / 'report.json'}")
     print(format_summary(report))
+    if args.calibrate:
+        from .calibration import calibration_entry, record_calibration, run_calibration
+
+        entry = calibration_entry(report, f"{args.data} (evaluate --calibrate)")
+        path = record_calibration(run_dir, entry, previous=run_calibration(run_dir, ckpt))
+        print(f"calibrated: {path} now holds these thresholds (the previous ones are kept in its history); "
+              f"verify uses them")
     return 0
 
 
 def _verify(args) -> int:
-    from .api import load
+    from . import load
+    from .calibration import choose_threshold
 
-    verifier = load(args.run, device="cpu")
-    threshold = args.threshold if args.threshold is not None else verifier.threshold
-    if threshold is None:
-        raise SiamkitError(f"{args.run} has no calibrated threshold (trained without held-out identities); pass --threshold")
+    if args.threshold is not None and args.far is not None:
+        raise SiamkitError("pass --threshold or --far, not both")
+    if (args.pairs is None) == (args.image2 is None):
+        raise SiamkitError("give two images, or --pairs PAIRS.csv --out DECISIONS.csv (not both)")
+    if args.pairs is not None and (args.out is None or args.image1 is not None):
+        raise SiamkitError("--pairs takes no image arguments and needs --out DECISIONS.csv")
+    verifier = load(args.run)
+    if args.threshold is not None:
+        threshold, what = args.threshold, "given with --threshold"
+    else:
+        threshold, what = choose_threshold(verifier.calibration, args.far)
+    if args.pairs is not None:
+        from .eval.decisions import verify_pairs_csv
+
+        verify_pairs_csv(verifier, args.pairs, args.out, threshold, what)
+        return 0
     s = verifier.score(args.image1, args.image2)
     print(f"score {s:.4f}  threshold {threshold:.4f}  {'SAME' if s >= threshold else 'DIFFERENT'}")
+    print(f"threshold: {what}")
+    return 0
+
+
+def _export(args) -> int:
+    from .export import check_images, export_run, same_decisions
+    from .api import load_model
+
+    if args.format == "onnx" and not args.out.lower().endswith(".onnx"):
+        raise SiamkitError(f"--out {args.out} must end in .onnx (siamkit.load and verify recognise the file by it)")
+    _, ckpt = load_model(args.run)
+    ds, what = check_images(ckpt, args.data)
+    result = export_run(args.run, args.format, args.out, ds.images)
+    meta = result["metadata"]
+    line = (f"{args.format} export -> {args.out}; checked on {len(ds)} images ({what}): max abs difference "
+            f"{result['max_abs_diff']:.1e} (limit 1e-4)")
+    if meta["calibration"] is not None:
+        differ, n = same_decisions(ds, result["exported"], result["reference"], meta["score"],
+                                   meta["calibration"]["threshold"])
+        line += f"; {n - differ} of {n} pair decisions the same"
+    print(line)
+    return 0
+
+
+def _embed_dataset(verifier, ds, progress: bool = True):
+    """Embeddings of an IdentityDataset with a run's Verifier, in chunks behind a progress bar."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from .eval.embed import embed_images
+
+    chunks = [embed_images(verifier.model, ds.images[i:i + 256], verifier.preprocess, verifier.device, flip=verifier.flip)
+              for i in tqdm(range(0, len(ds), 256), desc="embed", unit="chunk", disable=not progress)]
+    return np.concatenate(chunks)
+
+
+def _enroll(args) -> int:
+    from pathlib import Path as _Path
+
+    from .gallery import GALLERY_FILE, load_gallery, model_probe, new_gallery, save_gallery
+
+    out = _Path(args.out)
+    if args.remove:
+        gallery = load_gallery(out)
+        for name in args.remove:
+            gallery = gallery.remove(name)
+        save_gallery(gallery, out)
+        print(f"removed {', '.join(args.remove)}: {len(gallery.names)} identities ({len(gallery.labels)} images) "
+              f"in {out / GALLERY_FILE}")
+        return 0
+    if args.run is None or args.data is None:
+        raise SiamkitError("enroll needs RUN and --data GALLERY_FOLDER (or --remove NAME)")
+    if (out / GALLERY_FILE).exists() and not args.add:
+        raise SiamkitError(f"{out / GALLERY_FILE} exists; pass --add to add people to it, or another --out")
+    from .api import load
+    from .data.sources import load_source
+
+    verifier = load(args.run)
+    probe = model_probe(verifier)
+    if args.add:
+        gallery = load_gallery(out)
+        gallery.check_model(probe, args.run)  # before embedding anything
+    ds = load_source(args.data, verifier.preprocess)
+    new = new_gallery(_embed_dataset(verifier, ds, not args.no_progress), ds.labels, ds.names,
+                      [str(_Path(ds.root) / p) if ds.root else p for p in ds.paths], score=verifier.score_name,
+                      model=str(_Path(args.run).resolve()), probe_embedding=probe,
+                      preprocess=verifier.preprocess.to_dict(), calibration=verifier.calibration)
+    gallery = gallery.add(new) if args.add else new
+    save_gallery(gallery, out)
+    print(f"enrolled {len(ds.names)} identities ({len(ds)} images) from {args.data}: {len(gallery.names)} identities "
+          f"({len(gallery.labels)} images) in {out / GALLERY_FILE}")
+    return 0
+
+
+def _identify(args) -> int:
+    from . import load
+    from .calibration import choose_threshold
+    from .gallery import load_gallery, model_probe
+
+    if args.top_k < 1:
+        raise SiamkitError(f"--top-k must be at least 1, got {args.top_k}")
+    gallery = load_gallery(args.gallery)
+    model = args.model or gallery.meta["model"]
+    verifier = load(model)
+    gallery.check_model(model_probe(verifier), model)
+    if args.threshold is not None:
+        threshold, what = args.threshold, "given with --threshold"
+    else:
+        threshold, what = choose_threshold(verifier.calibration, args.far)
+    ids, scores = gallery.search(verifier.embed(args.images), args.top_k, args.backend)
+    for image, row_ids, row_scores in zip(args.images, ids, scores):
+        best, best_score = gallery.names[row_ids[0]], row_scores[0]
+        verdict = best if best_score >= threshold else f"unknown (best {best} {best_score:.4f} < threshold)"
+        top = ", ".join(f"{gallery.names[i]} {s:.4f}" for i, s in zip(row_ids, row_scores))
+        print(f"{image}: {verdict}\n  top-{len(row_ids)}: {top}")
+    print(f"threshold {threshold:.6g}: {what}")
+    return 0
+
+
+def _evaluate_identification(args, model, ckpt, pre, device, out) -> int:
+    import numpy as np
+
+    from .data.sources import load_source
+    from .eval.baseline import pixel_embeddings
+    from .eval.embed import embed_images
+    from .eval.identification import format_identification, identification_report
+    from .fileio import atomic_write_json
+    from .gallery import exact_scores
+    from .api import run_flip
+
+    if not args.gallery or not args.probes:
+        raise SiamkitError("--protocol identification needs --gallery FOLDER and --probes FOLDER")
+    gallery, probes = load_source(args.gallery, pre), load_source(args.probes, pre)
+    score = args.score or ckpt.get("score", "cosine")
+    flip = run_flip(ckpt) if args.flip is None else args.flip
+    g_emb = embed_images(model, gallery.images, pre, device, flip=flip)
+    p_emb = embed_images(model, probes.images, pre, device, flip=flip)
+    index = {name: i for i, name in enumerate(gallery.names)}
+    probe_ids = np.array([index.get(probes.names[label], -1) for label in probes.labels])
+    if not (probe_ids >= 0).any():
+        raise SiamkitError(f"no probe in {args.probes} shows anyone enrolled in {args.gallery} (identities are "
+                           f"matched by folder name)")
+    report = identification_report(exact_scores(p_emb, g_emb, score), gallery.labels, gallery.n_identities,
+                                   probe_ids)
+    report["score"] = score
+    pixels = identification_report(exact_scores(pixel_embeddings(probes.images), pixel_embeddings(gallery.images),
+                                                 "cosine"), gallery.labels, gallery.n_identities, probe_ids)
+    report["baseline"] = {key: pixels[key] for key in ("rank1", "rank5", "cmc", "map", "open_set") if key in pixels}
+    atomic_write_json(out / "identification.json", report)
+    print(f"gallery {args.gallery}, probes {args.probes}: {out / 'identification.json'}")
+    print(format_identification(report, report["baseline"]))
     return 0
 
 
 def _embed(args) -> int:
+    from .exported import is_exported
+
+    if is_exported(args.run):  # before anything imports torch
+        if not args.out.endswith(".npz"):
+            raise SiamkitError(f"--out {args.out} must end in .npz")
+        return _embed_exported(args)
     import io
 
     import numpy as np
@@ -109,31 +280,96 @@ def _embed(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _embed_exported(args) -> int:
+    """embed with an exported .onnx model: onnxruntime, no torch; the flip setting is the export's."""
+    import io
+
+    import numpy as np
+
+    from .exported import embed_folder, load_exported
+    from .fileio import atomic_write_bytes
+
+    if args.flip is not None:
+        raise SiamkitError("an exported model mirrors images (or not) as its run did; drop --flip")
+    out = embed_folder(load_exported(args.run), args.data)
+    buf = io.BytesIO()
+    np.savez(buf, embeddings=out["embeddings"], labels=out["labels"], names=np.array(out["names"]),
+             paths=np.array(out["paths"]))
+    atomic_write_bytes(args.out, buf.getvalue())
+    print(f"{len(out['embeddings'])} embeddings of dimension {out['embeddings'].shape[1]} -> {args.out}")
+    return 0
+
+
+def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
+    """The command line; ``torch_free``: only the parts the TORCH_FREE_COMMANDS need are complete."""
     parser = _Parser(prog="siamkit", description="Train and evaluate Siamese networks for verification.")
     parser.add_argument("--version", action="version", version=f"siamkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    parser.train_parser = _train_parser(sub)
+    parser.train_parser = sub.add_parser("train", help=TRAIN_HELP) if torch_free else _train_parser(sub)
+    if torch_free:
+        sources_help = lambda: "a data folder or built-in source"  # noqa: E731
+    else:
+        from .config import sources_help
 
     p = sub.add_parser("evaluate", help="verification report of a trained model on a data set")
     p.add_argument("run", help="run folder or checkpoint file")
-    p.add_argument("--data", required=True, help=sources_help())
+    p.add_argument("--data", default=None, help=sources_help())
     p.add_argument("--pairs", default=None, help="LFW-format pairs.txt (folds = its sets)")
+    p.add_argument("--protocol", choices=("verification", "identification"), default="verification",
+                   help="identification: 1:N search of --probes against --gallery (rank-1/5, CMC, mAP, open set)")
+    p.add_argument("--gallery", default=None, help="identification: folder of enrolled identities")
+    p.add_argument("--probes", default=None,
+                   help="identification: folder of probe images (identities not in --gallery are unknowns)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="add the embedding of the mirrored image (default: as the run calibrated its threshold)")
     p.add_argument("--out", default=None, help="report folder (default: RUN/eval)")
     p.add_argument("--score", choices=("cosine", "euclidean"), default=None, help="default: the model's own")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the impostor pairs (no --pairs)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="store this report's thresholds in the run (RUN/calibration.json, the previous ones kept "
+                        "in its history): verify then uses them")
 
     p = sub.add_parser("verify", help="do two images show the same identity?")
+    p.add_argument("run", help="run folder, checkpoint file or exported .onnx file")
+    p.add_argument("image1", nargs="?")
+    p.add_argument("image2", nargs="?")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="default: the run's calibrated threshold (calibration.json, else the training's)")
+    p.add_argument("--far", type=float, default=None,
+                   help="use the threshold calibrated at this false-accept rate (1e-1, 1e-2 or 1e-3)")
+    p.add_argument("--pairs", default=None, metavar="PAIRS_CSV",
+                   help="verify many pairs: a CSV file of two image paths per row (relative to its folder)")
+    p.add_argument("--out", default=None, metavar="DECISIONS_CSV", help="with --pairs: score, threshold, decision")
+
+    p = sub.add_parser("export", help="export the embedding network (ONNX or TorchScript) with its preprocessing "
+                                      "and thresholds, checked against PyTorch on the spot")
     p.add_argument("run", help="run folder or checkpoint file")
-    p.add_argument("image1")
-    p.add_argument("image2")
-    p.add_argument("--threshold", type=float, default=None, help="default: the threshold calibrated in training")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument("--out", required=True, help="FILE.onnx, or FILE.pt for TorchScript (metadata in FILE.pt.json)")
+    p.add_argument("--data", default=None, help="images to check the export on (default: the run's held-out identities)")
+
+    p = sub.add_parser("enroll", help="embed a folder-per-identity gallery into an index on disk, for identify")
+    p.add_argument("run", nargs="?", help="run folder or checkpoint file")
+    p.add_argument("--data", default=None, help="folder of identity sub-folders to enroll")
+    p.add_argument("--out", required=True, metavar="GALLERY_DIR", help="where the gallery lives (gallery.npz)")
+    p.add_argument("--add", action="store_true", help="add --data's people to the gallery in --out")
+    p.add_argument("--remove", action="append", default=None, metavar="NAME", help="take a person out (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("identify", help="who, of an enrolled gallery, is in each image? (top-k, or unknown)")
+    p.add_argument("gallery", metavar="GALLERY_DIR")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--threshold", type=float, default=None, help="below it a probe is unknown (default: the "
+                   "model's calibrated threshold)")
+    p.add_argument("--far", type=float, default=None, help="use the threshold calibrated at this false-accept rate")
+    p.add_argument("--backend", choices=("exact", "faiss", "hnsw"), default="exact",
+                   help="exact: one matrix product; faiss / hnsw: faiss-cpu's exact or HNSW index")
+    p.add_argument("--model", default=None, help="default: the model the gallery was enrolled with")
 
     p = sub.add_parser("embed", help="write embeddings of a data set to an .npz file")
-    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("run", help="run folder, checkpoint file or exported .onnx file (then --data is a folder)")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="FILE.npz")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
@@ -144,9 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, with `train`'s options resolved: flags > --config file or --recipe > TrainConfig defaults."""
-    parser = build_parser()
+    words = [w for w in (sys.argv[1:] if argv is None else argv) if not w.startswith("-")]
+    parser = build_parser(torch_free=bool(words) and words[0] in TORCH_FREE_COMMANDS)
     args = parser.parse_args(argv)
     if args.command == "train":
+        from .config import RECIPES, TrainConfig
+        from .data.sources import source_of
+
         if args.config:
             start = TrainConfig.read_options(args.config)
         else:
@@ -163,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
     try:
         args = parse_args(argv)
-        return {"train": _train, "evaluate": _evaluate, "verify": _verify, "embed": _embed}[args.command](args)
+        return {"train": _train, "evaluate": _evaluate, "verify": _verify, "embed": _embed,
+                "export": _export, "enroll": _enroll, "identify": _identify}[args.command](args)
     except SiamkitError as e:
         print(f"siamkit: error: {e}", file=sys.stderr)
         return 2

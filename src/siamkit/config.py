@@ -115,6 +115,8 @@ class TrainConfig(ModelOptions):
                              help="evaluate held-out identities every N steps and keep best.pt")
     max_bad_steps: int = option(5, group="run", minimum="positive")
     eval_flip: bool = option(False, group="run", help="add mirrored images' embeddings at evaluation")
+    tensorboard: bool = option(False, group="run", help="also log to RUN/tensorboard: the metrics.csv values, "
+                               "held-out metrics, the ROC, held-out embeddings (pip install \"siamkit[tensorboard]\")")
     # distributed
     sync_bn: bool = option(False, group="distributed (under torchrun)",
                            help="BatchNorm statistics over the global batch of all processes (SyncBatchNorm)")

@@ -12,7 +12,7 @@ from siamkit.eval.verification import verification_report
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REPORT_KEYS = {
     "n_pairs", "n_genuine", "n_impostor", "roc_auc", "eer", "tar_at_far",
-    "accuracy_mean", "accuracy_std", "threshold", "score",
+    "accuracy_mean", "accuracy_std", "threshold", "score", "thresholds_at_far",
 }
 
 

@@ -189,7 +189,7 @@ def test_verification_report_by_hand():
     report = verification_report(FOLD_SCORES, FOLD_SAME, FOLD_IDS, "cosine")
     assert list(report) == [
         "n_pairs", "n_genuine", "n_impostor", "roc_auc", "eer", "tar_at_far",
-        "accuracy_mean", "accuracy_std", "threshold", "score",
+        "accuracy_mean", "accuracy_std", "threshold", "score", "thresholds_at_far",
     ]
     # Descending: .9G .8G .7I .6G .3I .1I -- the same ranks as SMALL, so AUC 8/9, EER 1/3.
     # Best threshold on all pairs: ascending .1I .3I .6G .7I .8G .9G -> .45 and .75 both 5/6 -> .45.
@@ -201,9 +201,14 @@ def test_verification_report_by_hand():
     assert report["accuracy_std"] == pytest.approx(math.sqrt(1 / 18))
     assert report["threshold"] == pytest.approx(0.45)
     assert report["score"] == "cosine"
+    # 3 impostors: every reported FAR (< 1/3) allows none; the lowest threshold above the impostor .7 is the
+    # genuine .8 (TAR 2/3), and 3 impostor pairs support none of these FARs.
+    for key in ("1e-1", "1e-2", "1e-3"):
+        assert report["thresholds_at_far"][key] == {"threshold": 0.8, "far": 0.0, "tar": 2 / 3, "n_impostor": 3,
+                                                    "supported": False}
     json.dumps(report, allow_nan=False)  # plain JSON numbers only
     for key, value in report.items():
-        if key != "score" and key != "tar_at_far":
+        if key not in ("score", "tar_at_far", "thresholds_at_far"):
             assert type(value) in (int, float), key
 
 

@@ -17,14 +17,9 @@ import torch
 from PIL import Image
 
 from ..errors import SiamkitError, warn
+from .pixels import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, PILLOW_FORMATS, decode_image_array, list_image_folder  # noqa: F401 (imported from here)
 from .transforms import Preprocess, image_to_uint8
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
-# The Pillow decoders tried on a file, whatever its extension: the formats above and no others (e.g. not EPS,
-# which hands the file to Ghostscript), so a disguised file meets only the common, well-fuzzed decoders.
-PILLOW_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP", "GIF")
-# Refuse images above this many pixels before decoding them (decompression-bomb guard).
-MAX_IMAGE_PIXELS = 40_000_000
 # Keep decoded images in memory only while they take at most this share of the machine's RAM.
 MAX_MEMORY_SHARE = 0.5
 
@@ -119,83 +114,12 @@ def _check_memory(n_images: int, pre: Preprocess) -> None:
 
 def list_folder(root: str | os.PathLike) -> tuple[list[str], list[list[Path]]]:
     """Identity names and their candidate image files, sorted; clear errors for unusable folders."""
-    root_path = Path(root)
-    if not root_path.exists():
-        raise SiamkitError(
-            f"data folder {root} does not exist; pass a folder with one sub-folder per identity, "
-            f"or one of: {', '.join(SOURCES)}"
-        )
-    if not root_path.is_dir():
-        raise SiamkitError(f"--data {root} is a file, not a folder; pass a folder with one sub-folder per identity")
-    names: list[str] = []
-    files: list[list[Path]] = []
-    try:
-        entries = sorted(os.scandir(root_path), key=lambda e: e.name)
-    except OSError as e:
-        raise SiamkitError(f"cannot read data folder {root}: {e.strerror}") from None
-    for entry in entries:
-        if entry.name.startswith("."):
-            continue
-        try:
-            is_dir = entry.is_dir()  # follows links; a broken link reads as "not a folder"
-        except OSError as e:  # a symlink loop (ELOOP) or an unreadable entry
-            warn(f"skipped {entry.path}: {e.strerror}")
-            is_dir = False
-        if not is_dir:
-            continue
-        try:
-            images = sorted(
-                Path(f.path)
-                for f in os.scandir(entry.path)
-                if not f.name.startswith(".") and f.name.lower().endswith(IMAGE_EXTENSIONS) and _is_file(f)
-            )
-        except OSError as e:
-            warn(f"skipped identity folder {entry.path}: {e.strerror}")
-            continue
-        if images:
-            names.append(entry.name)
-            files.append(images)
-    if not names:
-        raise SiamkitError(
-            f"data folder {root} has no identity sub-folders with images; expected {root}/<identity>/<image>.jpg "
-            f"(formats: {', '.join(e[1:] for e in IMAGE_EXTENSIONS)})"
-        )
-    return names, files
-
-
-def _is_file(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_file()
-    except OSError:
-        return True  # a symlink loop or unreadable entry: decoding reports it among the skipped images
+    return list_image_folder(root, tuple(SOURCES))
 
 
 def decode_image(path: str | os.PathLike, pre: Preprocess) -> torch.Tensor:
     """Decode one image file; raise ValueError with a short reason if it is unusable."""
-    try:
-        with Image.open(path, formats=PILLOW_FORMATS) as img:
-            w, h = img.size
-            if w * h > MAX_IMAGE_PIXELS:
-                raise ValueError(f"{w}x{h} pixels is too large (limit {MAX_IMAGE_PIXELS:,})")
-            if w == 0 or h == 0:
-                raise ValueError("image has no pixels")
-            img.load()
-            return image_to_uint8(img, pre)
-    except ValueError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"too large, refused before decoding ({_first_line(e)})") from None
-    except (OSError, SyntaxError) as e:
-        raise ValueError(_first_line(e)) from None
-    except MemoryError:
-        raise ValueError("too large to decode in memory") from None
-    except Exception as e:  # Pillow's decoders raise many types on crafted files (struct.error, IndexError...)
-        raise ValueError(f"not a decodable image ({type(e).__name__}: {_first_line(e)})") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
+    return torch.from_numpy(decode_image_array(path, pre))
 
 
 def load_folder(root: str | os.PathLike, pre: Preprocess) -> IdentityDataset:

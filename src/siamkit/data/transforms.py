@@ -6,63 +6,18 @@ and augmentation then run on whole batches of tensors, never image by image.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How a model wants its images: stored in every checkpoint and reused at evaluation."""
-
-    image_size: tuple[int, int]  # (H, W)
-    center_crop: float = 1.0  # fraction of the shorter side kept around the centre
-    channels: int = 3  # 1 = greyscale, 3 = RGB
-    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    std: tuple[float, ...] = (0.5, 0.5, 0.5)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["image_size"] = list(self.image_size)
-        d["mean"] = list(self.mean)
-        d["std"] = list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Preprocess":
-        return cls(
-            image_size=tuple(d["image_size"]),
-            center_crop=float(d["center_crop"]),
-            channels=int(d["channels"]),
-            mean=tuple(d["mean"]),
-            std=tuple(d["std"]),
-        )
+from .pixels import IMAGENET_MEAN, IMAGENET_STD, Preprocess, image_to_array  # noqa: F401 (imported from here)
 
 
 def image_to_uint8(img: Image.Image, pre: Preprocess) -> torch.Tensor:
     """Centre-crop, resize and convert a PIL image to a uint8 tensor [C, H, W]."""
-    img = img.convert("L" if pre.channels == 1 else "RGB")
-    if pre.center_crop < 1.0:
-        w, h = img.size
-        side = min(w, h) * pre.center_crop
-        # Keep the aspect ratio of the target size inside the crop.
-        th, tw = pre.image_size
-        ch, cw = (side, side * tw / th) if th >= tw else (side * th / tw, side)
-        left, top = (w - cw) / 2, (h - ch) / 2
-        img = img.crop((round(left), round(top), round(left + cw), round(top + ch)))
-    h, w = pre.image_size
-    if img.size != (w, h):
-        img = img.resize((w, h), Image.BILINEAR, reducing_gap=None)
-    arr = np.asarray(img, dtype=np.uint8)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(image_to_array(img, pre))
 
 
 def normalize(batch: torch.Tensor, pre: Preprocess, channels_last: bool = False) -> torch.Tensor:

@@ -19,6 +19,12 @@ def _png(fig: Figure) -> bytes:
 
 
 def _roc_png(report: dict, scores: np.ndarray, same: np.ndarray, baseline_scores: np.ndarray | None) -> bytes:
+    return _png(roc_figure(report, scores, same, baseline_scores))
+
+
+def roc_figure(report: dict, scores, same, baseline_scores=None) -> Figure:
+    """The ROC of roc.png as a matplotlib Figure (TensorBoard draws it too)."""
+    scores, same = np.asarray(scores, dtype=np.float64), np.asarray(same).astype(bool)
     far, tar, _ = roc_curve(scores, same)
     n_impostor = int(np.count_nonzero(~same))
     # A log axis cannot show FAR = 0; start half a step below the smallest reachable FAR instead.
@@ -42,7 +48,7 @@ def _roc_png(report: dict, scores: np.ndarray, same: np.ndarray, baseline_scores
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    return _png(fig)
+    return fig
 
 
 def _scores_png(report: dict, scores: np.ndarray, same: np.ndarray) -> bytes:
@@ -91,8 +97,22 @@ def format_summary(report: dict) -> str:
             f"(per fold, threshold chosen on the other folds)",
             f"threshold: {report['threshold']:.6g} (chosen on all pairs; score >= threshold means same)",
         ]
+        + _far_lines(report)
         + ([_baseline_line(report)] if "baseline" in report else [])
     )
+
+
+def _far_lines(report: dict) -> list[str]:
+    """One line per FAR operating point; a FAR that too few impostor pairs decide is named as such."""
+    lines = []
+    for key, t in report.get("thresholds_at_far", {}).items():
+        line = (f"FAR {key}:  threshold {t['threshold']:.6g} (measured FAR {t['far']:.2e}, TAR {t['tar']:.2%}, "
+                f"{t['n_impostor']} impostor pairs)")
+        if not t["supported"]:
+            line += (f"; fewer than 10/FAR = {10 / float(key):.0f} impostor pairs: not a measurement, "
+                     f"calibrate on more pairs (evaluate --calibrate)")
+        lines.append(line)
+    return lines
 
 
 def _baseline_line(report: dict) -> str:

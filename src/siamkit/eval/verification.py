@@ -86,6 +86,44 @@ def tar_at_far(scores, same, far: float) -> float:
     return float(tars[fars <= far].max())  # the first ROC point has FAR 0, so the set is never empty
 
 
+def threshold_at_far(scores, same, far: float) -> dict:
+    """The lowest threshold whose measured FAR is at most ``far``, with what it measured.
+
+    Returns {"threshold", "far", "tar", "n_impostor", "supported"}. ``score >= threshold`` accepts at most
+    ``far`` of the impostor pairs, also when scores tie: the threshold is always a score itself (every pair
+    with that score is accepted and counted), or just above the highest score when no score qualifies.
+    ``supported`` is False when there are fewer than 10 / far impostor pairs: a FAR that a handful of
+    impostors decide is not a measurement.
+    """
+    if not 0.0 < far <= 1.0:
+        raise ValueError(f"far must be in (0, 1], got {far}")
+    scores, same = _check(scores, same)
+    n_genuine = int(np.count_nonzero(same))
+    n_impostor = len(same) - n_genuine
+    if n_genuine == 0 or n_impostor == 0:
+        raise ValueError("thresholds at a FAR need both genuine and impostor pairs")
+    values, inverse = np.unique(scores, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    # Pairs accepted at threshold values[i]: every pair scoring >= values[i] (reverse cumulative counts).
+    impostor_at = np.cumsum(np.bincount(inverse, weights=~same, minlength=len(values))[::-1])[::-1]
+    genuine_at = np.cumsum(np.bincount(inverse, weights=same, minlength=len(values))[::-1])[::-1]
+    # Whole counts against far * n: the relative slack absorbs far's decimal rounding (0.29 * 100 = 28.999...).
+    allowed = far * n_impostor * (1 + 1e-12)
+    ok = np.flatnonzero(impostor_at <= allowed)  # accepted counts fall as the threshold rises: a suffix
+    if len(ok):
+        i = int(ok[0])
+        threshold, fp, tp = float(values[i]), int(impostor_at[i]), int(genuine_at[i])
+    else:  # even the highest score lets in too many impostors: accept nothing
+        threshold, fp, tp = float(np.nextafter(values[-1], np.inf)), 0, 0
+    return {
+        "threshold": threshold,
+        "far": fp / n_impostor,
+        "tar": tp / n_genuine,
+        "n_impostor": n_impostor,
+        "supported": n_impostor >= 10.0 / far * (1 - 1e-12),
+    }
+
+
 def best_threshold(scores, same) -> tuple[float, float]:
     """(threshold, accuracy) maximising the accuracy of ``score >= threshold -> same``.
 
@@ -172,4 +210,5 @@ def verification_report(scores, same, folds, score_name: str) -> dict:
         "accuracy_std": std,
         "threshold": threshold,
         "score": str(score_name),
+        "thresholds_at_far": {key: threshold_at_far(scores, same, far) for key, far in REPORT_FARS.items()},
     }

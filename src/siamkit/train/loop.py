@@ -8,10 +8,12 @@ from tqdm import tqdm
 
 from ..config import TrainConfig
 from ..errors import SiamkitError, info, warn
+from ..eval.embed import embed_images
 from ..eval.protocol import evaluate
 from ..eval.report import format_summary, write_report
 from . import distributed
 from .logging import LossWindow, MetricsLog, RunLogFile
+from .tensorboard import TensorBoardLog, require_tensorboard
 from .run import Run, build_run, score_for
 from .state import Checkpoints
 from .step import optimisation_step
@@ -60,9 +62,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
 
 
 def _train(cfg: TrainConfig, ctx, log_file: RunLogFile, *, resume: bool, overwrite: bool, progress: bool) -> Path:
+    if cfg.tensorboard:
+        require_tensorboard()  # before the run folder exists
     run = build_run(cfg, ctx, resume=resume, overwrite=overwrite)
     log_file.open(run.run_dir)
     metrics = MetricsLog(run.run_dir, resume=resume) if ctx.is_main else None
+    tb = TensorBoardLog(run.run_dir) if cfg.tensorboard and ctx.is_main else None
     if metrics is not None and resume:
         metrics.drop_after(run.start_step)
     window = LossWindow(
@@ -96,15 +101,21 @@ def _train(cfg: TrainConfig, ctx, log_file: RunLogFile, *, resume: bool, overwri
                 if metrics is not None:
                     metrics.log(row)
                     metrics.plot_every(20.0)
+                    if tb is not None:
+                        tb.log(metrics.rows[-1])  # the values as metrics.csv holds them
             if cfg.eval_every and run.val_ds is not None and step % cfg.eval_every == 0 and step < run.total:
                 report = _evaluate_held_out(run).report
+                if tb is not None:
+                    tb.held_out(step, report)
                 if ctx.is_main and report["accuracy_mean"] > run.best_accuracy:
                     run.best_accuracy = report["accuracy_mean"]
-                    checkpoints.save_best(step, threshold=report["threshold"])
+                    checkpoints.save_best(step, threshold=report["threshold"], thresholds_at_far=report["thresholds_at_far"])
             if step % cfg.checkpoint_every == 0 and step < run.total:
                 checkpoints.save(step)
         if stopping:
             bar.close()
+            if tb is not None:
+                tb.close()
             _stop(run, step, stop.signal_name, checkpoints, metrics)
 
     # Final checkpoint, then the held-out evaluation that calibrates the threshold.
@@ -112,6 +123,8 @@ def _train(cfg: TrainConfig, ctx, log_file: RunLogFile, *, resume: bool, overwri
     if metrics is not None:
         metrics.plot()
     if run.val_ds is None:
+        if tb is not None:
+            tb.close()
         if ctx.is_main:
             info("no identities held out (--val-identities 0): no evaluation")
         distributed.barrier(ctx)  # return once rank 0 has written everything: the run is complete
@@ -119,7 +132,9 @@ def _train(cfg: TrainConfig, ctx, log_file: RunLogFile, *, resume: bool, overwri
     report, scores, same, baseline_scores = _evaluate_held_out(run)
     if ctx.is_main:
         write_report(report, scores, same, run.run_dir / "eval", baseline_scores)
-        checkpoints.save(step, threshold=report["threshold"])
+        checkpoints.save(step, threshold=report["threshold"], thresholds_at_far=report["thresholds_at_far"])
+        if tb is not None:
+            _tensorboard_held_out(tb, run, step, report, scores, same, baseline_scores)
         print(f"held-out identities ({run.val_ds.n_identities}), {run.run_dir / 'eval' / 'report.json'}:")
         print(format_summary(report))
     distributed.barrier(ctx)
@@ -149,6 +164,15 @@ def _stop(run: Run, step: int, signal_name: str | None, checkpoints: Checkpoints
             f"{run.ckpt_dir / 'last.pt'}; continue with the same command plus --resume"
         )
     raise SystemExit(130 if signal_name == "SIGINT" else 143)
+
+
+def _tensorboard_held_out(tb: TensorBoardLog, run: Run, step: int, report: dict, scores, same, baseline) -> None:
+    """The final evaluation in TensorBoard: its metrics, the ROC, and the held-out embeddings for the projector."""
+    ds = run.val_ds
+    emb = embed_images(run.training.model, ds.images, run.pre, run.device, flip=run.cfg.eval_flip)
+    tb.held_out(step, report)
+    tb.roc_and_embeddings(step, report, scores, same, baseline, emb, [ds.names[i] for i in ds.labels], ds.images)
+    tb.close()
 
 
 def _evaluate_held_out(run: Run):

@@ -1,0 +1,97 @@
+"""A run's calibrated thresholds: which one `verify` uses, and where `evaluate --calibrate` stores new ones.
+
+Training calibrates on its held-out identities and stores the thresholds in the checkpoint. A user who
+calibrates on their own people (`siamkit evaluate RUN --data FOLDER --calibrate`) gets RUN/calibration.json:
+``{"current": ENTRY, "history": [older ENTRY, ...]}``, newest last in the history. An entry holds the
+accuracy-maximising ``threshold``, ``thresholds_at_far`` (as in report.json), its ``source`` and when it was made.
+Torch-free: an exported model carries an entry in its metadata and uses the same choice of threshold.
+"""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .errors import SiamkitError
+from .fileio import atomic_write_json
+
+CALIBRATION_FILE = "calibration.json"
+TRAINING_SOURCE = "held-out identities at the end of training"
+
+
+def calibration_entry(report: dict, source: str) -> dict:
+    """The thresholds of a report.json dictionary, with where they come from."""
+    return {
+        "source": source,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "score": report["score"],
+        "n_pairs": report["n_pairs"],
+        "n_impostor": report["n_impostor"],
+        "threshold": report["threshold"],
+        "thresholds_at_far": report["thresholds_at_far"],
+    }
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("current"), dict) or not isinstance(
+                data.get("history", []), list):
+            raise ValueError("no 'current' entry")
+    except (OSError, ValueError) as e:
+        raise SiamkitError(f"{path} is not a readable calibration ({type(e).__name__}); delete it to fall back to "
+                           f"the training's threshold, or run evaluate --calibrate again") from None
+    return data
+
+
+def record_calibration(run_dir: str | os.PathLike, entry: dict, previous: dict | None = None) -> Path:
+    """Make ``entry`` the run's current calibration; the one it replaces goes to the history.
+
+    ``previous``: the calibration in use before the run had a calibration file (the training's), kept as the
+    first entry of the history.
+    """
+    path = Path(run_dir) / CALIBRATION_FILE
+    if path.exists():
+        old = _read(path)
+        history = [*old.get("history", []), old["current"]]
+    else:
+        history = [] if previous is None else [previous]
+    atomic_write_json(path, {"current": entry, "history": history})
+    return path
+
+
+def run_calibration(run_dir: str | os.PathLike, ckpt: dict) -> dict | None:
+    """The calibration a run's verify uses: RUN/calibration.json, else the checkpoint's (training's), else None."""
+    path = Path(run_dir) / CALIBRATION_FILE
+    if path.exists():
+        return _read(path)["current"]
+    if ckpt.get("threshold") is None:
+        return None
+    return {"source": TRAINING_SOURCE, "threshold": float(ckpt["threshold"]),
+            "thresholds_at_far": dict(ckpt.get("thresholds_at_far") or {})}
+
+
+def far_key(far: float) -> str:
+    """1e-3 -> "1e-3", the spelling of report.json's keys."""
+    mantissa, exponent = f"{far:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def choose_threshold(calibration: dict | None, far: float | None = None) -> tuple[float, str]:
+    """(threshold, what it is): the accuracy-maximising one, or the one calibrated at ``far``."""
+    if calibration is None:
+        raise SiamkitError("this model has no calibrated threshold (trained without held-out identities); "
+                           "pass a threshold, or calibrate it with siamkit evaluate RUN --data FOLDER --calibrate")
+    source = calibration.get("source", "unknown")
+    if far is None:
+        return float(calibration["threshold"]), f"accuracy-maximising threshold, calibrated on {source}"
+    at_far = calibration.get("thresholds_at_far") or {}
+    match = [key for key in at_far if abs(float(key) - far) <= 1e-9 * far]
+    if not match:
+        have = ", ".join(at_far) or "none"
+        raise SiamkitError(f"no threshold calibrated at FAR {far:g} (calibrated: {have}); pick one of those, or "
+                           f"calibrate with siamkit evaluate RUN --data FOLDER --calibrate")
+    t = at_far[match[0]]
+    note = "" if t.get("supported", True) else f", too few impostor pairs ({t['n_impostor']}) to measure it"
+    return float(t["threshold"]), f"threshold at FAR {match[0]}, calibrated on {source}{note}"

@@ -1,0 +1,157 @@
+"""From an image file or PIL image to the model's uint8 pixels [C, H, W], without PyTorch.
+
+Training, evaluation, the Python API and an exported model (which runs without torch) all decode images
+here, so they see the same pixels.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..errors import SiamkitError, warn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+# The Pillow decoders tried on a file, whatever its extension: the formats above and no others (e.g. not EPS,
+# which hands the file to Ghostscript), so a disguised file meets only the common, well-fuzzed decoders.
+PILLOW_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP", "GIF")
+# Refuse images above this many pixels before decoding them (decompression-bomb guard).
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a model wants its images: stored in every checkpoint and reused at evaluation."""
+
+    image_size: tuple[int, int]  # (H, W)
+    center_crop: float = 1.0  # fraction of the shorter side kept around the centre
+    channels: int = 3  # 1 = greyscale, 3 = RGB
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["image_size"] = list(self.image_size)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(
+            image_size=tuple(d["image_size"]),
+            center_crop=float(d["center_crop"]),
+            channels=int(d["channels"]),
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+        )
+
+
+def image_to_array(img: Image.Image, pre: Preprocess) -> np.ndarray:
+    """Centre-crop, resize and convert a PIL image to a uint8 array [C, H, W]."""
+    img = img.convert("L" if pre.channels == 1 else "RGB")
+    if pre.center_crop < 1.0:
+        w, h = img.size
+        side = min(w, h) * pre.center_crop
+        # Keep the aspect ratio of the target size inside the crop.
+        th, tw = pre.image_size
+        ch, cw = (side, side * tw / th) if th >= tw else (side * th / tw, side)
+        left, top = (w - cw) / 2, (h - ch) / 2
+        img = img.crop((round(left), round(top), round(left + cw), round(top + ch)))
+    h, w = pre.image_size
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.BILINEAR, reducing_gap=None)
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def decode_image_array(path: str | os.PathLike, pre: Preprocess) -> np.ndarray:
+    """Decode one image file to a uint8 array [C, H, W]; raise ValueError with a short reason if it is unusable."""
+    try:
+        with Image.open(path, formats=PILLOW_FORMATS) as img:
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise ValueError(f"{w}x{h} pixels is too large (limit {MAX_IMAGE_PIXELS:,})")
+            if w == 0 or h == 0:
+                raise ValueError("image has no pixels")
+            img.load()
+            return image_to_array(img, pre)
+    except ValueError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"too large, refused before decoding ({_first_line(e)})") from None
+    except (OSError, SyntaxError) as e:
+        raise ValueError(_first_line(e)) from None
+    except MemoryError:
+        raise ValueError("too large to decode in memory") from None
+    except Exception as e:  # Pillow's decoders raise many types on crafted files (struct.error, IndexError...)
+        raise ValueError(f"not a decodable image ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def list_image_folder(root: str | os.PathLike, builtin: Sequence[str] = ()) -> tuple[list[str], list[list[Path]]]:
+    """Identity names and their candidate image files, sorted; clear errors for unusable folders.
+
+    ``builtin``: the names of built-in sources, offered in the error for a folder that does not exist.
+    """
+    root_path = Path(root)
+    if not root_path.exists():
+        raise SiamkitError(
+            f"data folder {root} does not exist; pass a folder with one sub-folder per identity"
+            + (f", or one of: {', '.join(builtin)}" if builtin else "")
+        )
+    if not root_path.is_dir():
+        raise SiamkitError(f"--data {root} is a file, not a folder; pass a folder with one sub-folder per identity")
+    names: list[str] = []
+    files: list[list[Path]] = []
+    try:
+        entries = sorted(os.scandir(root_path), key=lambda e: e.name)
+    except OSError as e:
+        raise SiamkitError(f"cannot read data folder {root}: {e.strerror}") from None
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            is_dir = entry.is_dir()  # follows links; a broken link reads as "not a folder"
+        except OSError as e:  # a symlink loop (ELOOP) or an unreadable entry
+            warn(f"skipped {entry.path}: {e.strerror}")
+            is_dir = False
+        if not is_dir:
+            continue
+        try:
+            images = sorted(
+                Path(f.path)
+                for f in os.scandir(entry.path)
+                if not f.name.startswith(".") and f.name.lower().endswith(IMAGE_EXTENSIONS) and _is_file(f)
+            )
+        except OSError as e:
+            warn(f"skipped identity folder {entry.path}: {e.strerror}")
+            continue
+        if images:
+            names.append(entry.name)
+            files.append(images)
+    if not names:
+        raise SiamkitError(
+            f"data folder {root} has no identity sub-folders with images; expected {root}/<identity>/<image>.jpg "
+            f"(formats: {', '.join(e[1:] for e in IMAGE_EXTENSIONS)})"
+        )
+    return names, files
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return True  # a symlink loop or unreadable entry: decoding reports it among the skipped images

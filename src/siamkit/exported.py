@@ -1,0 +1,110 @@
+"""An exported ONNX model run through onnxruntime: embed, score and verify without PyTorch.
+
+Nothing here imports torch or torchvision (tests/test_exported.py runs it with torch made unimportable):
+images are decoded by data/pixels.py, the graph does the rest (export.py), and the preprocessing,
+score and calibrated thresholds come from the file's metadata.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from tqdm import tqdm
+
+from .data.pixels import Preprocess, list_image_folder
+from .errors import SiamkitError, warn
+from .verifier import VerifierBase, image_pixels
+
+EXPORT_FORMAT = "siamkit-export-v1"  # export.py writes it; kept here too so that this module needs no torch
+BATCH = 256
+
+
+def is_exported(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(".onnx")
+
+
+def onnx_session(model: bytes | str | os.PathLike):
+    """An onnxruntime session on the CPU, from a file or its bytes."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise SiamkitError('running an exported .onnx model needs onnxruntime: pip install "siamkit[export]"') from None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: its warnings about unused initialisers are not the user's
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+class ExportedVerifier(VerifierBase):
+    """``siamkit.load("model.onnx")``: the same embed / score / verify as a run's Verifier, through onnxruntime."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        if not path.is_file():
+            raise SiamkitError(f"{path} does not exist; pass a file written by siamkit export")
+        try:
+            self.session = onnx_session(path)
+        except SiamkitError:
+            raise
+        except Exception as e:  # onnxruntime raises its own types for a damaged or foreign file
+            raise SiamkitError(f"{path} is not a readable ONNX model ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:120]}); export it again with siamkit export") from None
+        raw = self.session.get_modelmeta().custom_metadata_map.get("siamkit")
+        try:
+            self.metadata = json.loads(raw)
+            if self.metadata.get("format") != EXPORT_FORMAT:
+                raise ValueError(self.metadata.get("format"))
+        except (TypeError, ValueError, AttributeError):
+            raise SiamkitError(f"{path} is an ONNX model but not one siamkit exported (no '{EXPORT_FORMAT}' "
+                               f"metadata); export a run with siamkit export RUN --format onnx") from None
+        self.path = path
+        self.preprocess = Preprocess.from_dict(self.metadata["preprocess"])
+        self.score_name = self.metadata["score"]
+        self.calibration = self.metadata.get("calibration")
+        self.threshold = None if self.calibration is None else float(self.calibration["threshold"])
+
+    def embed(self, images: Sequence) -> np.ndarray:
+        """Embeddings [N, D] of image paths, PIL images, HxW(xC) arrays or CxHxW tensors."""
+        return self.embed_pixels(np.stack([image_pixels(im, self.preprocess) for im in images]))
+
+    def embed_pixels(self, pixels: np.ndarray, progress: bool = False) -> np.ndarray:
+        """Embeddings [N, D] of uint8 pixels [N, C, H, W] at the model's size."""
+        starts = range(0, len(pixels), BATCH)
+        out = [self.session.run(None, {"images": pixels[i:i + BATCH]})[0]
+               for i in tqdm(starts, desc="embed", unit="batch", disable=not progress)]
+        return np.concatenate(out)
+
+
+def embed_folder(verifier: ExportedVerifier, root: str | os.PathLike, progress: bool = True) -> dict:
+    """A folder of identity sub-folders -> {"embeddings", "labels", "names", "paths"} as siamkit embed writes them.
+
+    Unreadable images are skipped with one warning, as when training or evaluating on the folder.
+    """
+    names, files = list_image_folder(root)
+    pixels, labels, paths, bad = [], [], [], []
+    for label, folder in enumerate(files):
+        for path in folder:
+            try:
+                pixels.append(image_pixels(path, verifier.preprocess))
+            except SiamkitError as e:
+                bad.append(str(e).removeprefix("cannot read image "))
+                continue
+            labels.append(label)
+            paths.append(str(path.relative_to(root)))
+    if bad:
+        warn(f"skipped {len(bad)} unreadable image(s): {'; '.join(bad[:5])}{'; ...' if len(bad) > 5 else ''}")
+    if not pixels:
+        raise SiamkitError(f"no readable images in {root}; check the files are images Pillow can open")
+    used = sorted(set(labels))  # identities whose every image was unreadable drop out, labels stay 0..K-1
+    remap = {old: new for new, old in enumerate(used)}
+    return {"embeddings": verifier.embed_pixels(np.stack(pixels), progress),
+            "labels": np.array([remap[label] for label in labels]), "names": [names[i] for i in used],
+            "paths": paths}
+
+
+def load_exported(path: str | os.PathLike) -> ExportedVerifier:
+    return ExportedVerifier(path)

@@ -1,0 +1,94 @@
+"""What every verifier does once it can embed images: score, verify at a calibrated threshold, read images.
+
+Torch-free: ``api.Verifier`` (a PyTorch model) and ``exported.ExportedVerifier`` (an ONNX file run by
+onnxruntime) differ only in ``embed``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from .calibration import choose_threshold
+from .data.pixels import Preprocess, decode_image_array, image_to_array
+from .errors import SiamkitError
+from .eval.verification import pair_scores
+
+
+def image_pixels(image, pre: Preprocess) -> np.ndarray:
+    """uint8 [C, H, W] at the model's size from a path, PIL image, HxW(xC) array or CxHxW tensor."""
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            return decode_image_array(image, pre)
+        except ValueError as e:
+            raise SiamkitError(f"cannot read image {image}: {e}") from None
+        except FileNotFoundError:
+            raise SiamkitError(f"image {image} does not exist") from None
+    if hasattr(image, "detach") and hasattr(image, "numpy"):  # a torch tensor, recognised without importing torch
+        image = image.detach().cpu().numpy()
+        if image.ndim == 3 and image.shape[0] in (1, 3):
+            image = image.transpose(1, 2, 0)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            image = np.clip(np.rint(image * 255.0 if image.max() <= 1.0 else image), 0, 255).astype(np.uint8)
+        image = Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[-1] == 1 else image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"cannot embed a {type(image).__name__}; pass paths, PIL images, arrays or tensors")
+    return image_to_array(image, pre)
+
+
+class VerifierBase:
+    """Scores and decisions on top of ``embed``; thresholds from ``calibration`` (see calibration.py)."""
+
+    preprocess: Preprocess
+    score_name: str
+    threshold: float | None
+    calibration: dict | None
+
+    def embed(self, images: Sequence) -> np.ndarray:
+        raise NotImplementedError
+
+    def score(self, a, b) -> float | np.ndarray:
+        """Similarity of a and b (higher = more alike); a list of images on each side gives an array."""
+        single = not isinstance(a, (list, tuple))
+        ea, eb = self.embed([a] if single else a), self.embed([b] if single else b)
+        s = pair_scores(ea, eb, self.score_name)
+        return float(s[0]) if single else s
+
+    def verify(self, a, b, threshold: float | None = None, far: float | None = None) -> bool | np.ndarray:
+        """True where a and b show the same identity (score >= threshold).
+
+        The threshold: ``threshold`` if given, else the one calibrated at false-accept rate ``far`` (1e-1, 1e-2,
+        1e-3: see ``calibration["thresholds_at_far"]``), else the calibrated accuracy-maximising one.
+        """
+        if threshold is not None and far is not None:
+            raise SiamkitError("pass threshold= or far=, not both")
+        t = threshold if threshold is not None else self.threshold_for(far)
+        s = self.score(a, b)
+        return bool(s >= t) if isinstance(s, float) else s >= t
+
+    def threshold_for(self, far: float | None = None) -> float:
+        """The calibrated threshold at false-accept rate ``far`` (None: the accuracy-maximising one)."""
+        if far is None and self.threshold is not None:
+            return self.threshold
+        return choose_threshold(self.calibration, far)[0]
+
+    def identify(self, images: Sequence, gallery, k: int = 5, threshold: float | None = None,
+                 far: float | None = None, backend: str = "exact") -> list[dict]:
+        """Who of ``gallery`` (a folder written by siamkit enroll, or a gallery.Gallery) is in each image?
+
+        One dict per image: ``identity`` (None when the best score is below the threshold: unknown), ``score``
+        (the best identity's) and ``top_k`` ([(name, score), ...], best first). The threshold as in ``verify``.
+        """
+        from .gallery import Gallery, load_gallery, model_probe
+
+        g = gallery if isinstance(gallery, Gallery) else load_gallery(gallery)
+        g.check_model(model_probe(self), "this model")
+        if threshold is not None and far is not None:
+            raise SiamkitError("pass threshold= or far=, not both")
+        t = threshold if threshold is not None else self.threshold_for(far)
+        ids, scores = g.search(self.embed(list(images)), k, backend)
+        return [{"identity": g.names[row[0]] if s[0] >= t else None, "score": float(s[0]),
+                 "top_k": [(g.names[i], float(x)) for i, x in zip(row, s)]} for row, s in zip(ids, scores)]

@@ -32,9 +32,9 @@ from .data.sources import IdentityDataset, load_source, split_identities
 from .errors import SiamkitError
 from .eval.embed import embed_images
 from .eval.verification import pair_scores
+from .exported import EXPORT_FORMAT
 from .fileio import atomic_write_bytes, atomic_write_json
 
-from .exported import EXPORT_FORMAT
 FORMATS = ("onnx", "torchscript")
 PARITY_TOLERANCE = 1e-4  # max abs difference of embeddings between the export and PyTorch (issue 16)
 OPSET = 18

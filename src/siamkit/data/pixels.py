@@ -67,7 +67,7 @@ def image_to_array(img: Image.Image, pre: Preprocess) -> np.ndarray:
     h, w = pre.image_size
     if img.size != (w, h):
         img = img.resize((w, h), Image.BILINEAR, reducing_gap=None)
-    arr = np.asarray(img, dtype=np.uint8)
+    arr = np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on Pillow's read-only buffer
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return np.ascontiguousarray(arr.transpose(2, 0, 1))

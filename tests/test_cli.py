@@ -197,3 +197,23 @@ def test_a_run_evaluated_with_flips_verifies_with_flips(tmp_path):
     plain = embed_images(v.model, batch, v.preprocess, "cpu", flip=False)
     assert v.flip and np.array_equal(v.embed(list(images)), flipped)
     assert np.array_equal(v.embed(list(images), flip=False), plain) and not np.array_equal(flipped, plain)
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`siamkit verify ... | head -1`: the reader leaving is not a file error; no message, SIGPIPE's status."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = (
+        "import sys, siamkit.cli as cli\n"
+        "def closed(args):\n    raise BrokenPipeError(32, 'Broken pipe')\n"
+        "cli._verify = closed\n"
+        "sys.exit(cli.main(['verify', 'RUN', 'a.png', 'b.png']))\n"
+    )
+    env_path = str(REPO / "src")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert done.returncode == 141
+    assert done.stderr == ""

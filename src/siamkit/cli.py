@@ -3,6 +3,7 @@ from TrainConfig."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -412,6 +413,11 @@ def main(argv: list[str] | None = None) -> int:
         # Every file siamkit writes is replaced atomically: an interrupt leaves the old or the new one, never half.
         print("siamkit: interrupted; files written so far are intact (checkpoints are replaced atomically)", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`siamkit verify ... | head -1`): nothing is wrong with siamkit's files. Point stdout
+        # at /dev/null so the interpreter's final flush does not raise again, as the Python docs advise.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
     except OSError as e:
         # Last resort for a file problem no check foresaw: still one line, never a traceback.
         where = f"{e.filename}: " if e.filename else ""

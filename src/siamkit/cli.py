@@ -10,6 +10,7 @@ from ._version import __version__
 from .config import GROUPS, RECIPES, TrainConfig, sources_help
 from .data.sources import source_of
 from .errors import SiamkitError
+from .eval.protocol import MAX_GENUINE_PAIRS
 from .options import add_arguments
 
 
@@ -49,7 +50,7 @@ def _train(args) -> int:
 
 def _evaluate(args) -> int:
     from .api import load_model, run_flip
-    from .data.sources import load_source
+    from .data.cache import load_data
     from .data.transforms import Preprocess
     from .eval.protocol import evaluate
     from .eval.report import format_summary, write_report
@@ -60,10 +61,11 @@ def _evaluate(args) -> int:
     model, ckpt = load_model(args.run, device)
     pre = Preprocess.from_dict(ckpt["preprocess"])
     out = Path(args.out) if args.out else run_dir_of(resolve_checkpoint(args.run)) / "eval"
-    ds = load_source(args.data, pre)
+    ds = load_data(args.data, pre, args.cache_dir)
     score = args.score or ckpt.get("score", "cosine")
     flip = run_flip(ckpt) if args.flip is None else args.flip
-    result = evaluate(model, pre, ds, pairs_file=args.pairs, score=score, flip=flip, device=device, seed=args.seed)
+    result = evaluate(model, pre, ds, pairs_file=args.pairs, score=score, flip=flip, device=device, seed=args.seed,
+                      max_genuine_pairs=args.max_genuine_pairs or None)
     report = result.report
     write_report(report, result.scores, result.same, out, result.baseline_scores)
     print(f"{args.data}: {out / 'report.json'}")
@@ -89,7 +91,7 @@ def _embed(args) -> int:
     import numpy as np
 
     from .api import load_model, run_flip
-    from .data.sources import load_source
+    from .data.cache import load_data
     from .data.transforms import Preprocess
     from .eval.embed import embed_images
     from .device import resolve_device
@@ -100,7 +102,7 @@ def _embed(args) -> int:
     device = resolve_device(args.device)
     model, ckpt = load_model(args.run, device)
     pre = Preprocess.from_dict(ckpt["preprocess"])
-    ds = load_source(args.data, pre)
+    ds = load_data(args.data, pre, args.cache_dir)
     emb = embed_images(model, ds.images, pre, device, flip=run_flip(ckpt) if args.flip is None else args.flip)
     buf = io.BytesIO()
     np.savez(buf, embeddings=emb, labels=ds.labels, names=np.array(ds.names), paths=np.array(ds.paths))
@@ -125,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", choices=("cosine", "euclidean"), default=None, help="default: the model's own")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the impostor pairs (no --pairs)")
+    p.add_argument("--max-genuine-pairs", type=int, default=MAX_GENUINE_PAIRS,
+                   help="no --pairs: draw at most this many genuine pairs (seeded; 0 = every one)")
+    _cache_option(p)
 
     p = sub.add_parser("verify", help="do two images show the same identity?")
     p.add_argument("run", help="run folder or checkpoint file")
@@ -139,7 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="add the embedding of the mirrored image (default: as the run was evaluated)")
     p.add_argument("--device", default="auto")
+    _cache_option(p)
     return parser
+
+
+def _cache_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", default=None,
+                   help="folder of decoded caches (default: as siamkit train; none = decode into memory, no cache)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -33,7 +33,7 @@ MAX_MEMORY_SHARE = 0.5
 class IdentityDataset:
     """Decoded images with identity labels."""
 
-    images: torch.Tensor  # uint8 [N, C, H, W]
+    images: torch.Tensor  # uint8 [N, C, H, W], or data.cache.ImageRows (the same, memory-mapped from the decoded cache)
     labels: np.ndarray  # int64 [N], 0..n_identities-1
     names: list[str]  # identity names, indexed by label
     paths: list[str]  # one per image: path relative to the root, or a synthetic id for built-in sets
@@ -45,6 +45,11 @@ class IdentityDataset:
     @property
     def n_identities(self) -> int:
         return len(self.names)
+
+    @property
+    def shape_of_image(self) -> tuple[int, ...]:
+        """(C, H, W) of every image."""
+        return tuple(self.images.shape[1:])
 
     def subset(self, identity_ids: np.ndarray) -> "IdentityDataset":
         """The images of the given identities, with labels renumbered 0..len(identity_ids)-1."""

@@ -61,6 +61,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
 
 def _train(cfg: TrainConfig, ctx, log_file: RunLogFile, *, resume: bool, overwrite: bool, progress: bool) -> Path:
     run = build_run(cfg, ctx, resume=resume, overwrite=overwrite)
+    try:
+        return _run(run, log_file, resume=resume, progress=progress)
+    finally:
+        run.close()
+
+
+def _run(run: Run, log_file: RunLogFile, *, resume: bool, progress: bool) -> Path:
+    cfg, ctx = run.cfg, run.ctx
     log_file.open(run.run_dir)
     metrics = MetricsLog(run.run_dir, resume=resume) if ctx.is_main else None
     if metrics is not None and resume:

@@ -47,7 +47,7 @@ def images() -> np.ndarray:
 def test_cached_images_in_chunks_give_the_report_of_images_in_memory(images, monkeypatch):
     model = FixedProjection()
     ref = evaluate(model, PRE, _data(torch.from_numpy(images)), seed=1)
-    monkeypatch.setattr(protocol, "SCORE_CHUNK", 7)  # pairs scored 7 at a time, the baseline too
+    monkeypatch.setattr(protocol, "SCORE_CHUNK", 7)  # pairs scored 7 at a time
     got = evaluate(model, PRE, _data(ImageRows(images.copy())), seed=1)
     # The same images, the same batches, each pair's score from its own two rows: equal, bit for bit.
     assert got.report == ref.report

@@ -28,12 +28,19 @@ def pixel_embeddings(images: torch.Tensor) -> np.ndarray:
     return (flat / torch.where(norm > 0, norm, torch.ones_like(norm))).numpy()
 
 
-def pixel_scores(images: torch.Tensor, idx_a: np.ndarray, idx_b: np.ndarray, chunk: int = 8192) -> np.ndarray:
+# Float64 pixels of one chunk of pairs (each side, before the grey, centred and normalised copies): 32 MiB.
+CHUNK_BYTES = 2**25
+
+
+def pixel_scores(images: torch.Tensor, idx_a: np.ndarray, idx_b: np.ndarray, chunk: int | None = None) -> np.ndarray:
     """Cosine similarity of the pixel embeddings of each pair (indices into ``images``).
 
-    ``chunk`` pairs at a time, each side's images embedded for that chunk alone: memory follows the chunk, not
-    the data set (an image in several chunks is embedded again; each row's embedding depends on it alone).
+    ``chunk`` pairs at a time (default: as many as CHUNK_BYTES of float64 pixels hold), each side's images
+    embedded for that chunk alone: memory follows the chunk, not the data set (an image in several chunks is
+    embedded again; each row's embedding depends on that image alone).
     """
+    if chunk is None:
+        chunk = max(1, CHUNK_BYTES // (8 * int(np.prod(tuple(images.shape[1:])))))
     out = []
     for c in range(0, len(idx_a), chunk):
         a = pixel_embeddings(images[torch.from_numpy(np.asarray(idx_a[c : c + chunk], dtype=np.int64))])

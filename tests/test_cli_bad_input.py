@@ -446,3 +446,21 @@ def test_pairs_naming_an_unreadable_image(earlier_run, lfw_style, tmp_path, capf
     assert_one_error(code, err, f"1 image(s) named in {pairs} could not be read from {data}, e.g. Bob/Bob_0003.pgm")
     assert any("skipped 1 unreadable image(s)" in line for line in err)
     assert not (tmp_path / "eval").exists()
+
+
+# --- the decoded cache's options ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--cache-dir", "{blocker}/cache"], "could not write {blocker}/cache/index.json: {blocker} is a file, not a folder"),
+    (["--data-in-memory", "maybe"], "argument --data-in-memory: invalid choice: 'maybe'"),
+    (["--cache-max-gb", "0"], "--cache-max-gb must be a positive number, got 0.0"),
+])
+def test_bad_cache_options_are_one_line_and_write_nothing(att_faces, tmp_path, capfd, args, expected):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    out = tmp_path / "run"
+    args = [a.format(blocker=blocker) for a in args]
+    code, err = run_main(["train", "--data", att_faces, "--out", out, "--steps", "1", *args], capfd)
+    assert_one_error(code, err, expected.format(blocker=blocker))
+    assert not out.exists()

@@ -204,3 +204,14 @@ def test_worker_processes_decode_the_same_images(faces, tmp_path, monkeypatch):
     monkeypatch.setattr(cache.os, "cpu_count", lambda: 2)
     ds = load_cached_folder(faces, PRE, tmp_path / "cache", progress=False)
     _same_as_memory(ds, faces)
+
+
+def test_the_size_cap_skips_a_cache_another_process_is_rebuilding(faces, tmp_path):
+    base = tmp_path / "cache"
+    small = Preprocess(image_size=(16, 16), channels=1, mean=(0.5,), std=(0.5,))
+    load_cached_folder(faces, small, base, progress=False)
+    (other,) = _caches(base)
+    os.utime(other / "index.json", (time.time() - 100, time.time() - 100))
+    with cache._locked(base / f"{other.name}.lock"):  # as if another process were rebuilding it
+        load_cached_folder(faces, PRE, base, max_gb=1e-9, progress=False)  # does not wait for it
+    assert other in _caches(base) and len(_caches(base)) == 2

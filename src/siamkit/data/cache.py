@@ -288,8 +288,12 @@ def evict(base: Path, max_gb: float, keep: str) -> None:
             return
         if folder.name == keep:
             continue
-        with _locked(base / f"{folder.name}.lock"):  # not while another process builds it
-            _remove(folder)
+        try:
+            # Not while another process rebuilds it; never wait for one (two evicting builders would deadlock).
+            with _locked(base / f"{folder.name}.lock", wait=False):
+                _remove(folder)
+        except BlockingIOError:
+            continue
         total -= size
         info(f"removed the decoded cache {folder} ({size / 2**30:.2f} GiB, least recently used; --cache-max-gb {max_gb:g})")
     if total > max_gb * 2**30:
@@ -307,10 +311,13 @@ def _size(folder: Path) -> int:
 
 
 class _locked:
-    """An exclusive lock on ``path`` (flock: released by the kernel if the holder dies); says when it waits."""
+    """An exclusive lock on ``path`` (flock: released by the kernel if the holder dies); says when it waits.
 
-    def __init__(self, path: Path):
-        self.path = path
+    ``wait=False``: raise BlockingIOError instead of waiting for another holder.
+    """
+
+    def __init__(self, path: Path, wait: bool = True):
+        self.path, self.wait = path, wait
 
     def __enter__(self):
         try:
@@ -320,6 +327,9 @@ class _locked:
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not self.wait:
+                os.close(self.fd)
+                raise
             info(f"waiting for another process that is building the decoded cache ({self.path.with_suffix('')})")
             fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self

@@ -16,6 +16,19 @@ DATA = Path(os.environ.get("SIAMKIT_DATA", REPO.parent / "shared" / "data"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def decoded_cache_dir(tmp_path_factory) -> Path:
+    """Decoded caches of the tests go to one temporary folder, never the user's cache (subprocesses inherit it)."""
+    folder = tmp_path_factory.mktemp("siamkit_cache")
+    previous = os.environ.get("SIAMKIT_CACHE_DIR")
+    os.environ["SIAMKIT_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("SIAMKIT_CACHE_DIR", None)
+    else:
+        os.environ["SIAMKIT_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     if not (DATA / "att_faces").is_dir():

@@ -362,11 +362,13 @@ def test_embed_skips_bad_images_with_one_warning(earlier_run, tmp_path, att_face
     assert code == 0, err
     # Only siamkit's own line: no Python warning text from Pillow.
     assert [w for w in caught if "PIL" in w.filename] == []
-    assert [line for line in err if line.startswith("siamkit:")] == err == [
+    # Besides the decoded cache's progress bar and summary line, only that one warning.
+    assert [line for line in err if line.startswith("siamkit:") and "decoded 4 images into the cache" not in line] == [
         f"siamkit: warning: skipped 2 unreadable image(s): {data / 's1' / 'zero.pgm'} (cannot identify image file "
         f"{str(data / 's1' / 'zero.pgm')!r}); {data / 's2' / 'huge.png'} (10000x10000 pixels is too large "
         f"(limit 40,000,000))"
     ]
+    assert all(line.startswith(("siamkit:", "decode:")) or not line.strip() for line in err), err
     saved = np.load(out)
     assert saved["paths"].tolist() == ["s1/1.pgm", "s1/2.pgm", "s2/1.pgm", "s2/2.pgm"]
 
@@ -447,3 +449,21 @@ def test_pairs_naming_an_unreadable_image(earlier_run, lfw_style, tmp_path, capf
     assert_one_error(code, err, f"1 image(s) named in {pairs} could not be read from {data}, e.g. Bob/Bob_0003.pgm")
     assert any("skipped 1 unreadable image(s)" in line for line in err)
     assert not (tmp_path / "eval").exists()
+
+
+# --- the decoded cache's options ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--cache-dir", "{blocker}/cache"], "could not write {blocker}/cache/index.json: {blocker} is a file, not a folder"),
+    (["--data-in-memory", "maybe"], "argument --data-in-memory: invalid choice: 'maybe'"),
+    (["--cache-max-gb", "0"], "--cache-max-gb must be a positive number, got 0.0"),
+])
+def test_bad_cache_options_are_one_line_and_write_nothing(att_faces, tmp_path, capfd, args, expected):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    out = tmp_path / "run"
+    args = [a.format(blocker=blocker) for a in args]
+    code, err = run_main(["train", "--data", att_faces, "--out", out, "--steps", "1", *args], capfd)
+    assert_one_error(code, err, expected.format(blocker=blocker))
+    assert not out.exists()

@@ -22,6 +22,7 @@ from siamkit.losses import (
     PairwiseContrastiveLoss,
     SemiHardTripletLoss,
     TripletLoss,
+    _anchor_chunks,
     build_metric_loss,
     distance_matrix,
 )
@@ -251,3 +252,29 @@ def test_metric_weight_scales_the_metric_term_and_zero_trains_the_classifier_alo
     ce = F.cross_entropy(logits, labels)
     assert half["loss"].item() == pytest.approx(0.5 * full["metric"].item() + 0.5 * ce.item(), rel=1e-6)
     assert alone["loss"].item() == pytest.approx(0.5 * ce.item(), rel=1e-6) and alone["metric"].item() == 0.0
+
+
+# --------------------------------------------------------------------------- mining in chunks of anchors
+
+
+@pytest.mark.parametrize("cls,chunk_anchors", [(SemiHardTripletLoss, 1), (SemiHardTripletLoss, 5),
+                                               (BatchAllTripletLoss, 1), (BatchAllTripletLoss, 7)])
+def test_mining_in_chunks_equals_one_piece(cls, chunk_anchors):
+    x, labels = pk_batch(4, 4, 2, seed=6, singletons=2)  # B = 18: chunks of 1, 5 or 7 anchors, the last one shorter
+    b = len(x)
+    whole = cls(0.3)
+    assert len(_anchor_chunks(b, whole.chunk_elements)) == 1  # the default: one piece at this size
+    chunked = cls(0.3)
+    chunked.chunk_elements = chunk_anchors * b * b  # anchors per chunk = chunk_elements // B^2
+    assert len(_anchor_chunks(b, chunked.chunk_elements)) == -(-b // chunk_anchors)
+    value, grad = value_and_grad(whole, x, labels)
+    chunk_value, chunk_grad = value_and_grad(chunked, x, labels)
+    if cls is SemiHardTripletLoss:
+        # Each anchor's negative is chosen from its own row alone: the same elementwise ops, bit for bit.
+        assert chunk_value == value
+        assert torch.equal(chunk_grad, grad)
+    else:
+        # The same float64 terms summed in another order: the sums differ by at most B^3 roundings of 2^-53 relative.
+        assert chunk_value == pytest.approx(value, rel=b**3 * 2**-52)
+        torch.testing.assert_close(chunk_grad, grad, rtol=b**3 * 2**-52, atol=0)
+    assert value > 0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ._version import __version__
 from .errors import SiamkitError
+from .eval.verification import MAX_GENUINE_PAIRS
 
 # Commands whose parser needs no PyTorch: an exported .onnx model verifies in an environment without it.
 TORCH_FREE_COMMANDS = ("verify", "identify", "embed")
@@ -56,7 +57,7 @@ def _train(args) -> int:
 
 def _evaluate(args) -> int:
     from .api import load_model, run_flip
-    from .data.sources import load_source
+    from .data.cache import load_data
     from .data.transforms import Preprocess
     from .eval.protocol import evaluate
     from .eval.report import format_summary, write_report
@@ -77,8 +78,9 @@ def _evaluate(args) -> int:
     if args.calibrate and (score != ckpt.get("score", "cosine") or flip != run_flip(ckpt)):
         # verify scores with the run's own score and flip: thresholds found otherwise would not fit them.
         raise SiamkitError("--calibrate finds thresholds for the run's own --score and --flip; drop those options")
-    ds = load_source(args.data, pre)
-    result = evaluate(model, pre, ds, pairs_file=args.pairs, score=score, flip=flip, device=device, seed=args.seed)
+    ds = load_data(args.data, pre, args.cache_dir)
+    result = evaluate(model, pre, ds, pairs_file=args.pairs, score=score, flip=flip, device=device, seed=args.seed,
+                      max_genuine_pairs=args.max_genuine_pairs or None)
     report = result.report
     write_report(report, result.scores, result.same, out, result.baseline_scores)
     print(f"{args.data}: {out / 'report.json'}")
@@ -261,7 +263,7 @@ def _embed(args) -> int:
     import numpy as np
 
     from .api import load_model, run_flip
-    from .data.sources import load_source
+    from .data.cache import load_data
     from .data.transforms import Preprocess
     from .eval.embed import embed_images
     from .device import resolve_device
@@ -272,7 +274,7 @@ def _embed(args) -> int:
     device = resolve_device(args.device)
     model, ckpt = load_model(args.run, device)
     pre = Preprocess.from_dict(ckpt["preprocess"])
-    ds = load_source(args.data, pre)
+    ds = load_data(args.data, pre, args.cache_dir)
     emb = embed_images(model, ds.images, pre, device, flip=run_flip(ckpt) if args.flip is None else args.flip)
     buf = io.BytesIO()
     np.savez(buf, embeddings=emb, labels=ds.labels, names=np.array(ds.names), paths=np.array(ds.paths))
@@ -330,6 +332,9 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true",
                    help="store this report's thresholds in the run (RUN/calibration.json, the previous ones kept "
                         "in its history): verify then uses them")
+    p.add_argument("--max-genuine-pairs", type=int, default=MAX_GENUINE_PAIRS,
+                   help="no --pairs: draw at most this many genuine pairs (seeded; 0 = every one)")
+    _cache_option(p)
 
     p = sub.add_parser("verify", help="do two images show the same identity?")
     p.add_argument("run", help="run folder, checkpoint file or exported .onnx file")
@@ -376,7 +381,13 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="add the embedding of the mirrored image (default: as the run was evaluated)")
     p.add_argument("--device", default="auto")
+    _cache_option(p)
     return parser
+
+
+def _cache_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", default=None,
+                   help="folder of decoded caches (default: as siamkit train; none = decode into memory, no cache)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -23,6 +23,7 @@ from .options import check_fields, option
 AMP_MODES = ("off", "bf16", "fp16")
 AUGMENTS = ("auto", "none", "flip", "flip-shift", "face")
 SCHEDULES = ("cosine", "constant")
+DATA_IN_MEMORY = ("auto", "yes", "no")
 # Recipes: sets of options that work well together, measured by benchmarks/recipe.py (README "Accuracy on
 # unseen faces"). `siamkit train --recipe auto` (the default) applies the data source's recipe; options given
 # on the command line override it. From Python: TrainConfig(**RECIPES["faces"], data=...).
@@ -62,6 +63,17 @@ class TrainConfig(ModelOptions):
                           help="auto = the source's default: none for digits, face for the built-in faces, flip-shift "
                                "(mirror + small shifts) otherwise; face = per-image scale, rotation, shift, mirror, "
                                "brightness/contrast and erasing (data/transforms.py FaceAugment)")
+    cache_dir: str | None = option(None, group="data",
+                                   help="folder of decoded caches: a data folder is decoded once into a file there and "
+                                        "memory-mapped by later runs (default: $SIAMKIT_CACHE_DIR, else "
+                                        "$XDG_CACHE_HOME/siamkit, else ~/.cache/siamkit); none = decode into memory "
+                                        "every run, no cache")
+    cache_max_gb: float = option(50.0, group="data", minimum="positive",
+                                 help="size cap of the cache folder: the least recently used caches are removed first")
+    data_in_memory: str = option("auto", group="data", choices=DATA_IN_MEMORY,
+                                 help="yes: all training images on the training device; no: each step's images read "
+                                      "from the decoded cache in the background; auto: yes when they take under half "
+                                      "of the device's free memory")
     # model (the rest are ModelOptions)
     pretrained: str = option("none", group="model",
                              help="none | imagenet | PATH to a torchvision state dict | a siamkit run folder or "

@@ -87,14 +87,14 @@ def embed_folder(verifier: ExportedVerifier, root: str | os.PathLike, progress: 
     names, files = list_image_folder(root)
     pixels, labels, paths, bad = [], [], [], []
     for label, folder in enumerate(files):
-        for path in folder:
+        for rel in folder:
             try:
-                pixels.append(image_pixels(path, verifier.preprocess))
+                pixels.append(image_pixels(os.path.join(root, rel), verifier.preprocess))
             except SiamkitError as e:
                 bad.append(str(e).removeprefix("cannot read image "))
                 continue
             labels.append(label)
-            paths.append(str(path.relative_to(root)))
+            paths.append(rel)
     if bad:
         warn(f"skipped {len(bad)} unreadable image(s): {'; '.join(bad[:5])}{'; ...' if len(bad) > 5 else ''}")
     if not pixels:

@@ -136,25 +136,43 @@ class BatchHardTripletLoss(MarginLoss):
         return losses.sum() / valid.sum().clamp_min(1)
 
 
+# Mining over [anchor, positive, negative] is computed for a chunk of anchors at a time, each chunk's temporaries
+# at most this many elements (128 MiB of float32): at P x K = 1024 one [B, B, B] float tensor would be 4 GiB.
+# Batches with B^3 below it are one chunk: the same graph as unchunked code.
+CHUNK_ELEMENTS = 2**25
+
+
+def _anchor_chunks(batch: int, chunk_elements: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of anchors whose [chunk, B, B] temporaries hold at most ``chunk_elements`` each."""
+    step = max(1, chunk_elements // max(1, batch * batch))
+    return [(s, min(batch, s + step)) for s in range(0, batch, step)]
+
+
 @register_loss("triplet", mining="semi-hard")
 class SemiHardTripletLoss(MarginLoss):
     """FaceNet's semi-hard negatives (Schroff et al. 2015), over every anchor-positive pair.
 
     For each (a, p): the nearest negative that is farther than p; if there is none, the farthest
     negative. The loss is the mean of max(d(a, p) − d(a, n) + margin, 0) over all (a, p).
+    Anchors are mined in chunks (CHUNK_ELEMENTS); each anchor's choice depends on its own row alone, so the
+    result is the same as in one piece.
     """
+
+    chunk_elements = CHUNK_ELEMENTS
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         d = distance_matrix(embeddings)
         pos, neg = _masks(labels)
-        d_ap = d[:, :, None]  # [a, p, 1]
-        d_an = d[:, None, :]  # [a, 1, n]
-        neg3 = neg[:, None, :]
-        semi = neg3 & (d_an > d_ap)
-        inf = torch.full_like(d_an.expand_as(semi), float("inf"))
-        nearest_semi = torch.where(semi, d_an.expand_as(semi), inf).amin(dim=2)
         farthest_neg = torch.where(neg, d, torch.full_like(d, -float("inf"))).amax(dim=1, keepdim=True)
-        chosen = torch.where(semi.any(dim=2), nearest_semi, farthest_neg.expand_as(nearest_semi))
+        chosen = []
+        for s, e in _anchor_chunks(len(d), self.chunk_elements):
+            d_ap = d[s:e, :, None]  # [a, p, 1]
+            d_an = d[s:e, None, :]  # [a, 1, n]
+            semi = neg[s:e, None, :] & (d_an > d_ap)
+            inf = torch.full_like(d_an.expand_as(semi), float("inf"))
+            nearest_semi = torch.where(semi, d_an.expand_as(semi), inf).amin(dim=2)
+            chosen.append(torch.where(semi.any(dim=2), nearest_semi, farthest_neg[s:e].expand_as(nearest_semi)))
+        chosen = chosen[0] if len(chosen) == 1 else torch.cat(chosen)
         valid = pos & neg.any(dim=1, keepdim=True)
         losses = torch.where(valid, F.relu(d - chosen + self.margin), torch.zeros_like(d))
         return losses.sum() / valid.sum().clamp_min(1)
@@ -162,15 +180,23 @@ class SemiHardTripletLoss(MarginLoss):
 
 @register_loss("triplet", mining="all")
 class BatchAllTripletLoss(MarginLoss):
-    """Every valid triplet of the batch; the mean over those with a positive loss (Hermans et al. 2017)."""
+    """Every valid triplet of the batch; the mean over those with a positive loss (Hermans et al. 2017).
+
+    Summed over chunks of anchors (CHUNK_ELEMENTS): the same terms, added in another order.
+    """
+
+    chunk_elements = CHUNK_ELEMENTS
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         d = distance_matrix(embeddings)
         pos, neg = _masks(labels)
-        valid = pos[:, :, None] & neg[:, None, :]
-        losses = F.relu(d[:, :, None] - d[:, None, :] + self.margin) * valid
-        active = (losses > 0).sum()
-        return losses.sum() / active.clamp_min(1)
+        total, active = d.new_zeros(()), torch.zeros((), dtype=torch.long, device=d.device)
+        for s, e in _anchor_chunks(len(d), self.chunk_elements):
+            valid = pos[s:e, :, None] & neg[s:e, None, :]
+            losses = F.relu(d[s:e, :, None] - d[s:e, None, :] + self.margin) * valid
+            total = total + losses.sum()
+            active = active + (losses > 0).sum()
+        return total / active.clamp_min(1)
 
 
 @register_loss("contrastive", mining="all")

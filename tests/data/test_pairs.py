@@ -406,3 +406,40 @@ def test_folder_pairs_properties(labels, seed, n_folds):
             folder_pairs(np.array(labels, dtype=int), seed=seed, n_folds=n_folds)
     else:
         check_folder_pairs(labels, seed, n_folds)
+
+
+# --- the cap on genuine pairs (large held-out sets) ---------------------------------------------
+
+
+def test_folder_pairs_cap_draws_distinct_genuine_pairs_of_large_identities():
+    # 3 identities of 3,000 images: 13.5 million genuine pairs, never listed; pair numbers near the end of a
+    # group (j close to 3,000) exercise the square-root decoding where float rounding could be off by one.
+    labels = np.repeat([2, 0, 1], 3000)
+    np.random.default_rng(0).shuffle(labels)
+    a, b, same, fold = folder_pairs(labels, seed=3, max_genuine=20_000)
+    assert same.sum() == 20_000 and (~same).sum() == 20_000
+    assert np.all(a < b) and np.all((labels[a] == labels[b]) == same)
+    assert len(np.unique(a * len(labels) + b)) == len(a)  # distinct pairs
+    again = folder_pairs(labels, seed=3, max_genuine=20_000)
+    assert all(np.array_equal(x, y) for x, y in zip((a, b, same, fold), again))
+
+
+def test_folder_pairs_cap_above_the_genuine_pairs_changes_nothing():
+    labels = np.random.default_rng(1).integers(0, 40, 300)
+    uncapped = folder_pairs(labels, seed=5)
+    capped = folder_pairs(labels, seed=5, max_genuine=int(uncapped[2].sum()))
+    assert all(np.array_equal(x, y) for x, y in zip(uncapped, capped))
+
+
+def test_folder_pairs_cap_draws_genuine_pairs_uniformly():
+    labels = [0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 3]  # 1 + 3 + 10 = 14 genuine pairs, in groups of unequal sizes
+    runs, cap = 1500, 5
+    counts = Counter()
+    for seed in range(runs):
+        a, b, same, _ = folder_pairs(np.array(labels), seed=seed, max_genuine=cap)
+        assert same.sum() == cap
+        counts.update(zip(a[same].tolist(), b[same].tolist()))
+    assert set(counts) == set(brute_force_genuine(labels))
+    expected = runs * cap / 14
+    # Binomial sd <= sqrt(expected) ~ 23; 6 sd of slack keeps this test from flaking.
+    assert all(abs(c - expected) < 6 * expected**0.5 for c in counts.values()), counts

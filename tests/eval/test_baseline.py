@@ -79,3 +79,15 @@ def test_every_evaluation_reports_the_baseline_on_its_own_pairs(att_faces):
     )
     # AT&T faces of 4 people at 32x32: pixels separate them far better than chance.
     assert base["roc_auc"] > 0.7
+
+
+def test_pixel_scores_in_chunks_equal_one_piece():
+    rng = np.random.default_rng(3)
+    images = torch.from_numpy(rng.integers(0, 256, (30, 3, 5, 4), dtype=np.uint8))
+    idx_a, idx_b = rng.integers(0, 30, 50), rng.integers(0, 30, 50)
+    whole = pixel_scores(images, idx_a, idx_b, chunk=50)
+    # Each image's embedding depends on that image alone: chunks of 7 pairs (the last shorter) give the same bits.
+    np.testing.assert_array_equal(pixel_scores(images, idx_a, idx_b, chunk=7), whole)
+    np.testing.assert_array_equal(pixel_scores(images, idx_a, idx_b), whole)  # the default chunk holds all 50
+    emb = pixel_embeddings(images)
+    np.testing.assert_allclose(whole, (emb[idx_a] * emb[idx_b]).sum(1), atol=1e-12)

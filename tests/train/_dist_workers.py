@@ -11,6 +11,7 @@ import socket
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -167,6 +168,7 @@ def gather_checks(rank: int, world: int) -> None:
 
 def sharded_embed_checks(rank: int, world: int) -> None:
     """embed_images(sharded=True) returns the same rows, in order, as one process embedding everything."""
+    from siamkit.data.cache import ImageRows
     from siamkit.data.transforms import Preprocess
     from siamkit.eval.embed import embed_images
 
@@ -187,6 +189,9 @@ def sharded_embed_checks(rank: int, world: int) -> None:
         sharded = embed_images(model, images, pre, batch_size=3, channels_last=False, sharded=True)
         assert sharded.shape == whole.shape, (n, sharded.shape, whole.shape)
         torch.testing.assert_close(torch.from_numpy(sharded), torch.from_numpy(whole), rtol=1e-6, atol=1e-6)
+        # The same images memory-mapped from a decoded cache: each share is read batch by batch, the same rows.
+        cached = embed_images(model, ImageRows(images.numpy()), pre, batch_size=3, channels_last=False, sharded=True)
+        assert np.array_equal(cached, sharded), n
 
 
 

@@ -215,6 +215,23 @@ def _genuine_pairs(order: np.ndarray, starts: np.ndarray, counts: np.ndarray) ->
     return np.concatenate(a_parts), np.concatenate(b_parts)
 
 
+def _sample_genuine_pairs(
+    order: np.ndarray, starts: np.ndarray, counts: np.ndarray, m: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """``m`` distinct genuine pairs drawn uniformly: pair numbers drawn without replacement, then decoded."""
+    per_group = counts * (counts - 1) // 2
+    group_end = np.cumsum(per_group)
+    picks = np.sort(rng.choice(int(group_end[-1]), size=m, replace=False))
+    g = np.searchsorted(group_end, picks, side="right")
+    r = picks - (group_end[g] - per_group[g])  # the pair's number inside its group
+    # Number the pairs (i, j), i < j, by j first: j*(j-1)/2 pairs come before those of j, so j solves a quadratic.
+    j = np.floor((1 + np.sqrt(1 + 8 * r.astype(np.float64))) / 2).astype(np.int64)
+    j -= j * (j - 1) // 2 > r  # float rounding near a triangular number, either way
+    j += (j + 1) * j // 2 <= r
+    i = r - j * (j - 1) // 2
+    return order[starts[g] + i], order[starts[g] + j]
+
+
 def _all_impostor_pairs(order: np.ndarray, codes: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every different-label pair (i<j), built without an N x N matrix: output-sized memory only."""
     n = len(order)
@@ -248,12 +265,14 @@ def _sample_impostor_keys(codes: np.ndarray, k: int, n_impostor: int, rng: np.ra
 
 
 def folder_pairs(
-    labels: np.ndarray, seed: int, n_folds: int = 10
+    labels: np.ndarray, seed: int, n_folds: int = 10, max_genuine: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(idx_a, idx_b, same, fold): every genuine pair i<j plus as many distinct random impostor pairs, shuffled.
 
     If fewer impostor pairs exist than genuine ones, all impostor pairs are used. ``fold = position % n_folds``
     after the shuffle, so folds differ in size by at most one. Deterministic for a given ``seed``.
+    ``max_genuine``: above this many genuine pairs, that many distinct ones are drawn uniformly (seeded), without
+    listing them all, so that memory follows the cap and not the square of the identities' sizes.
     """
     labels = np.asarray(labels)
     if labels.ndim != 1:
@@ -266,8 +285,7 @@ def folder_pairs(
     order = np.argsort(codes, kind="stable")  # stable: members of a group stay in ascending index order
     counts = np.bincount(codes) if n else np.empty(0, np.int64)
     ends = np.cumsum(counts)
-    gen_a, gen_b = _genuine_pairs(order, ends - counts, counts)
-    n_genuine = len(gen_a)
+    n_genuine = int((counts * (counts - 1) // 2).sum())
     n_impostor = n * (n - 1) // 2 - n_genuine
     if n_genuine == 0 or n_impostor == 0:
         raise SiamkitError(
@@ -276,6 +294,11 @@ def folder_pairs(
         )
 
     rng = np.random.default_rng(seed)
+    if max_genuine is not None and n_genuine > max_genuine:
+        gen_a, gen_b = _sample_genuine_pairs(order, ends - counts, counts, max_genuine, rng)
+        n_genuine = max_genuine
+    else:
+        gen_a, gen_b = _genuine_pairs(order, ends - counts, counts)
     k = min(n_genuine, n_impostor)
     if 4 * k >= n_impostor:
         # Dense case: rejection would redraw many duplicates, and listing them all costs at most 4k pairs.

@@ -101,8 +101,9 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(e).__name__
 
 
-def list_image_folder(root: str | os.PathLike, builtin: Sequence[str] = ()) -> tuple[list[str], list[list[Path]]]:
-    """Identity names and their candidate image files, sorted; clear errors for unusable folders.
+def list_image_folder(root: str | os.PathLike, builtin: Sequence[str] = ()) -> tuple[list[str], list[list[str]]]:
+    """Identity names and their candidate image files (paths relative to ``root``), sorted; clear errors for
+    unusable folders. Plain strings, not Paths: at 100,000 files, building and sorting Path objects took seconds.
 
     ``builtin``: the names of built-in sources, offered in the error for a folder that does not exist.
     """
@@ -115,7 +116,7 @@ def list_image_folder(root: str | os.PathLike, builtin: Sequence[str] = ()) -> t
     if not root_path.is_dir():
         raise SiamkitError(f"--data {root} is a file, not a folder; pass a folder with one sub-folder per identity")
     names: list[str] = []
-    files: list[list[Path]] = []
+    files: list[list[str]] = []
     try:
         entries = sorted(os.scandir(root_path), key=lambda e: e.name)
     except OSError as e:
@@ -132,7 +133,7 @@ def list_image_folder(root: str | os.PathLike, builtin: Sequence[str] = ()) -> t
             continue
         try:
             images = sorted(
-                Path(f.path)
+                f.name
                 for f in os.scandir(entry.path)
                 if not f.name.startswith(".") and f.name.lower().endswith(IMAGE_EXTENSIONS) and _is_file(f)
             )
@@ -141,7 +142,7 @@ def list_image_folder(root: str | os.PathLike, builtin: Sequence[str] = ()) -> t
             continue
         if images:
             names.append(entry.name)
-            files.append(images)
+            files.append([f"{entry.name}{os.sep}{name}" for name in images])
     if not names:
         raise SiamkitError(
             f"data folder {root} has no identity sub-folders with images; expected {root}/<identity>/<image>.jpg "

@@ -28,7 +28,7 @@ MAX_MEMORY_SHARE = 0.5
 class IdentityDataset:
     """Decoded images with identity labels."""
 
-    images: torch.Tensor  # uint8 [N, C, H, W]
+    images: torch.Tensor  # uint8 [N, C, H, W], or data.cache.ImageRows (the same, memory-mapped from the decoded cache)
     labels: np.ndarray  # int64 [N], 0..n_identities-1
     names: list[str]  # identity names, indexed by label
     paths: list[str]  # one per image: path relative to the root, or a synthetic id for built-in sets
@@ -40,6 +40,11 @@ class IdentityDataset:
     @property
     def n_identities(self) -> int:
         return len(self.names)
+
+    @property
+    def shape_of_image(self) -> tuple[int, ...]:
+        """(C, H, W) of every image."""
+        return tuple(self.images.shape[1:])
 
     def subset(self, identity_ids: np.ndarray) -> "IdentityDataset":
         """The images of the given identities, with labels renumbered 0..len(identity_ids)-1."""
@@ -112,8 +117,9 @@ def _check_memory(n_images: int, pre: Preprocess) -> None:
         )
 
 
-def list_folder(root: str | os.PathLike) -> tuple[list[str], list[list[Path]]]:
-    """Identity names and their candidate image files, sorted; clear errors for unusable folders."""
+def list_folder(root: str | os.PathLike) -> tuple[list[str], list[list[str]]]:
+    """Identity names and their candidate image files (paths relative to ``root``), sorted; clear errors for
+    unusable folders."""
     return list_image_folder(root, tuple(SOURCES))
 
 
@@ -125,12 +131,13 @@ def decode_image(path: str | os.PathLike, pre: Preprocess) -> torch.Tensor:
 def load_folder(root: str | os.PathLike, pre: Preprocess) -> IdentityDataset:
     """Decode every image of a folder of identity sub-folders, skipping unreadable files with one warning."""
     names, files = list_folder(root)
-    flat = [(label, path) for label, paths in enumerate(files) for path in paths]
+    root_path = Path(root)
+    flat = [(label, rel) for label, paths in enumerate(files) for rel in paths]
     _check_memory(len(flat), pre)
 
-    def work(item: tuple[int, Path]):
+    def work(item: tuple[int, str]):
         try:
-            return decode_image(item[1], pre)
+            return decode_image(os.path.join(root_path, item[1]), pre)
         except ValueError as e:
             return str(e)
 
@@ -140,7 +147,7 @@ def load_folder(root: str | os.PathLike, pre: Preprocess) -> IdentityDataset:
 
     bad = [(path, out) for (_, path), out in zip(flat, decoded) if isinstance(out, str)]
     if bad:
-        shown = "; ".join(f"{p} ({why})" for p, why in bad[:5])
+        shown = "; ".join(f"{os.path.join(root_path, p)} ({why})" for p, why in bad[:5])
         more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
         warn(f"skipped {len(bad)} unreadable image(s): {shown}{more}")
     good = [(label, path, out) for (label, path), out in zip(flat, decoded) if not isinstance(out, str)]
@@ -148,12 +155,11 @@ def load_folder(root: str | os.PathLike, pre: Preprocess) -> IdentityDataset:
         raise SiamkitError(f"no readable images in {root}; check the files are images Pillow can open")
     used_labels = sorted({label for label, _, _ in good})
     remap = {old: new for new, old in enumerate(used_labels)}
-    root_path = Path(root)
     return IdentityDataset(
         images=torch.stack([t for _, _, t in good]),
         labels=np.array([remap[label] for label, _, _ in good], dtype=np.int64),
         names=[names[i] for i in used_labels],
-        paths=[str(p.relative_to(root_path)) for _, p, _ in good],
+        paths=[rel for _, rel, _ in good],
         root=str(root_path),
     )
 

@@ -13,7 +13,7 @@ from ..data.transforms import Preprocess
 from ..errors import SiamkitError
 from .baseline import baseline_report, pixel_scores
 from .embed import embed_images
-from .verification import pair_scores, verification_report
+from .verification import MAX_GENUINE_PAIRS, pair_scores, verification_report
 
 
 @dataclass
@@ -24,10 +24,15 @@ class PairSet:
     fold: np.ndarray
 
 
-def pairs_for(ds: IdentityDataset, pairs_file: str | None, seed: int) -> PairSet:
-    """Pairs of a pairs.txt file (folds = its sets), or all genuine + as many impostor pairs, 10 folds."""
+# Pairs scored at once by the model: bounds the memory of scoring whatever the number of pairs.
+SCORE_CHUNK = 8192
+
+
+def pairs_for(ds: IdentityDataset, pairs_file: str | None, seed: int, max_genuine: int | None = MAX_GENUINE_PAIRS) -> PairSet:
+    """Pairs of a pairs.txt file (folds = its sets), or all genuine (at most ``max_genuine``, drawn with ``seed``)
+    + as many impostor pairs, 10 folds."""
     if pairs_file is None:
-        return PairSet(*folder_pairs(ds.labels, seed=seed, n_folds=10))
+        return PairSet(*folder_pairs(ds.labels, seed=seed, n_folds=10, max_genuine=max_genuine))
     if not ds.root or ds.root in SOURCES:
         raise SiamkitError("--pairs needs --data to be the folder the pairs file refers to")
     pairs = read_lfw_pairs(pairs_file, ds.root)
@@ -65,21 +70,32 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 256,
     sharded: bool = False,
+    max_genuine_pairs: int | None = MAX_GENUINE_PAIRS,
 ) -> Evaluation:
     """The model's report on ``ds`` under the pair protocol, beside the raw-pixel baseline on the same pairs.
 
-    Each image a pair uses is embedded once.
+    Each image a pair uses is embedded once, batch by batch (a cached data set is read from its file batch by
+    batch), and pairs are scored in chunks, so memory follows the batch and the number of pairs, which the
+    all-genuine-pairs protocol caps at ``max_genuine_pairs`` genuine pairs (drawn with ``seed``; report.json's
+    ``pair_sampling`` says so where it applied).
 
     ``sharded``: in a distributed run each process embeds a share of the images (see embed_images);
     every process gets the same report.
     """
-    pairs = pairs_for(ds, pairs_file, seed)
+    pairs = pairs_for(ds, pairs_file, seed, max_genuine_pairs)
     used = np.unique(np.concatenate([pairs.idx_a, pairs.idx_b]))
     emb = embed_images(model, ds.images[torch.from_numpy(used)], pre, device, batch_size, flip, sharded=sharded)
     row = np.full(len(ds), -1, dtype=np.int64)
     row[used] = np.arange(len(used))
-    scores = pair_scores(emb[row[pairs.idx_a]], emb[row[pairs.idx_b]], score)
+    scores = np.concatenate([
+        pair_scores(emb[row[pairs.idx_a[c : c + SCORE_CHUNK]]], emb[row[pairs.idx_b[c : c + SCORE_CHUNK]]], score)
+        for c in range(0, len(pairs.same), SCORE_CHUNK)
+    ])
     report = verification_report(scores, pairs.same, pairs.fold, score)
+    counts = np.bincount(ds.labels)
+    available = int((counts * (counts - 1) // 2).sum())
+    if pairs_file is None and available > report["n_genuine"]:  # stated where the cap drew a sample
+        report["pair_sampling"] = {"genuine_available": available, "max_genuine_pairs": max_genuine_pairs, "seed": seed}
     pixels = pixel_scores(ds.images, pairs.idx_a, pairs.idx_b)
     report["baseline"] = baseline_report(pixels, pairs.same, pairs.fold)
     return Evaluation(report, scores, pairs.same, pixels)

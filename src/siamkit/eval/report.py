@@ -90,7 +90,7 @@ def format_summary(report: dict) -> str:
     return "\n".join(
         [
             f"pairs:     {report['n_pairs']} ({report['n_genuine']} genuine, {report['n_impostor']} impostor), "
-            f"{report['score']} score",
+            f"{report['score']} score" + _capped(report),
             f"ROC AUC:   {report['roc_auc']:.4f}    EER: {report['eer']:.2%}",
             f"TAR:       {tars}",
             f"accuracy:  {report['accuracy_mean']:.2%} ± {report['accuracy_std']:.2%} "
@@ -113,6 +113,15 @@ def _far_lines(report: dict) -> list[str]:
                      f"calibrate on more pairs (evaluate --calibrate)")
         lines.append(line)
     return lines
+
+
+def _capped(report: dict) -> str:
+    """Where the genuine pairs were drawn from a larger set (the all-genuine-pairs protocol's cap)."""
+    sampling = report.get("pair_sampling")
+    if not sampling:
+        return ""
+    return (f"; genuine pairs drawn at random from {sampling['genuine_available']} "
+            f"(--max-genuine-pairs {sampling['max_genuine_pairs']}, seed {sampling['seed']})")
 
 
 def _baseline_line(report: dict) -> str:

@@ -6,6 +6,11 @@ from sklearn import metrics as skm
 
 from ..errors import SiamkitError
 
+# The all-genuine-pairs protocol draws at most this many genuine pairs (and as many impostor pairs): a held-out set
+# of 100,000 images of 50 each has 2.5 million genuine pairs; 50,000 measure a FAR of 1e-3 on 50 impostors.
+MAX_GENUINE_PAIRS = 50_000
+# (Declared here, in a module without torch, because the command line's parser needs it: see cli.TORCH_FREE_COMMANDS.)
+
 # The FAR operating points that report.json lists, keyed as DESIGN.md spells them.
 REPORT_FARS = {"1e-1": 1e-1, "1e-2": 1e-2, "1e-3": 1e-3}
 

@@ -65,6 +65,14 @@ def _train(cfg: TrainConfig, ctx, log_file: RunLogFile, *, resume: bool, overwri
     if cfg.tensorboard:
         require_tensorboard()  # before the run folder exists
     run = build_run(cfg, ctx, resume=resume, overwrite=overwrite)
+    try:
+        return _run(run, log_file, resume=resume, progress=progress)
+    finally:
+        run.close()
+
+
+def _run(run: Run, log_file: RunLogFile, *, resume: bool, progress: bool) -> Path:
+    cfg, ctx = run.cfg, run.ctx
     log_file.open(run.run_dir)
     metrics = MetricsLog(run.run_dir, resume=resume) if ctx.is_main else None
     tb = TensorBoardLog(run.run_dir) if cfg.tensorboard and ctx.is_main else None

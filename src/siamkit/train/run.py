@@ -7,6 +7,7 @@ run folder and, with ``--resume``, the state of the last checkpoint.
 from __future__ import annotations
 
 import math
+import os
 import random
 import shutil
 import tempfile
@@ -23,8 +24,10 @@ from .. import accel
 from .._version import __version__
 from ..checkpoint import load_checkpoint, remove_stale_temp_files, set_rng_state
 from ..config import TrainConfig
+from ..data.cache import ImageRows, load_data
+from ..data.prefetch import BatchPrefetcher
 from ..data.samplers import PKSampler, TupleSampler
-from ..data.sources import IdentityDataset, default_preprocess, load_source, require_trainable, source_of, split_identities
+from ..data.sources import IdentityDataset, default_preprocess, require_trainable, source_of, split_identities
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, FaceAugment, Preprocess, augment, normalize
 from ..device import resolve_device, use_fast_cuda_kernels
 from ..errors import SiamkitError, info, warn
@@ -38,6 +41,8 @@ from .sync_bn import convert_to_sync_bn
 
 # Step budget when neither --steps nor --epochs is given.
 DEFAULT_STEPS = 200
+# --data-in-memory auto keeps the training images on the device while they take at most this share of its free memory.
+MAX_IN_MEMORY_SHARE = 0.5
 
 
 @dataclass
@@ -77,8 +82,9 @@ class Run:
     sampler: PKSampler | TupleSampler
     total: int  # the run's total steps
     training: Training
-    images: torch.Tensor  # the training images (uint8) on the device
+    images: torch.Tensor | None  # the training images (uint8) on the device, or None when streamed
     labels: torch.Tensor
+    stream: BatchPrefetcher | None = None  # reads each step's images from the decoded cache (--data-in-memory no)
     start_step: int = 0
     best_accuracy: float = -1.0
     resumed: bool = False  # continued from checkpoints/last.pt
@@ -88,10 +94,14 @@ class Run:
     def ckpt_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised images and labels of ``step``: a pure function of (seed, step, rank), so resume is exact."""
         idx = torch.from_numpy(self.sampler.batch(step).reshape(-1)).to(self.device)
-        x = self.images[idx]
+        x = self.stream.get(step) if self.stream is not None else self.images[idx]
         mode = augment_mode(self.cfg)
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
         if mode == "face":
@@ -188,7 +198,8 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
 
     # Data: decoded once, identities held out for validation.
     pre = preprocess_for(cfg)
-    train_ds, val_ds = split_identities(load_source(cfg.data, pre), cfg.val_identities, cfg.seed)
+    data = load_data(cfg.data, pre, cfg.cache_dir, cfg.cache_max_gb, progress=ctx.is_main)
+    train_ds, val_ds = split_identities(data, cfg.val_identities, cfg.seed)
     require_trainable(train_ds)
     sampler = build_sampler(cfg, train_ds, ctx)
     total = cfg.steps or (cfg.epochs * sampler.steps_per_epoch) or DEFAULT_STEPS
@@ -209,14 +220,55 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
             + f"; {cfg.backbone} on {device}" + distributed.describe(ctx)
             + f", {n_train:,} of {n_total:,} parameters train; {total} steps ({sampler.steps_per_epoch} per epoch)"
         )
+    in_memory = keep_in_memory(cfg.data_in_memory, train_ds, device, ctx.is_main)
     if ctx.is_main:  # created only now that data and model are known good
         make_run_folder(run_dir, cfg, ctx.world, resume=resume, overwrite=overwrite)
+    stream = None if in_memory else BatchPrefetcher(train_ds.images, lambda s: sampler.batch(s).reshape(-1), device)
     return Run(
         cfg=cfg, ctx=ctx, device=device, run_dir=run_dir, pre=pre, train_ds=train_ds, val_ds=val_ds, sampler=sampler,
-        total=total, training=training, images=train_ds.images.to(device),
-        labels=torch.from_numpy(train_ds.labels).to(device), start_step=start_step, best_accuracy=best_accuracy,
-        resumed=checkpoint is not None, log_window=(checkpoint or {}).get("log_window"),
+        total=total, training=training, images=train_ds.images.to(device) if in_memory else None,
+        labels=torch.from_numpy(train_ds.labels).to(device), stream=stream, start_step=start_step,
+        best_accuracy=best_accuracy, resumed=checkpoint is not None, log_window=(checkpoint or {}).get("log_window"),
     )
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for the training images: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def keep_in_memory(choice: str, train_ds: IdentityDataset, device: torch.device, say: bool = True) -> bool:
+    """--data-in-memory: the training images on the device (yes), streamed from the cache (no), or by size (auto)."""
+    streamable = isinstance(train_ds.images, ImageRows)
+    need = len(train_ds) * int(np.prod(tuple(train_ds.shape_of_image)))
+    free = free_memory(device)
+    size = f"{need / 2**30:.2f} GiB of training images"
+    if not streamable:  # decoded into memory already (a built-in source, or --cache-dir none)
+        if choice == "no" and say:
+            info(f"--data-in-memory no: {train_ds.root or 'this source'} is a built-in data set or not cached "
+                 f"(--cache-dir none); its {size} stay in memory")
+        return True
+    if choice == "yes":
+        if need > free:
+            raise SiamkitError(f"--data-in-memory yes: {size} do not fit in the {free / 2**30:.1f} GiB free on "
+                               f"{device}; pass --data-in-memory no (each step's images are read from the decoded cache)")
+        return True
+    if choice == "no":
+        if say:
+            info(f"{size} streamed from the decoded cache (--data-in-memory no)")
+        return False
+    fits = need <= MAX_IN_MEMORY_SHARE * free
+    if say:
+        info(f"{size}: {'kept on ' + str(device) if fits else 'streamed from the decoded cache'} "
+             f"(--data-in-memory auto: {'under' if fits else 'over'} half of the {free / 2**30:.1f} GiB free)")
+    return fits
 
 
 def build_sampler(cfg: TrainConfig, train_ds: IdentityDataset, ctx: distributed.DistContext) -> PKSampler | TupleSampler:

@@ -1,0 +1,374 @@
+"""The decoded cache: a folder's images decoded once into a file of fixed-size uint8 images, memory-mapped after.
+
+A cache is a folder ``<cache dir>/<key>/`` holding ``images.u8`` (N x C x H x W uint8, row after row) and
+``index.json`` (paths, labels, identity names, shape and the key). The key is a hash of every source file's
+relative path, size and modification time and of the preprocessing, so a changed folder or preprocessing gets a
+new cache and the next run on the same data finds the old one. A cache is built under a temporary name and
+renamed into place when complete, under a lock file, so two processes building the same cache never read half
+of one: one builds, the others wait and then read it. A cache that does not check out (a truncated images file,
+an index of another key or format) is rebuilt, never trusted. After a build, the oldest caches beyond the size
+cap are removed (a run still using one keeps reading it: its files are unlinked, not overwritten).
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from multiprocessing import get_all_start_methods, get_context
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..errors import SiamkitError, info, warn
+from ..fileio import atomic_write_json, write_error
+from .sources import IdentityDataset, decode_image, list_folder, load_source, source_of, FOLDER
+from .transforms import Preprocess
+
+FORMAT = "siamkit-decoded-cache"
+VERSION = 1
+IMAGES_FILE, INDEX_FILE = "images.u8", "index.json"
+DEFAULT_MAX_GB = 50.0
+# Decoding in worker processes pays off from this many images (each worker imports torch first).
+PROCESS_DECODE_FROM = 2000
+CHUNK = 256  # images per worker task: progress moves often, and each task amortises its memmap open
+
+
+def default_cache_dir() -> Path:
+    """$SIAMKIT_CACHE_DIR, else $XDG_CACHE_HOME/siamkit, else ~/.cache/siamkit."""
+    if os.environ.get("SIAMKIT_CACHE_DIR"):
+        return Path(os.environ["SIAMKIT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "siamkit"
+
+
+class ImageRows:
+    """uint8 images [N, C, H, W] that live in a memory-mapped file: indexing gives a lazy view, reading copies.
+
+    ``rows[i]`` for a slice, an index array or tensor is another ImageRows (nothing is read); ``read()`` or
+    ``to(...)`` copies the selected images into a tensor. It stands in for the image tensor of an
+    IdentityDataset, so subsets and held-out splits of a cached data set cost no memory.
+    """
+
+    def __init__(self, array: np.ndarray, rows: np.ndarray | None = None):
+        self.array = array
+        self.rows = np.arange(len(array), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.rows), *self.array.shape[1:]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.uint8
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.rows) * int(np.prod(self.array.shape[1:]))
+
+    def __getitem__(self, index) -> "ImageRows":
+        if isinstance(index, torch.Tensor):
+            index = index.cpu().numpy()
+        if isinstance(index, (int, np.integer)):
+            index = [index]
+        return ImageRows(self.array, self.rows[index])
+
+    def read(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The selected images as a uint8 tensor (into ``out``, e.g. a pinned buffer, when given)."""
+        if out is None:
+            out = torch.empty(tuple(self.shape), dtype=torch.uint8)
+        np.take(self.array, self.rows, axis=0, out=out.numpy())
+        return out
+
+    def to(self, *args, **kwargs) -> torch.Tensor:
+        return self.read().to(*args, **kwargs)
+
+
+def fingerprint(names: Sequence[str], files: Sequence[Sequence[str]], root: Path, pre: Preprocess) -> str:
+    """Hash of the format, the preprocessing and every file's relative path, size and mtime (not the root)."""
+    h = hashlib.sha256(json.dumps({"format": FORMAT, "version": VERSION, "preprocess": pre.to_dict()}).encode())
+    prefix = f"{root}{os.sep}"  # string concatenation: os.path.join costs more than the stat at 100,000 files
+    for paths in files:
+        for rel in paths:
+            try:
+                st = os.stat(prefix + rel)
+                h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:  # unreadable now: decoding skips it; its absence is part of the fingerprint
+                h.update(f"{rel}\0missing\n".encode())
+    return h.hexdigest()[:32]
+
+
+def load_cached_folder(
+    root: str | os.PathLike, pre: Preprocess, cache_dir: str | os.PathLike | None = None,
+    max_gb: float = DEFAULT_MAX_GB, progress: bool = True,
+) -> IdentityDataset:
+    """A folder's images from its decoded cache, built first if there is none (or none that checks out)."""
+    root = Path(root)
+    names, files = list_folder(root)
+    key = fingerprint(names, files, root, pre)
+    base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = base / key
+    found = _open(final, key)
+    if isinstance(found, str):
+        _make_dir(base)
+        with _locked(base / f"{key}.lock"):
+            found = _open(final, key)  # another process may have built it while this one waited
+            if isinstance(found, str):
+                if final.exists():
+                    warn(f"decoded cache {final} is unusable ({found}); rebuilding it")
+                    _remove(final)
+                _build(final, names, files, root, pre, progress)
+                found = _open(final, key)
+                if isinstance(found, str):
+                    raise SiamkitError(f"decoded cache {final} could not be read back after building ({found})")
+                evict(base, max_gb, keep=key)
+    array, index = found
+    _touch(final / INDEX_FILE)  # last use: the size cap removes the least recently used caches first
+    return IdentityDataset(
+        images=ImageRows(array), labels=np.asarray(index["labels"], dtype=np.int64), names=list(index["names"]),
+        paths=list(index["paths"]), root=str(root),
+    )
+
+
+def load_data(
+    source: str, pre: Preprocess, cache_dir: str | None = None, max_gb: float = DEFAULT_MAX_GB,
+    data_home: str | None = None, progress: bool = True,
+) -> IdentityDataset:
+    """``--data``: a folder through its decoded cache (``cache_dir`` "none": decoded into memory), a built-in in memory."""
+    if source_of(source) is not FOLDER or (cache_dir is not None and str(cache_dir).lower() == "none"):
+        return load_source(source, pre, data_home)
+    return load_cached_folder(source, pre, cache_dir, max_gb, progress)
+
+
+def _open(folder: Path, key: str) -> tuple[np.ndarray, dict] | str:
+    """(memory-mapped images, index) of a complete cache, or why it is unusable."""
+    try:
+        index = json.loads((folder / INDEX_FILE).read_text())
+    except FileNotFoundError:
+        return "no index"
+    except (OSError, ValueError) as e:
+        return f"index unreadable: {e}"
+    if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") != VERSION:
+        return "not a siamkit cache of this version"
+    if index.get("key") != key:
+        return f"index is of another cache ({index.get('key')!r})"
+    try:
+        shape = tuple(int(s) for s in index["shape"])
+        n = shape[0]
+        if len(shape) != 4 or len(index["labels"]) != n or len(index["paths"]) != n or min(shape) < 1:
+            return "index is inconsistent"
+    except (KeyError, TypeError, ValueError):
+        return "index is incomplete"
+    images = folder / IMAGES_FILE
+    expected = int(np.prod(shape))
+    try:
+        size = images.stat().st_size
+    except OSError:
+        return "images file missing"
+    if size != expected:
+        return f"images file holds {size} bytes, the index says {expected} (truncated or overwritten)"
+    # Copy-on-write: the tensors built on it are writable (PyTorch warns about read-only arrays), the file never is.
+    return np.memmap(images, dtype=np.uint8, mode="c", shape=shape), index
+
+
+def _build(final: Path, names: list[str], files: list[list[str]], root: Path, pre: Preprocess, progress: bool) -> None:
+    """Decode every image into a temporary folder beside ``final``, then rename it into place."""
+    for stale in final.parent.glob(f".{final.name}.build-*"):  # left by a killed builder (we hold the lock)
+        _remove(stale)
+    tmp = final.parent / f".{final.name}.build-{os.getpid()}"
+    flat = [(label, path) for label, paths in enumerate(files) for path in paths]
+    row_shape = (pre.channels, *pre.image_size)
+    row_bytes = int(np.prod(row_shape))
+    start = time.perf_counter()
+    try:
+        tmp.mkdir()
+        images_path = tmp / IMAGES_FILE
+        with open(images_path, "wb") as f:
+            f.truncate(len(flat) * row_bytes)
+        errors = _decode_all(images_path, (len(flat), *row_shape), [os.path.join(root, p) for _, p in flat], pre,
+                             progress)
+        good = [i for i in range(len(flat)) if i not in errors]
+        if errors:
+            shown = "; ".join(f"{os.path.join(root, flat[i][1])} ({why})" for i, why in sorted(errors.items())[:5])
+            more = f"; and {len(errors) - 5} more" if len(errors) > 5 else ""
+            warn(f"skipped {len(errors)} unreadable image(s): {shown}{more}")
+        if not good:
+            raise SiamkitError(f"no readable images in {root}; check the files are images Pillow can open")
+        _compact(images_path, good, len(flat), row_bytes)
+        used_labels = sorted({flat[i][0] for i in good})
+        remap = {old: new for new, old in enumerate(used_labels)}
+        index = {
+            "format": FORMAT, "version": VERSION, "key": final.name, "shape": [len(good), *row_shape],
+            "preprocess": pre.to_dict(), "source": str(root), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "names": [names[i] for i in used_labels], "labels": [remap[flat[i][0]] for i in good],
+            "paths": [flat[i][1] for i in good],
+        }
+        with open(images_path, "rb+") as f:
+            os.fsync(f.fileno())
+        atomic_write_json(tmp / INDEX_FILE, index)
+        os.rename(tmp, final)
+    except OSError as e:
+        _remove(tmp)
+        raise write_error(final, e, "the decoded cache needs about the decoded size of the data set on disk "
+                                    "(--cache-dir picks another folder)") from e
+    except BaseException:
+        _remove(tmp)
+        raise
+    gib = len(good) * row_bytes / 2**30
+    info(f"decoded {len(good)} images into the cache {final} ({gib:.2f} GiB) in {time.perf_counter() - start:.1f} s")
+
+
+def _decode_all(images_path: Path, shape: tuple, paths: list[str], pre: Preprocess, progress: bool) -> dict[int, str]:
+    """Decode ``paths`` into the rows of ``images_path``: worker processes on every core; -> {row: why unreadable}."""
+    chunks = [(str(images_path), shape, pre.to_dict(), start, paths[start:start + CHUNK])
+              for start in range(0, len(paths), CHUNK)]
+    workers = os.cpu_count() or 1
+    errors: dict[int, str] = {}
+    bar = tqdm(total=len(paths), desc="decode", unit="img", disable=not progress, dynamic_ncols=True)
+    if len(paths) >= PROCESS_DECODE_FROM and workers > 1:
+        # fork, as PyTorch's DataLoader workers do (one intra-op thread each, so no thread pool is inherited
+        # half-made): spawn would import the user's __main__ again in every worker, and fails for `python -`.
+        method = "fork" if "fork" in get_all_start_methods() else "spawn"
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context(method), initializer=_one_thread)
+    else:  # Pillow releases the GIL while decoding: threads decode in parallel without the start-up cost.
+        pool = ThreadPoolExecutor(max_workers=min(8, workers * 2))
+    with pool, bar:
+        for done, bad in pool.map(_decode_chunk, chunks):
+            errors.update(bad)
+            bar.update(done)
+    return errors
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _decode_chunk(task: tuple) -> tuple[int, dict[int, str]]:
+    """Worker: decode one chunk of paths into its rows of the images file; -> (count, {row: why unreadable})."""
+    images_path, shape, pre_dict, start, paths = task
+    pre = Preprocess.from_dict(pre_dict)
+    out = np.memmap(images_path, dtype=np.uint8, mode="r+", shape=shape)
+    bad: dict[int, str] = {}
+    for offset, path in enumerate(paths):
+        try:
+            out[start + offset] = decode_image(path, pre).numpy()
+        except ValueError as e:
+            bad[start + offset] = str(e)
+    out.flush()
+    del out
+    return len(paths), bad
+
+
+def _compact(images_path: Path, good: list[int], n: int, row_bytes: int) -> None:
+    """Move the decoded rows over the skipped ones, in order, and cut the file to the rows kept."""
+    if len(good) == n:
+        return
+    with open(images_path, "rb+") as f:
+        for new, old in enumerate(good):
+            if new != old:
+                f.seek(old * row_bytes)
+                row = f.read(row_bytes)
+                f.seek(new * row_bytes)
+                f.write(row)
+        f.truncate(len(good) * row_bytes)
+
+
+def evict(base: Path, max_gb: float, keep: str) -> None:
+    """Remove the least recently used caches until the folder holds at most ``max_gb`` (never ``keep``)."""
+    caches = []
+    for folder in _complete_caches(base):
+        try:
+            caches.append(((folder / INDEX_FILE).stat().st_mtime, _size(folder), folder))
+        except OSError:
+            continue
+    total = sum(size for _, size, _ in caches)
+    for _, size, folder in sorted(caches):
+        if total <= max_gb * 2**30:
+            return
+        if folder.name == keep:
+            continue
+        try:
+            # Not while another process rebuilds it; never wait for one (two evicting builders would deadlock).
+            with _locked(base / f"{folder.name}.lock", wait=False):
+                _remove(folder)
+        except BlockingIOError:
+            continue
+        total -= size
+        info(f"removed the decoded cache {folder} ({size / 2**30:.2f} GiB, least recently used; --cache-max-gb {max_gb:g})")
+    if total > max_gb * 2**30:
+        warn(f"the decoded cache {base / keep} alone is larger than --cache-max-gb {max_gb:g}; it is kept for this run")
+
+
+def _complete_caches(base: Path) -> Iterator[Path]:
+    for folder in base.iterdir():
+        if folder.is_dir() and not folder.name.startswith(".") and (folder / INDEX_FILE).is_file():
+            yield folder
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+class _locked:
+    """An exclusive lock on ``path`` (flock: released by the kernel if the holder dies); says when it waits.
+
+    ``wait=False``: raise BlockingIOError instead of waiting for another holder.
+    """
+
+    def __init__(self, path: Path, wait: bool = True):
+        self.path, self.wait = path, wait
+
+    def __enter__(self):
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise write_error(self.path, e, "the decoded cache folder must be writable (--cache-dir picks another)") from e
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not self.wait:
+                os.close(self.fd)
+                raise
+            info(f"waiting for another process that is building the decoded cache ({self.path.with_suffix('')})")
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        return False
+
+
+def _make_dir(base: Path) -> None:
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(base / INDEX_FILE, e, "--cache-dir picks another folder for the decoded cache") from e
+
+
+def _remove(path: Path) -> None:
+    """Rename away first, then delete: a reader never sees a half-deleted cache under its own name."""
+    if not path.exists():
+        return
+    doomed = path.parent / f".{path.name}.removing-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        os.rename(path, doomed)
+    except OSError:
+        doomed = path
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:  # a read-only cache folder still serves reads
+        pass

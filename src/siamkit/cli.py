@@ -1,9 +1,11 @@
-"""Command line: siamkit train | evaluate | verify | embed. The train options are generated from TrainConfig."""
+"""Command line: siamkit train | evaluate | verify | embed | align. The train options are generated from TrainConfig."""
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from ._version import __version__
@@ -60,7 +62,8 @@ def _evaluate(args) -> int:
     model, ckpt = load_model(args.run, device)
     pre = Preprocess.from_dict(ckpt["preprocess"])
     out = Path(args.out) if args.out else run_dir_of(resolve_checkpoint(args.run)) / "eval"
-    ds = load_source(args.data, pre)
+    with _model_data(args, ckpt) as data:
+        ds = load_source(data, pre)
     score = args.score or ckpt.get("score", "cosine")
     flip = run_flip(ckpt) if args.flip is None else args.flip
     result = evaluate(model, pre, ds, pairs_file=args.pairs, score=score, flip=flip, device=device, seed=args.seed)
@@ -74,7 +77,7 @@ def _evaluate(args) -> int:
 def _verify(args) -> int:
     from .api import load
 
-    verifier = load(args.run, device="cpu")
+    verifier = load(args.run, device="cpu", align=args.align)
     threshold = args.threshold if args.threshold is not None else verifier.threshold
     if threshold is None:
         raise SiamkitError(f"{args.run} has no calibrated threshold (trained without held-out identities); pass --threshold")
@@ -100,13 +103,46 @@ def _embed(args) -> int:
     device = resolve_device(args.device)
     model, ckpt = load_model(args.run, device)
     pre = Preprocess.from_dict(ckpt["preprocess"])
-    ds = load_source(args.data, pre)
+    with _model_data(args, ckpt) as data:
+        ds = load_source(data, pre)
     emb = embed_images(model, ds.images, pre, device, flip=run_flip(ckpt) if args.flip is None else args.flip)
     buf = io.BytesIO()
     np.savez(buf, embeddings=emb, labels=ds.labels, names=np.array(ds.names), paths=np.array(ds.paths))
     atomic_write_bytes(args.out, buf.getvalue())
     print(f"{len(emb)} embeddings of dimension {emb.shape[1]} -> {args.out}")
     return 0
+
+
+@contextmanager
+def _model_data(args, ckpt: dict):
+    """--data as the model should see it: with --align, an aligned copy in a temporary folder (removed after)."""
+    from .faces.use import align_data, is_aligned_folder, warn_mismatch
+
+    alignment = ckpt.get("alignment")
+    if not args.align:
+        warn_mismatch(alignment, is_aligned_folder(args.data), f"the images of {args.data}")
+        yield args.data
+        return
+    from .faces.detect import check_installed
+
+    check_installed()
+    warn_mismatch(alignment, True, f"the images of {args.data} (--align)")
+    with tempfile.TemporaryDirectory(prefix="siamkit-align-") as tmp:
+        yield align_data(args.data, alignment, Path(tmp) / "aligned")
+
+
+def _align(args) -> int:
+    from .faces.folder import AlignOptions, align_folder
+
+    opts = AlignOptions(size=args.size, margin=args.margin, pick=args.pick, undetected=args.undetected)
+    align_folder(args.src, args.dst, opts, workers=args.workers, progress=not args.no_progress)
+    return 0
+
+
+def _add_align_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--align", action="store_true",
+                   help="detect and align the face of each raw photo first, as `siamkit align` does "
+                        "(needs: pip install \"siamkit[align]\")")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,12 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", choices=("cosine", "euclidean"), default=None, help="default: the model's own")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the impostor pairs (no --pairs)")
+    _add_align_flag(p)
 
     p = sub.add_parser("verify", help="do two images show the same identity?")
     p.add_argument("run", help="run folder or checkpoint file")
     p.add_argument("image1")
     p.add_argument("image2")
     p.add_argument("--threshold", type=float, default=None, help="default: the threshold calibrated in training")
+    _add_align_flag(p)
 
     p = sub.add_parser("embed", help="write embeddings of a data set to an .npz file")
     p.add_argument("run", help="run folder or checkpoint file")
@@ -139,6 +177,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="add the embedding of the mirrored image (default: as the run was evaluated)")
     p.add_argument("--device", default="auto")
+    _add_align_flag(p)
+
+    p = sub.add_parser("align", help="detect, landmark and align the faces of a folder of photos into DST",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("src", help="folder of photos: one sub-folder per identity, or flat")
+    p.add_argument("dst", help="output folder: the aligned crops at the same relative paths, and align_report.json")
+    p.add_argument("--size", type=int, default=112, help="side of the square aligned crop, in pixels")
+    p.add_argument("--margin", type=float, default=0.0, help="extra border around the face, as a fraction of it per side")
+    p.add_argument("--pick", choices=("largest", "center"), default="largest",
+                   help="which face of a photo with several: the largest, or the one nearest the centre")
+    p.add_argument("--undetected", choices=("skip", "frame"), default="skip",
+                   help="photos without a detected face: skip them, or align them with the whole frame as the face "
+                        "(for tight crops; listed apart in the report)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per CPU core)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -163,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
     try:
         args = parse_args(argv)
-        return {"train": _train, "evaluate": _evaluate, "verify": _verify, "embed": _embed}[args.command](args)
+        return {"train": _train, "evaluate": _evaluate, "verify": _verify, "embed": _embed,
+                "align": _align}[args.command](args)
     except SiamkitError as e:
         print(f"siamkit: error: {e}", file=sys.stderr)
         return 2

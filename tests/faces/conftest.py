@@ -1,0 +1,29 @@
+"""Photos for the face tests, made from the real faces in ../shared/data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from _face_photos import att_face, texture
+
+
+@pytest.fixture
+def photos(att_faces, data_root, tmp_path) -> Path:
+    """SRC with: a greyscale AT&T face, an RGB rof face, two faces in one photo, no face, a tiny and a corrupt file."""
+    src = tmp_path / "src"
+    (src / "alice").mkdir(parents=True)
+    (src / "bob").mkdir()
+    att_face(att_faces, 1).save(src / "alice" / "grey.pgm")
+    rof = sorted((data_root / "rof_neutral" / "al_pacino").glob("*.jpg"))[0]
+    Image.open(rof).save(src / "alice" / "rgb.jpg")
+    two = texture(420, 260, seed=1)
+    two.paste(att_face(att_faces, 2).convert("RGB"), (150, 80))  # centre (196, 136): near the middle
+    big = att_face(att_faces, 3).convert("RGB").resize((138, 168))
+    two.paste(big, (270, 40))  # centre (339, 124): larger, off-centre
+    two.save(src / "bob" / "two.png")
+    texture(200, 200, seed=2).save(src / "bob" / "noface.png")
+    texture(10, 12, seed=3).save(src / "bob" / "tiny.png")
+    (src / "bob" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a whole JPEG")
+    return src

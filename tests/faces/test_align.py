@@ -93,3 +93,14 @@ def test_pick_face_largest_or_central():
     central = Face((180, 180, 220, 220), lm, "hog")
     assert pick_face([central, big], (400, 400), "largest") is big
     assert pick_face([big, central], (400, 400), "center") is central
+
+
+def test_warp_repeats_the_edge_beyond_the_photo():
+    # Columns of distinct values: a crop that reaches past the left and right edges repeats the edge columns.
+    arr = np.tile(np.arange(10, 60, dtype=np.uint8), (40, 1))  # 50 wide, 40 high, value = 10 + x
+    img = Image.fromarray(arr, mode="L")
+    m = similarity(1.0, 0.0, 20.0, 0.0)  # photo x -> crop x + 20: crop columns 0-19 lie left of the photo
+    out = np.asarray(warp(img, m, 100))
+    assert (out[:, :20] == 10).all()  # the left edge column, repeated
+    assert (out[:, 20:70] == arr[0]).all()  # integer shift: the photo itself, exactly
+    assert (out[:, 70:] == 59).all()  # the right edge column, repeated

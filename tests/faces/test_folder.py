@@ -105,3 +105,16 @@ def test_bad_folders_and_options(tmp_path):
     with pytest.raises(SiamkitError, match="--pick"):
         align_folder(tmp_path / "empty", tmp_path / "out", AlignOptions(pick="left"))
     assert not (tmp_path / "out").exists()  # nothing written for a refused command
+
+
+def test_cli_align_on_worker_processes(photos, tmp_path, cli):
+    dst = tmp_path / "dst"
+    r = cli("align", str(photos), str(dst), "--size", "80", "--workers", "2", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    # One summary line: found, without detection, skipped and unreadable, and where the reasons are.
+    assert r.stderr.strip().splitlines() == [
+        f"siamkit: aligned 3 of 6 images with a detected face, 0 aligned without a detection, 2 skipped (no face), "
+        f"1 unreadable (6 processed now) -> {dst} (reasons: {dst / REPORT})"]
+    assert Image.open(dst / "bob" / "two.png").size == (80, 80)
+    r = cli("align", str(photos), str(dst), "--size", "80", "--workers", "2", "--no-progress")
+    assert "(0 processed now)" in r.stderr  # a rerun finds everything done

@@ -1,7 +1,8 @@
 """Alignment at use time: --align / align=True, the checkpoint's alignment, the mismatch warning, the missing extra."""
 from __future__ import annotations
 
-import logging
+import json
+import os
 import sys
 
 import numpy as np
@@ -42,8 +43,6 @@ def test_cli_align_without_extra_says_what_to_install(tmp_path, cli):
     # A sitecustomize-free way to hide dlib from the child: a module named dlib that raises ImportError.
     (tmp_path / "hide").mkdir()
     (tmp_path / "hide" / "dlib.py").write_text("raise ImportError('hidden for the test')\n")
-    import os
-
     env = {"PYTHONPATH": f"{tmp_path / 'hide'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     r = cli("align", str(tmp_path / "src"), str(tmp_path / "dst"), env=env)
     assert r.returncode == 2
@@ -99,3 +98,23 @@ def test_mismatch_warns_once(aligned_run, att_faces, monkeypatch):
     assert len(messages) == 1
     use.warn_mismatch(None, True, "the images")
     assert len(messages) == 2 and "trained on unaligned images" in messages[1]
+
+
+def test_cli_verify_and_evaluate_with_align(aligned_run, att_faces, tmp_path, cli):
+    photos = tmp_path / "photos"
+    for person in (1, 2):
+        (photos / f"p{person}").mkdir(parents=True)
+        for shot in (6, 7, 8):
+            photo = texture(300, 260, seed=10 * person + shot)
+            photo.paste(att_face(att_faces, person, shot).convert("RGB"), (40 + 20 * shot, 60))
+            photo.save(photos / f"p{person}" / f"{shot}.jpg")
+    run = str(aligned_run / "run")
+    r = cli("verify", run, str(photos / "p1" / "6.jpg"), str(photos / "p1" / "7.jpg"), "--align", "--threshold", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("score ") and "warning" not in r.stderr  # aligned model, aligned inputs
+    r = cli("verify", run, str(photos / "p1" / "6.jpg"), str(photos / "p1" / "7.jpg"), "--threshold", "0.5")
+    assert "trained on aligned faces" in r.stderr  # the same photos without --align: warned
+    r = cli("evaluate", run, "--data", str(photos), "--align", "--out", str(tmp_path / "eval"))
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["n_genuine"] == 6  # 3 + 3 genuine pairs: every photo's face was found and aligned

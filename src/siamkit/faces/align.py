@@ -63,8 +63,20 @@ def apply(m: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 
 def warp(image: Image.Image, m: np.ndarray, size: int) -> Image.Image:
-    """The size x size crop whose pixel (x, y) shows the photo at m^-1 (x, y) (bilinear; black outside the photo)."""
+    """The size x size crop whose pixel (x, y) shows the photo at m^-1 (x, y) (bilinear). Where the crop reaches
+    past the photo's edge (tight crops, tilted faces) the edge pixels are repeated, not black: black wedges of
+    varying shape would differ from image to image of the same person."""
     inv = np.linalg.inv(np.vstack([m, [0.0, 0.0, 1.0]]))[:2]
+    corners = np.array([[0, 0], [size - 1, 0], [0, size - 1], [size - 1, size - 1]], dtype=np.float64) @ inv[:, :2].T + inv[:, 2]
+    w, h = image.size
+    reach = max(0.0, -corners.min(), (corners[:, 0] - (w - 1)).max(), (corners[:, 1] - (h - 1)).max())
+    pad = int(min(np.ceil(reach) + 2, 2 * max(w, h)))  # beyond twice the photo's side there is nothing left to repeat
+    if pad:
+        arr = np.asarray(image)
+        arr = np.pad(arr, ((pad, pad), (pad, pad)) + ((0, 0),) * (arr.ndim - 2), mode="edge")
+        image = Image.fromarray(arr, mode=image.mode)
+        inv = inv.copy()
+        inv[:, 2] += pad  # photo coordinates -> padded photo coordinates
     # m works on pixel-index coordinates (pixel i's centre at i, as dlib's landmarks are); PIL's affine maps the
     # output's continuous coordinates (pixel i spans [i, i+1)) to the input's, hence the half-pixel shifts.
     a = inv[:, :2]

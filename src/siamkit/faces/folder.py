@@ -142,12 +142,14 @@ def list_images(src: Path, skip: Path | None = None) -> list[str]:
 
 
 def _read_journal(path: Path, opts: AlignOptions) -> dict[str, AlignResult]:
-    if not path.exists():
+    lines = path.read_text().splitlines() if path.exists() else []
+    if not lines:
         return {}
     done: dict[str, AlignResult] = {}
-    lines = path.read_text().splitlines()
-    header = json.loads(lines[0]) if lines else {}
-    theirs = header.get("options")
+    try:
+        theirs = json.loads(lines[0])["options"]
+    except (ValueError, KeyError, TypeError):
+        raise SiamkitError(f"{path} is not a journal of `siamkit align`; delete it to start DST over") from None
     if theirs != vars(opts):
         raise SiamkitError(
             f"{path.parent} was aligned with other options ({theirs}); rerun with the same options to finish it, "
@@ -179,10 +181,11 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, opts: AlignOpti
     journal = dst_path / JOURNAL
     done = _read_journal(journal, opts)
     # A crop whose file is gone (deleted by hand) is redone; a no-face or unreadable verdict stands.
-    done = {p: r for p, r in done.items() if p in set(rels) and (not r.status.startswith("aligned") or (dst_path / p).is_file())}
+    wanted = set(rels)
+    done = {p: r for p, r in done.items() if p in wanted and (not r.status.startswith("aligned") or (dst_path / p).is_file())}
     todo = [(rel, str(src_path / rel), str(dst_path / rel), opts) for rel in rels if rel not in done]
     dst_path.mkdir(parents=True, exist_ok=True)
-    if not journal.exists():
+    if not (journal.exists() and journal.stat().st_size):  # new, or created but cut before its header
         journal.write_text(json.dumps({"options": vars(opts)}) + "\n")
     summary = AlignSummary(results=list(done.values()))
     workers = workers or min(len(todo), os.cpu_count() or 1) or 1

@@ -2,20 +2,21 @@
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
+from .calibration import run_calibration
+from .checkpoint import load_checkpoint, resolve_checkpoint, run_dir_of
 from .data.transforms import Preprocess
 from .errors import SiamkitError
 from .eval.embed import embed_images
-from .models.siamese import ModelSpec, SiameseNet
-from .calibration import run_calibration
-from .checkpoint import load_checkpoint, resolve_checkpoint, run_dir_of
 from .exported import is_exported, load_exported
+from .models.siamese import ModelSpec, SiameseNet
 from .verifier import VerifierBase, image_pixels
-
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[SiameseNet, dict]:
@@ -34,7 +35,8 @@ class Verifier(VerifierBase):
     """Embeds images and says whether two show the same identity, with the model's own preprocessing."""
 
     def __init__(self, model: SiameseNet, preprocess: Preprocess, threshold: float | None, score: str, device="cpu",
-                 flip: bool = False, calibration: dict | None = None):
+                 flip: bool = False, calibration: dict | None = None, alignment: dict | None = None,
+                 align: bool = False):
         self.model, self.preprocess, self.threshold, self.score_name = model, preprocess, threshold, score
         # The thresholds verify chooses from (calibration.py); a bare threshold is a calibration of its own.
         if calibration is None and threshold is not None:
@@ -42,29 +44,80 @@ class Verifier(VerifierBase):
         self.calibration = calibration
         self.device = torch.device(device)
         self.flip = flip  # add mirrored images' embeddings, as the run did when it calibrated the threshold
+        self.alignment = alignment  # how the training data was aligned (siamkit align), None if it was not
+        self.align = align  # detect and align faces in raw photos before embedding them
 
-    def _to_uint8(self, image) -> torch.Tensor:
-        return torch.from_numpy(image_pixels(image, self.preprocess))
+    def _to_uint8(self, image, align: bool) -> torch.Tensor:
+        from .faces.use import warn_mismatch
 
-    def embed(self, images: Sequence, flip: bool | None = None) -> np.ndarray:
-        """Embeddings [N, D] of image paths, PIL images, HxW(xC) arrays or CxHxW tensors (flip None: the run's)."""
-        batch = torch.stack([self._to_uint8(im) for im in images])
+        if align:
+            from .faces.use import align_one
+
+            warn_mismatch(self.alignment, True, "the images (--align)")
+            face = align_one(_to_pil(image), self.alignment, str(image) if _is_path(image) else "the image")
+            return torch.from_numpy(image_pixels(face, self.preprocess))
+        pixels = torch.from_numpy(image_pixels(image, self.preprocess))
+        if self.alignment:  # a model trained on aligned faces checks that these look aligned (their size)
+            from .faces.use import looks_aligned
+
+            with (Image.open(image) if _is_path(image) else nullcontext(_to_pil(image))) as im:
+                warn_mismatch(self.alignment, looks_aligned(im, self.alignment), "the images")
+        return pixels
+
+    def embed(self, images: Sequence, flip: bool | None = None, align: bool | None = None) -> np.ndarray:
+        """Embeddings [N, D] of image paths, PIL images, HxW(xC) arrays or CxHxW tensors (flip None: the run's;
+        align: detect and align the face of each raw photo first, as `siamkit align` does; None: the Verifier's)."""
+        align = self.align if align is None else align
+        batch = torch.stack([self._to_uint8(im, align) for im in images])
         return embed_images(self.model, batch, self.preprocess, self.device, flip=self.flip if flip is None else flip)
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> VerifierBase:
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", align: bool = False) -> VerifierBase:
     """A Verifier for a run folder (its best.pt or last.pt) or a checkpoint file; an ExportedVerifier for an
-    exported .onnx file (siamkit.load reaches it without importing torch).
+    exported .onnx file (siamkit.load reaches it without importing torch). ``align=True`` detects and aligns the
+    face of every raw photo first (needs the align extra: pip install "siamkit[align]").
 
     Its thresholds: the run's calibration.json (evaluate --calibrate) if there is one, else the training's.
     """
     if is_exported(path):
-        return load_exported(path)
+        return load_exported(path, align=align)
     model, ckpt = load_model(path, device)
     calibration = run_calibration(run_dir_of(resolve_checkpoint(path)), ckpt)
     threshold = None if calibration is None else calibration["threshold"]
+    if align:
+        from .faces.detect import check_installed
+
+        check_installed()  # the one-line install hint now, not at the first image
     return Verifier(model, Preprocess.from_dict(ckpt["preprocess"]), threshold, ckpt.get("score", "cosine"), device,
-                    flip=run_flip(ckpt), calibration=calibration)
+                    flip=run_flip(ckpt), calibration=calibration, alignment=ckpt.get("alignment"), align=align)
+
+
+def _is_path(image) -> bool:
+    return isinstance(image, (str, os.PathLike))
+
+
+def _to_pil(image) -> Image.Image:
+    """A PIL image of a path (as siamkit align opens photos), array or tensor."""
+    if _is_path(image):
+        from .faces.folder import open_photo
+
+        try:
+            return open_photo(image)
+        except ValueError as e:
+            raise SiamkitError(f"cannot read image {image}: {e}") from None
+        except FileNotFoundError:
+            raise SiamkitError(f"image {image} does not exist") from None
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+        if image.ndim == 3 and image.shape[0] in (1, 3):
+            image = image.transpose(1, 2, 0)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            image = np.clip(np.rint(image * 255.0 if image.max() <= 1.0 else image), 0, 255).astype(np.uint8)
+        image = Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[-1] == 1 else image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"cannot embed a {type(image).__name__}; pass paths, PIL images, arrays or tensors")
+    return image
 
 
 def run_flip(ckpt: dict) -> bool:

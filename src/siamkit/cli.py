@@ -1,11 +1,13 @@
-"""Command line: siamkit train | evaluate | verify | export | enroll | identify | embed. The train options are generated
-from TrainConfig."""
+"""Command line: siamkit train | evaluate | verify | export | enroll | identify | embed | align. The train options are
+generated from TrainConfig."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from ._version import __version__
@@ -57,7 +59,6 @@ def _train(args) -> int:
 
 def _evaluate(args) -> int:
     from .api import load_model, run_flip
-    from .data.cache import load_data
     from .data.transforms import Preprocess
     from .eval.protocol import evaluate
     from .eval.report import format_summary, write_report
@@ -78,7 +79,8 @@ def _evaluate(args) -> int:
     if args.calibrate and (score != ckpt.get("score", "cosine") or flip != run_flip(ckpt)):
         # verify scores with the run's own score and flip: thresholds found otherwise would not fit them.
         raise SiamkitError("--calibrate finds thresholds for the run's own --score and --flip; drop those options")
-    ds = load_data(args.data, pre, args.cache_dir)
+    with _model_data(args, ckpt) as data:
+        ds = _load_model_data(data, pre, args)
     result = evaluate(model, pre, ds, pairs_file=args.pairs, score=score, flip=flip, device=device, seed=args.seed,
                       max_genuine_pairs=args.max_genuine_pairs or None)
     report = result.report
@@ -105,7 +107,7 @@ def _verify(args) -> int:
         raise SiamkitError("give two images, or --pairs PAIRS.csv --out DECISIONS.csv (not both)")
     if args.pairs is not None and (args.out is None or args.image1 is not None):
         raise SiamkitError("--pairs takes no image arguments and needs --out DECISIONS.csv")
-    verifier = load(args.run)
+    verifier = load(args.run, align=args.align)
     if args.threshold is not None:
         threshold, what = args.threshold, "given with --threshold"
     else:
@@ -263,7 +265,6 @@ def _embed(args) -> int:
     import numpy as np
 
     from .api import load_model, run_flip
-    from .data.cache import load_data
     from .data.transforms import Preprocess
     from .eval.embed import embed_images
     from .device import resolve_device
@@ -274,7 +275,8 @@ def _embed(args) -> int:
     device = resolve_device(args.device)
     model, ckpt = load_model(args.run, device)
     pre = Preprocess.from_dict(ckpt["preprocess"])
-    ds = load_data(args.data, pre, args.cache_dir)
+    with _model_data(args, ckpt) as data:
+        ds = _load_model_data(data, pre, args)
     emb = embed_images(model, ds.images, pre, device, flip=run_flip(ckpt) if args.flip is None else args.flip)
     buf = io.BytesIO()
     np.savez(buf, embeddings=emb, labels=ds.labels, names=np.array(ds.names), paths=np.array(ds.paths))
@@ -301,6 +303,46 @@ def _embed_exported(args) -> int:
     atomic_write_bytes(args.out, buf.getvalue())
     print(f"{len(out['embeddings'])} embeddings of dimension {out['embeddings'].shape[1]} -> {args.out}")
     return 0
+
+
+@contextmanager
+def _model_data(args, ckpt: dict):
+    """--data as the model should see it: with --align, an aligned copy in a temporary folder (removed after)."""
+    from .faces.use import align_data, is_aligned_folder, warn_mismatch
+
+    alignment = ckpt.get("alignment")
+    if not args.align:
+        warn_mismatch(alignment, is_aligned_folder(args.data), f"the images of {args.data}")
+        yield args.data
+        return
+    from .faces.detect import check_installed
+
+    check_installed()
+    warn_mismatch(alignment, True, f"the images of {args.data} (--align)")
+    with tempfile.TemporaryDirectory(prefix="siamkit-align-") as tmp:
+        yield align_data(args.data, alignment, Path(tmp) / "aligned")
+
+
+def _align(args) -> int:
+    from .faces.folder import AlignOptions, align_folder
+
+    opts = AlignOptions(size=args.size, margin=args.margin, pick=args.pick, undetected=args.undetected)
+    align_folder(args.src, args.dst, opts, workers=args.workers, progress=not args.no_progress)
+    return 0
+
+
+def _add_align_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--align", action="store_true",
+                   help="detect and align the face of each raw photo first, as `siamkit align` does "
+                        "(needs: pip install \"siamkit[align]\")")
+
+
+def _load_model_data(data: str, pre, args):
+    """--data decoded through the decoded cache; an aligned temporary copy (--align) is decoded into memory instead,
+    since a cache of a folder removed right after would only take disk space."""
+    from .data.cache import load_data
+
+    return load_data(data, pre, "none" if args.align else args.cache_dir)
 
 
 def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
@@ -335,6 +377,7 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--max-genuine-pairs", type=int, default=MAX_GENUINE_PAIRS,
                    help="no --pairs: draw at most this many genuine pairs (seeded; 0 = every one)")
     _cache_option(p)
+    _add_align_flag(p)
 
     p = sub.add_parser("verify", help="do two images show the same identity?")
     p.add_argument("run", help="run folder, checkpoint file or exported .onnx file")
@@ -347,6 +390,7 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--pairs", default=None, metavar="PAIRS_CSV",
                    help="verify many pairs: a CSV file of two image paths per row (relative to its folder)")
     p.add_argument("--out", default=None, metavar="DECISIONS_CSV", help="with --pairs: score, threshold, decision")
+    _add_align_flag(p)
 
     p = sub.add_parser("export", help="export the embedding network (ONNX or TorchScript) with its preprocessing "
                                       "and thresholds, checked against PyTorch on the spot")
@@ -382,6 +426,21 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
                    help="add the embedding of the mirrored image (default: as the run was evaluated)")
     p.add_argument("--device", default="auto")
     _cache_option(p)
+    _add_align_flag(p)
+
+    p = sub.add_parser("align", help="detect, landmark and align the faces of a folder of photos into DST",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("src", help="folder of photos: one sub-folder per identity, or flat")
+    p.add_argument("dst", help="output folder: the aligned crops at the same relative paths, and align_report.json")
+    p.add_argument("--size", type=int, default=112, help="side of the square aligned crop, in pixels")
+    p.add_argument("--margin", type=float, default=0.0, help="extra border around the face, as a fraction of it per side")
+    p.add_argument("--pick", choices=("largest", "center"), default="largest",
+                   help="which face of a photo with several: the largest, or the one nearest the centre")
+    p.add_argument("--undetected", choices=("skip", "frame"), default="skip",
+                   help="photos without a detected face: skip them, or align them with the whole frame as the face "
+                        "(for tight crops; listed apart in the report)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per CPU core)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -416,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         return {"train": _train, "evaluate": _evaluate, "verify": _verify, "embed": _embed,
-                "export": _export, "enroll": _enroll, "identify": _identify}[args.command](args)
+                "export": _export, "enroll": _enroll, "identify": _identify, "align": _align}[args.command](args)
     except SiamkitError as e:
         print(f"siamkit: error: {e}", file=sys.stderr)
         return 2

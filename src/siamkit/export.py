@@ -68,7 +68,9 @@ def export_metadata(ckpt: dict, pre: Preprocess, flip: bool, calibration: dict |
         "input": "uint8 [N, C, H, W]: decoded pixels, C = preprocess.channels, H x W = preprocess.image_size",
         "output": "float32 [N, D] embeddings",
         "preprocess": pre.to_dict(),
-        "alignment": None,  # siamkit's models take unaligned crops; an alignment template would go here
+        # How the training faces were aligned (siamkit align: template, size, margin), None if they were not: a
+        # deployment must align its photos the same way before the graph sees them.
+        "alignment": ckpt.get("alignment"),
         "flip_in_graph": flip,
         "score": ckpt.get("score", "cosine"),
         "calibration": calibration,

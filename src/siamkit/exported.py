@@ -106,5 +106,8 @@ def embed_folder(verifier: ExportedVerifier, root: str | os.PathLike, progress: 
             "paths": paths}
 
 
-def load_exported(path: str | os.PathLike) -> ExportedVerifier:
+def load_exported(path: str | os.PathLike, align: bool = False) -> ExportedVerifier:
+    if align:
+        raise SiamkitError(f"--align needs the run or checkpoint that {path} was exported from (face detection runs "
+                           f"beside PyTorch); with the exported model, align the photos first: siamkit align SRC DST")
     return ExportedVerifier(path)

@@ -31,6 +31,7 @@ from ..data.sources import IdentityDataset, default_preprocess, require_trainabl
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, FaceAugment, Preprocess, augment, normalize
 from ..device import resolve_device, use_fast_cuda_kernels
 from ..errors import SiamkitError, info, warn
+from ..faces.folder import read_alignment
 from ..fileio import atomic_write_json, write_error
 from ..losses import JointLoss, build_metric_loss
 from ..models.backbones import siamkit_checkpoint
@@ -89,6 +90,7 @@ class Run:
     best_accuracy: float = -1.0
     resumed: bool = False  # continued from checkpoints/last.pt
     log_window: dict[str, Any] | None = None  # the resumed checkpoint's loss sums since its last metrics row
+    alignment: dict | None = None  # the training folder's alignment (siamkit align's report), kept in checkpoints
 
     @property
     def ckpt_dir(self) -> Path:
@@ -201,6 +203,7 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
     data = load_data(cfg.data, pre, cfg.cache_dir, cfg.cache_max_gb, progress=ctx.is_main)
     train_ds, val_ds = split_identities(data, cfg.val_identities, cfg.seed)
     require_trainable(train_ds)
+    alignment = read_alignment(cfg.data)  # None unless --data is a folder written by `siamkit align`
     sampler = build_sampler(cfg, train_ds, ctx)
     total = cfg.steps or (cfg.epochs * sampler.steps_per_epoch) or DEFAULT_STEPS
     if cfg.max_steps and not cfg.steps:
@@ -219,6 +222,8 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
             + (f", {len(val_ds)} held-out images of {val_ds.n_identities} identities" if val_ds else "")
             + f"; {cfg.backbone} on {device}" + distributed.describe(ctx)
             + f", {n_train:,} of {n_total:,} parameters train; {total} steps ({sampler.steps_per_epoch} per epoch)"
+            + (f"; faces aligned by siamkit align ({alignment['size']}x{alignment['size']}, margin "
+               f"{alignment['margin']}): use --align on raw photos" if alignment else "")
         )
     in_memory = keep_in_memory(cfg.data_in_memory, train_ds, device, ctx.is_main)
     if ctx.is_main:  # created only now that data and model are known good
@@ -229,6 +234,7 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
         total=total, training=training, images=train_ds.images.to(device) if in_memory else None,
         labels=torch.from_numpy(train_ds.labels).to(device), stream=stream, start_step=start_step,
         best_accuracy=best_accuracy, resumed=checkpoint is not None, log_window=(checkpoint or {}).get("log_window"),
+        alignment=alignment,
     )
 
 

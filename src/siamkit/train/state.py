@@ -36,6 +36,7 @@ def training_state(run: Run, step: int, window: LossWindow, **extra: Any) -> dic
         "identities": list(run.train_ds.names),
         "score": score_for(run.cfg.embedding_activation),
         "best_accuracy": run.best_accuracy,
+        "alignment": run.alignment,  # how the training faces were aligned (None: not by siamkit align)
         **extra,
     }
 

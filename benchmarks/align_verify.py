@@ -1,0 +1,88 @@
+"""Verification of pasted, rotated and scaled faces with `--align`, against the aligned originals.
+
+Takes a run trained on an aligned rof_neutral folder (`siamkit align ... --undetected frame`, then `siamkit
+train --data ALIGNED`), the identities it held out (those of the folder that are not in its checkpoint), and
+their original photos whose face `siamkit align` detected. Each original is pasted into a textured photo
+(benchmarks/align.py's `paste`: rotated by up to +-30 degrees, scaled 0.5-2x, at a random position, 400-640 px
+a side). Then, on the same images and the same pairs (every genuine pair, as many seeded impostor pairs):
+- the aligned originals (the run's own held-out data);
+- the pasted photos with --align (detect, landmarks, warp: what `siamkit evaluate --align` runs);
+- the pasted photos as they are (no alignment), and the raw originals (tight crops, no alignment).
+An image is kept only where the pasted photo's face was detected, so that every row scores the same pairs.
+
+    python benchmarks/align_verify.py RUN /tmp/aligned/rof_neutral --photos /work/shared/data/rof_neutral
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from align import paste  # noqa: E402
+from machine import describe_device  # noqa: E402
+from siamkit.api import load_model, run_flip  # noqa: E402
+from siamkit.data.sources import load_source  # noqa: E402
+from siamkit.data.transforms import Preprocess  # noqa: E402
+from siamkit.eval.protocol import evaluate  # noqa: E402
+from siamkit.faces.folder import REPORT, align_folder  # noqa: E402
+from siamkit.faces.use import options_for  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run")
+    ap.add_argument("aligned", type=Path, help="the aligned folder the run was trained on")
+    ap.add_argument("--photos", type=Path, required=True, help="the original photos that folder was aligned from")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    model, ckpt = load_model(args.run, "cpu")
+    pre = Preprocess.from_dict(ckpt["preprocess"])
+    flip = run_flip(ckpt)
+    trained = set(ckpt["identities"])
+    report = json.loads((args.aligned / REPORT).read_text())
+    undetected = {d["path"] for d in report["aligned_without_detection"] + report["no_face"] + report["unreadable"]}
+    rels = sorted(str(p.relative_to(args.aligned)) for p in args.aligned.rglob("*.*")
+                  if p.parent != args.aligned and p.parts[-2] not in trained)
+    rels = [r for r in rels if r not in undetected]
+    work = Path(tempfile.mkdtemp(prefix="align_verify_"))
+    pasted = work / "pasted"
+    for i, rel in enumerate(rels):
+        photo, _, _ = paste(Image.open(args.photos / rel).convert("RGB"), np.random.default_rng(args.seed * 100_000 + i))
+        (pasted / rel).parent.mkdir(parents=True, exist_ok=True)
+        photo.save((pasted / rel).with_suffix(".png"))
+    png = lambda rel: str(Path(rel).with_suffix(".png"))  # noqa: E731
+    align_folder(pasted, work / "pasted_aligned", options_for(ckpt.get("alignment")), progress=False)
+    found = [r for r in rels if (work / "pasted_aligned" / png(r)).is_file()]
+    print(f"machine: {describe_device('cpu')}; run {args.run}: {len(set(Path(r).parts[0] for r in rels))} held-out "
+          f"identities, {len(rels)} images with a detected face; pasted photos with a face found again: "
+          f"{len(found)} ({len(found) / len(rels):.1%}); rows below score the same pairs of these {len(found)} images")
+    sets = {
+        "aligned originals (siamkit align on the tight crops)": (args.aligned, None),
+        "pasted photos, `--align`": (work / "pasted_aligned", png),
+        "pasted photos, unaligned": (pasted, png),
+        "original tight crops, unaligned": (args.photos, None),
+    }
+    print("| images | 10-fold accuracy % | ROC AUC | EER % | pairs |")
+    print("|---|---|---|---|---|")
+    for name, (root, rename) in sets.items():
+        view = work / ("view_" + str(abs(hash(name))))
+        # Same names in every view (the originals' .jpg names), so that the seeded impostor pairs are the same.
+        for rel in found:
+            t = view / rel
+            t.parent.mkdir(parents=True, exist_ok=True)
+            t.symlink_to((root / (rename(rel) if rename else rel)).resolve())
+        ds = load_source(str(view), pre)
+        r = evaluate(model, pre, ds, score=ckpt.get("score", "cosine"), flip=flip, seed=args.seed).report
+        print(f"| {name} | {100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f} | {r['roc_auc']:.4f} "
+              f"| {100 * r['eer']:.2f} | {r['n_pairs']:,} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""`siamkit align` on a folder: every kind of photo listed with its reason, nothing half-written, resumable."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from _face_photos import photos  # noqa: F401 (fixture)
+from siamkit.errors import SiamkitError
+from siamkit.faces import folder
+from siamkit.faces.align import template
+from siamkit.faces.detect import detect_faces
+from siamkit.faces.folder import JOURNAL, REPORT, AlignOptions, align_folder, read_alignment
+
+
+def files_under(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+
+
+def test_align_folder_lists_every_outcome(photos, tmp_path):
+    dst = tmp_path / "dst"
+    summary = align_folder(photos, dst, AlignOptions(size=96), workers=1, progress=False)
+    report = json.loads((dst / REPORT).read_text())
+    assert report["counts"] == {"images": 6, "aligned": 3, "aligned_without_detection": 0, "no_face": 2, "unreadable": 1}
+    assert summary.count("aligned") == 3
+    reasons = {d["path"]: d["reason"] for d in report["no_face"] + report["unreadable"]}
+    assert "too small" in reasons["bob/tiny.png"] and "10x12" in reasons["bob/tiny.png"]
+    assert "no face detected" in reasons["bob/noface.png"]
+    assert "not a readable image" in reasons["bob/corrupt.jpg"]
+    assert report["several_faces"] == ["bob/two.png"]
+    # Only the aligned crops are written (same relative paths), with no temporary file left behind.
+    assert files_under(dst) == sorted(["alice/grey.pgm", "alice/rgb.jpg", "bob/two.png", JOURNAL, REPORT])
+    grey = Image.open(dst / "alice" / "grey.pgm")
+    assert grey.size == (96, 96) and grey.mode == "L"  # a greyscale photo stays greyscale
+    assert Image.open(dst / "alice" / "rgb.jpg").mode == "RGB"
+    # The report says how the faces were aligned; train reads it from there.
+    alignment = read_alignment(dst)
+    assert alignment["size"] == 96 and alignment["margin"] == 0.0
+    np.testing.assert_allclose(alignment["template"], template(96), atol=1e-4)
+
+
+def test_two_faces_largest_or_central(photos):
+    image = Image.open(photos / "bob" / "two.png")
+    faces = detect_faces(image)
+    assert len(faces) == 2
+    from siamkit.faces.align import pick_face
+
+    largest, central = pick_face(faces, image.size, "largest"), pick_face(faces, image.size, "center")
+    assert largest.center[0] > 270 and largest.area > 1.5 * min(f.area for f in faces)  # the 1.5x-pasted face
+    assert 150 < central.center[0] < 242  # the small face, nearer the middle (x=210)
+
+
+def test_undetected_frame_is_counted_apart(photos, tmp_path):
+    dst = tmp_path / "dst"
+    align_folder(photos, dst, AlignOptions(undetected="frame"), workers=1, progress=False)
+    report = json.loads((dst / REPORT).read_text())
+    assert report["counts"]["aligned"] == 3  # never counted as found
+    assert [d["path"] for d in report["aligned_without_detection"]] == ["bob/noface.png"]
+    assert (dst / "bob" / "noface.png").is_file()
+
+
+def test_interrupted_align_resumes_without_redoing(photos, tmp_path, monkeypatch):
+    dst = tmp_path / "dst"
+    real = folder._align_one
+    calls = []
+
+    def interrupted(job):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(job[0])
+        return real(job)
+
+    monkeypatch.setattr(folder, "_align_one", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        align_folder(photos, dst, workers=1, progress=False)
+    assert not (dst / REPORT).exists()
+    first = list(calls)
+    calls.clear()
+    monkeypatch.setattr(folder, "_align_one", lambda job: (calls.append(job[0]), real(job))[1])
+    summary = align_folder(photos, dst, workers=1, progress=False)
+    assert sorted(calls) == sorted(set(folder.list_images(photos)) - set(first))  # finished files are not redone
+    assert summary.redone == 3
+    report = json.loads((dst / REPORT).read_text())
+    assert report["counts"]["images"] == 6 and report["counts"]["aligned"] == 3
+    # A third run has nothing left to do.
+    calls.clear()
+    align_folder(photos, dst, workers=1, progress=False)
+    assert calls == []
+
+
+def test_resume_with_other_options_is_refused(photos, tmp_path):
+    dst = tmp_path / "dst"
+    align_folder(photos, dst, AlignOptions(size=64), workers=1, progress=False)
+    with pytest.raises(SiamkitError, match="other options"):
+        align_folder(photos, dst, AlignOptions(size=112), workers=1, progress=False)
+
+
+def test_bad_folders_and_options(tmp_path):
+    with pytest.raises(SiamkitError, match="not a folder"):
+        align_folder(tmp_path / "missing", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SiamkitError, match="no images"):
+        align_folder(tmp_path / "empty", tmp_path / "out")
+    with pytest.raises(SiamkitError, match="--pick"):
+        align_folder(tmp_path / "empty", tmp_path / "out", AlignOptions(pick="left"))
+    assert not (tmp_path / "out").exists()  # nothing written for a refused command
+
+
+def test_cli_align_on_worker_processes(photos, tmp_path, cli):
+    dst = tmp_path / "dst"
+    r = cli("align", str(photos), str(dst), "--size", "80", "--workers", "2", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    # One summary line: found, without detection, skipped and unreadable, and where the reasons are.
+    assert r.stderr.strip().splitlines() == [
+        f"siamkit: aligned 3 of 6 images with a detected face, 0 aligned without a detection, 2 skipped (no face), "
+        f"1 unreadable (6 processed now) -> {dst} (reasons: {dst / REPORT})"]
+    assert Image.open(dst / "bob" / "two.png").size == (80, 80)
+    r = cli("align", str(photos), str(dst), "--size", "80", "--workers", "2", "--no-progress")
+    assert "(0 processed now)" in r.stderr  # a rerun finds everything done

@@ -47,7 +47,7 @@ class Verifier(VerifierBase):
         self.alignment = alignment  # how the training data was aligned (siamkit align), None if it was not
         self.align = align  # detect and align faces in raw photos before embedding them
 
-    def _to_uint8(self, image, align: bool) -> torch.Tensor:
+    def _to_uint8(self, image, align: bool = False) -> torch.Tensor:
         from .faces.use import warn_mismatch
 
         if align:

@@ -16,7 +16,7 @@ from .errors import SiamkitError
 from .eval.embed import embed_images
 from .exported import is_exported, load_exported
 from .models.siamese import ModelSpec, SiameseNet
-from .verifier import VerifierBase, image_pixels
+from .verifier import VerifierBase, as_pil, image_pixels
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[SiameseNet, dict]:
@@ -97,27 +97,17 @@ def _is_path(image) -> bool:
 
 
 def _to_pil(image) -> Image.Image:
-    """A PIL image of a path (as siamkit align opens photos), array or tensor."""
-    if _is_path(image):
-        from .faces.folder import open_photo
+    """A PIL image of a path (opened as siamkit align opens photos), PIL image, array or tensor."""
+    if not _is_path(image):
+        return as_pil(image)
+    from .faces.folder import open_photo
 
-        try:
-            return open_photo(image)
-        except ValueError as e:
-            raise SiamkitError(f"cannot read image {image}: {e}") from None
-        except FileNotFoundError:
-            raise SiamkitError(f"image {image} does not exist") from None
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-        if image.ndim == 3 and image.shape[0] in (1, 3):
-            image = image.transpose(1, 2, 0)
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            image = np.clip(np.rint(image * 255.0 if image.max() <= 1.0 else image), 0, 255).astype(np.uint8)
-        image = Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[-1] == 1 else image)
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"cannot embed a {type(image).__name__}; pass paths, PIL images, arrays or tensors")
-    return image
+    try:
+        return open_photo(image)
+    except ValueError as e:
+        raise SiamkitError(f"cannot read image {image}: {e}") from None
+    except FileNotFoundError:
+        raise SiamkitError(f"image {image} does not exist") from None
 
 
 def run_flip(ckpt: dict) -> bool:

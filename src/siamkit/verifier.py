@@ -26,6 +26,11 @@ def image_pixels(image, pre: Preprocess) -> np.ndarray:
             raise SiamkitError(f"cannot read image {image}: {e}") from None
         except FileNotFoundError:
             raise SiamkitError(f"image {image} does not exist") from None
+    return image_to_array(as_pil(image), pre)
+
+
+def as_pil(image) -> Image.Image:
+    """A PIL image of a PIL image, an HxW(xC) array (uint8, or floats in [0, 1]) or a CxHxW tensor."""
     if hasattr(image, "detach") and hasattr(image, "numpy"):  # a torch tensor, recognised without importing torch
         image = image.detach().cpu().numpy()
         if image.ndim == 3 and image.shape[0] in (1, 3):
@@ -36,7 +41,7 @@ def image_pixels(image, pre: Preprocess) -> np.ndarray:
         image = Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[-1] == 1 else image)
     if not isinstance(image, Image.Image):
         raise TypeError(f"cannot embed a {type(image).__name__}; pass paths, PIL images, arrays or tensors")
-    return image_to_array(image, pre)
+    return image
 
 
 class VerifierBase:

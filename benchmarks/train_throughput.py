@@ -222,9 +222,11 @@ class _Data:
         from siamkit.data.samplers import TupleSampler
 
         g = torch.Generator().manual_seed(1234)
-        n = N_IDENTITIES * PER_IDENTITY
+        # An epoch must hold a batch of anchors: large batches (--triplets max) get more images per identity.
+        per_identity = max(PER_IDENTITY, -(-TRIPLETS // N_IDENTITIES))
+        n = N_IDENTITIES * per_identity
         self.images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8).to(device)
-        labels = np.repeat(np.arange(N_IDENTITIES), PER_IDENTITY)
+        labels = np.repeat(np.arange(N_IDENTITIES), per_identity)
         self.labels = torch.from_numpy(labels).to(device)
         self.sampler = TupleSampler(labels, 3, TRIPLETS, seed=0)
         self.device = device

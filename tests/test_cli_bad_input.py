@@ -99,6 +99,9 @@ def lfw_style(att_faces, tmp_path_factory) -> Path:
          "a PK batch of P=8 x K=200 images is larger than the 1435 training images; pass a smaller P or K"),
         (["--batch-size", "2000"], "--batch-size 2000 x 1 process(es) is larger than the 1435 usable anchor images"),
         (["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead applies to a compiled step: add --compile"),
+        (["--classifier", "softmax", "--subcenters", "3"],
+         "--subcenters 3 applies to --classifier arcface or cosface, not softmax"),
+        (["--subcenters", "0"], "--subcenters must be a positive number, got 0"),
     ],
 )
 def test_options_out_of_range(tmp_path, capfd, options, expected):

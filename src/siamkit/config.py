@@ -192,6 +192,9 @@ class TrainConfig(ModelOptions):
             raise SiamkitError("--metric-weight 0 and --classification-weight 0 leave nothing to train; raise one of them")
         if self.scale <= 0 or self.class_margin < 0:
             raise SiamkitError("--scale must be positive and --class-margin 0 or more")
+        if self.subcenters > 1 and self.classifier == "softmax":
+            raise SiamkitError(f"--subcenters {self.subcenters} applies to --classifier arcface or cosface, "
+                               "not softmax; choose one of those or leave --subcenters at 1")
         self._validate_batches()
         if self.compile_mode != "default" and not self.compile:
             raise SiamkitError(f"--compile-mode {self.compile_mode} applies to a compiled step: add --compile")

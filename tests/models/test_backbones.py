@@ -106,6 +106,21 @@ def test_small_input_stem_keeps_the_resolution_into_layer1(name, width, features
         build_backbone(name, pretrained="imagenet")
 
 
+@pytest.mark.parametrize("name, width", [("resnet18-small-w16-flat-s2", 16), ("resnet18-small-w24-flat", 24),
+                                         ("resnet18-small-w32-flat", 32)])
+def test_small_input_variants_stage_shapes(name, width):
+    """-s2: a stride-2 3x3 stem, so a 64x64 input runs layer1 at 32x32, as the stride-1 stem does at 32x32."""
+    model, features = build_backbone(name, in_channels=1)
+    size, first = (64, 32) if name.endswith("-s2") else (32, 32)
+    seen = {}
+    for stage in ("conv1", "layer1", "layer4"):
+        getattr(model, stage).register_forward_hook(lambda m, i, o, stage=stage: seen.__setitem__(stage, tuple(o.shape)))
+    assert features == 8 * width * 4 * 4
+    assert model(torch.randn(2, 1, size, size)).shape == (2, features)
+    assert seen == {"conv1": (2, width, first, first), "layer1": (2, width, first, first),
+                    "layer4": (2, 8 * width, first // 8, first // 8)}
+
+
 def test_flat_map_features_are_the_normalised_final_map_in_order():
     """In eval mode (no dropout) the flat features are layer4's map through its BatchNorm, flattened channel-major."""
     model, _ = build_backbone("resnet18-small-w16-flat", in_channels=1)

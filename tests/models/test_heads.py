@@ -115,3 +115,27 @@ def test_embedding_head_activations():
     torch.testing.assert_close(sig(features), 1 / (1 + torch.exp(-z)))
     with pytest.raises(ValueError, match="unknown embedding activation"):
         EmbeddingHead(6, 3, "tanh")
+
+
+@pytest.mark.parametrize("kind, by_hand", [("arcface", arcface_by_hand), ("cosface", cosface_by_hand)])
+def test_subcenter_heads_score_each_class_by_its_closest_subcenter(kind, by_hand):
+    """K sub-centers: a class's cosine is the largest of its K rows' (rows k * n_classes + c), margin on that one."""
+    torch.manual_seed(4)
+    k, n_classes = 3, 4
+    head = MarginClassifier(6, n_classes, kind, scale=20.0, margin=0.3, subcenters=k).double()
+    assert head.weight.shape == (k * n_classes, 6)
+    w = head.weight.detach()
+    labels = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    # each feature near one of its class's sub-centers (a different one per row), so the max picks it
+    features = w[(torch.arange(8) % k) * n_classes + labels] * 2.0 + 0.1 * torch.randn(8, 6, dtype=torch.float64)
+    # by hand: for each feature, the closest sub-center of every class, then the plain formula on those rows
+    rows = []
+    for f, y in zip(features, labels):
+        best = [max(range(k), key=lambda s: _cos(f.tolist(), w[s * n_classes + c].tolist())) for c in range(n_classes)]
+        chosen = torch.stack([w[best[c] * n_classes + c] for c in range(n_classes)])
+        rows.append(by_hand(f[None], chosen, y[None], 20.0, 0.3)[0])
+    torch.testing.assert_close(head(features, labels), torch.tensor(rows, dtype=torch.float64), rtol=1e-9, atol=1e-9)
+    # without labels: the scaled largest cosine of each class
+    plain = [[20.0 * max(_cos(f, w[s * n_classes + c].tolist()) for s in range(k)) for c in range(n_classes)]
+             for f in features.tolist()]
+    torch.testing.assert_close(head(features), torch.tensor(plain, dtype=torch.float64), rtol=1e-9, atol=1e-9)

@@ -36,7 +36,9 @@ def flat_map_pool(channels: int, side: int = 4, dropout: float = 0.2) -> nn.Modu
     return nn.Sequential(nn.AdaptiveAvgPool2d(side), nn.BatchNorm2d(channels), nn.Dropout(dropout), nn.Flatten())
 
 
-def small_input_resnet(width: int = 64, blocks: tuple[int, ...] = (2, 2, 2, 2), flat: bool = False) -> nn.Module:
+def small_input_resnet(
+    width: int = 64, blocks: tuple[int, ...] = (2, 2, 2, 2), flat: bool = False, stem_stride: int = 1
+) -> nn.Module:
     """A ResNet for small inputs (32-64 px): a 3x3 stride-1 first convolution and no max-pool.
 
     torchvision's stem (7x7 stride 2, then a stride-2 max-pool) divides the input by 4 before the first
@@ -46,7 +48,7 @@ def small_input_resnet(width: int = 64, blocks: tuple[int, ...] = (2, 2, 2, 2), 
     """
     model = models.ResNet(models.resnet.BasicBlock, list(blocks))
     model.inplanes = width
-    model.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+    model.conv1 = nn.Conv2d(3, width, 3, stem_stride, 1, bias=False)
     model.bn1 = nn.BatchNorm2d(width)
     model.maxpool = nn.Identity()
     for i, n in enumerate(blocks):
@@ -84,6 +86,12 @@ BACKBONES: dict[str, Backbone] = {
     # ... with the flattened 4x4 final map as features (flat_map_pool): the faces recipe's backbone.
     "resnet18-small-w16-flat": Backbone("fc", 128 * 16, _RESNET_STAGES,
                                         build=lambda: small_input_resnet(width=16, flat=True)),
+    "resnet18-small-w16-flat-s2": Backbone("fc", 128 * 16, _RESNET_STAGES,
+                                           build=lambda: small_input_resnet(width=16, flat=True, stem_stride=2)),
+    "resnet18-small-w24-flat": Backbone("fc", 192 * 16, _RESNET_STAGES,
+                                        build=lambda: small_input_resnet(width=24, flat=True)),
+    "resnet18-small-w32-flat": Backbone("fc", 256 * 16, _RESNET_STAGES,
+                                        build=lambda: small_input_resnet(width=32, flat=True)),
 }
 # Every stage name any backbone offers, in forward order (the --freeze-until choices).
 FREEZE_STAGES = ("none",) + tuple(dict.fromkeys(name for b in BACKBONES.values() for name, _ in b.stages))

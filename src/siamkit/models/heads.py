@@ -45,18 +45,25 @@ class MarginClassifier(nn.Module):
     """ArcFace (s·cos(θ_y + m)) or CosFace (s·(cos θ_y − m)) on l2-normalised features and weights.
 
     The margin applies to the target class only, and only when labels are given (training).
+    With ``subcenters`` K > 1 each class has K weight vectors and its cosine is the largest of theirs
+    (sub-center ArcFace, Deng et al. 2020): a class's odd images may gather at a sub-center of their own
+    instead of pulling the main one.
     """
 
-    def __init__(self, in_features: int, n_classes: int, kind: str, scale: float = 30.0, margin: float = 0.3):
+    def __init__(self, in_features: int, n_classes: int, kind: str, scale: float = 30.0, margin: float = 0.3,
+                 subcenters: int = 1):
         super().__init__()
         if kind not in ("arcface", "cosface"):
             raise ValueError(f"unknown margin classifier {kind!r}")
-        self.weight = nn.Parameter(torch.empty(n_classes, in_features))
+        # Rows k * n_classes + c: sub-center k of class c (with K = 1, the plain class weights).
+        self.weight = nn.Parameter(torch.empty(subcenters * n_classes, in_features))
         nn.init.xavier_uniform_(self.weight)
-        self.kind, self.scale, self.margin = kind, scale, margin
+        self.kind, self.scale, self.margin, self.subcenters = kind, scale, margin, subcenters
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         cos = F.linear(F.normalize(features, dim=1), F.normalize(self.weight, dim=1))
+        if self.subcenters > 1:
+            cos = cos.view(cos.shape[0], self.subcenters, -1).amax(dim=1)
         if labels is None:
             return self.scale * cos
         target = F.one_hot(labels, cos.shape[1]).to(torch.bool)
@@ -72,7 +79,8 @@ class MarginClassifier(nn.Module):
         return self.scale * torch.where(target, adjusted, cos)
 
 
-def build_classifier(kind: str, in_features: int, n_classes: int, scale: float, margin: float) -> nn.Module:
+def build_classifier(kind: str, in_features: int, n_classes: int, scale: float, margin: float,
+                     subcenters: int = 1) -> nn.Module:
     if kind == "softmax":
         return SoftmaxClassifier(in_features, n_classes)
-    return MarginClassifier(in_features, n_classes, kind, scale, margin)
+    return MarginClassifier(in_features, n_classes, kind, scale, margin, subcenters)

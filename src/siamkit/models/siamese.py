@@ -28,6 +28,9 @@ class ModelOptions:
                                         "(as ArcFace/CosFace training does: the margin shapes the embedding itself)")
     scale: float = option(30.0, group="multi-branch training", help="ArcFace/CosFace scale s")
     class_margin: float = option(0.3, group="multi-branch training", help="ArcFace/CosFace margin m")
+    subcenters: int = option(1, group="multi-branch training", minimum="positive",
+                             help="ArcFace/CosFace weight vectors per class; a class scores its closest "
+                                  "(sub-center ArcFace: K = 3)")
     freeze_until: str = option("none", group="multi-branch training", choices=lambda: FREEZE_STAGES,
                                help="freeze the backbone up to and including this stage (ResNets)")
 
@@ -56,7 +59,7 @@ class SiameseNet(nn.Module):
         self.embedding = EmbeddingHead(width, spec.embedding_dim, spec.embedding_activation)
         self.classifier = (
             build_classifier(spec.classifier, width if spec.classifier_input == "features" else spec.embedding_dim,
-                             spec.n_classes, spec.scale, spec.class_margin)
+                             spec.n_classes, spec.scale, spec.class_margin, spec.subcenters)
             if spec.n_classes > 0
             else None
         )

@@ -175,7 +175,8 @@ def choose_conv_kernels(
         return {}
 
     def choose() -> dict[str, str]:
-        x = torch.zeros(batch_rows(cfg), in_channels, *image_size, device=device)
+        dtype = next(model.parameters()).dtype  # the batch's (float32, or what a test made the model)
+        x = torch.zeros(batch_rows(cfg), in_channels, *image_size, device=device, dtype=dtype)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         was_training = model.training

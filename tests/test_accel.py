@@ -24,7 +24,6 @@ from siamkit.accel import (
     conv2d_swapped_weight_grad,
     shape_of,
     swappable,
-    swapped_output_size,
     use_swapped_weight_grad,
 )
 from siamkit.config import TrainConfig
@@ -105,8 +104,6 @@ def test_shape_of_a_call_and_its_key():
     shape = shape_of(conv, x)
     assert shape == ConvShape(8, 16, (3, 3), (2, 2), (1, 1), (5, 7, 6), True, "float32")
     assert shape.output == (4, 3)  # (7 + 2 - 3) // 2 + 1, (6 + 2 - 3) // 2 + 1
-    # The swapped convolution's output: 7 + 2 - 2 * 3 = 3 rows (all used), 6 + 2 - 2 * 2 = 4 columns (one unused).
-    assert swapped_output_size(shape) == (3, 4)
     assert shape.key() == "8-16 k3x3 s2x2 p1x1 in5x7x6 channels_last float32"
     assert ConvShape.from_key(shape.key()) == shape
     assert not shape_of(conv, torch.zeros(5, 8, 7, 6)).channels_last
@@ -220,9 +217,10 @@ def _training_with_swap_measured_faster(monkeypatch, tuning: str, **options):
 def test_training_models_take_the_measured_choice_unless_tuning_is_off(monkeypatch):
     training, measured = _training_with_swap_measured_faster(monkeypatch, "auto")
     tuned = [m for m in training.model.modules() if type(m) is TunedConv2d]
-    # ResNet18 at 32x32: the strided 1x1 shortcuts of layer2-4 would do 4x the work swapped: never measured.
-    assert len(measured) == 8 and len(tuned) == 17
-    assert sorted(v for v in training.conv_kernels.values()) == ["pytorch"] * 3 + ["swapped"] * 8
+    # ResNet18's 20 convolutions in 11 distinct shapes, each measured once; every layer takes the swap.
+    assert len(measured) == 11 and len(set(measured)) == 11 and len(tuned) == 20
+    assert set(training.conv_kernels.values()) == {"swapped"} and len(training.conv_kernels) == 11
+    assert all(s.input[0] == 3 * 4 for s in measured)  # the batch: 3 branches x 4 triplets, in one pass
     for kind in ("off",):
         training, measured = _training_with_swap_measured_faster(monkeypatch, kind)
         assert measured == [] and training.conv_kernels == {}

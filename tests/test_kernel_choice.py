@@ -14,10 +14,8 @@ from siamkit import kernel_choice
 from siamkit.accel import ConvShape
 from siamkit.kernel_choice import CLEAR_GAP, MARGIN, PYTORCH, REPS, SWAPPED, cache_file, choose, conv_shapes, pick, time_calls
 
-# Two shapes the swap would compute without extra work, and a strided 1x1 shortcut (4x the work swapped).
 A = ConvShape(256, 256, (3, 3), (1, 1), (1, 1), (96, 4, 4), True, "float32")
 B = ConvShape(64, 64, (3, 3), (1, 1), (1, 1), (96, 16, 16), True, "float32")
-SHORTCUT = ConvShape(64, 128, (1, 1), (2, 2), (0, 0), (96, 16, 16), True, "float32")
 MACHINE = "Some CPU | AVX2 | 2 threads | torch 2.x"
 
 
@@ -75,16 +73,16 @@ class FakeMeasure:
 def test_choices_are_cached_per_machine_and_reused_after_a_restart(tmp_path):
     cache = tmp_path / "cache" / "cpu-tuning.json"
     first = FakeMeasure(SWAPPED)
-    got = choose([A, B, SHORTCUT], cache=cache, machine=MACHINE, measure=first)
-    assert first.shapes == [A, B]  # the shortcut is left to PyTorch unmeasured (4x the work swapped)
-    assert got.kernels == {A: SWAPPED, B: SWAPPED, SHORTCUT: PYTORCH}
+    got = choose([A, B], cache=cache, machine=MACHINE, measure=first)
+    assert first.shapes == [A, B]
+    assert got.kernels == {A: SWAPPED, B: SWAPPED}
     assert (got.measured, got.from_cache, got.saved) == (2, 0, True)
     assert json.loads(cache.read_text())["machines"] == {MACHINE: {A.key(): SWAPPED, B.key(): SWAPPED}}
 
     # A restart on the same machine: nothing measured.
     again = FakeMeasure(PYTORCH)
-    got = choose([A, B, SHORTCUT], cache=cache, machine=MACHINE, measure=again)
-    assert again.shapes == [] and got.kernels == {A: SWAPPED, B: SWAPPED, SHORTCUT: PYTORCH} and got.from_cache == 2
+    got = choose([A, B], cache=cache, machine=MACHINE, measure=again)
+    assert again.shapes == [] and got.kernels == {A: SWAPPED, B: SWAPPED} and got.from_cache == 2
     assert "2 from" in got.summary() and "2 by the swapped" in got.summary()
 
     # Another machine (or thread count, or torch version: all in the fingerprint) measures again, beside the first.

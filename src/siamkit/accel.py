@@ -121,13 +121,6 @@ def weight_grad_by_forward_conv(
     return grad_w
 
 
-def swapped_output_size(shape: ConvShape) -> tuple[int, int]:
-    """The spatial size of the swapped convolution's output (>= the kernel: the extra rows are computed, unused)."""
-    (h, w), (sh, sw), (ph, pw) = shape.input[1:], shape.stride, shape.padding
-    oh, ow = shape.output
-    return h + 2 * ph - sh * (oh - 1), w + 2 * pw - sw * (ow - 1)
-
-
 def weight_grad_by_pytorch(
     x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int]
 ) -> torch.Tensor:

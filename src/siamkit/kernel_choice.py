@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .accel import ConvShape, shape_of, swappable, swapped_output_size, weight_grad_by_forward_conv, weight_grad_by_pytorch
+from .accel import ConvShape, shape_of, swappable, weight_grad_by_forward_conv, weight_grad_by_pytorch
 from .data.cache import default_cache_dir
 from .errors import warn
 from .fileio import atomic_write_json
@@ -40,13 +40,10 @@ REPS = 3  # timed calls per candidate, interleaved, after one warm-up call each 
 # kernel, and a second measurement of a tie (another machine of the same kind) then picks the same.
 MARGIN = 0.97
 # A candidate this many times slower than the other after a timed round has lost (time_calls stops there).
+# This bounds the tuning's time: no shape is skipped unmeasured, but the clear losers (the swap on a
+# 3-channel first layer, 4-8x slower; on strided 1x1 shortcuts, where it computes 4x the outputs it uses)
+# get one timed call instead of REPS.
 CLEAR_GAP = 2.0
-# Shapes where the swapped convolution does at least this many times PyTorch's arithmetic are not measured
-# (PyTorch's is kept): a strided 1x1 shortcut computes a 2x2 output of which one entry is used (4x). To win,
-# the forward kernel would have to run 4x the FLOP rate of the weight-gradient kernel; the widest gap
-# measured on any CPU so far is 2x (AVX2, "half its forward speed or less"), so measuring it costs time for
-# a choice that cannot change.
-MAX_EXTRA_WORK = 4.0
 
 Timer = Callable[[], float]
 
@@ -85,12 +82,6 @@ def conv_shapes(model: nn.Module, forward: Callable[[], object]) -> dict[ConvSha
     return seen
 
 
-def extra_work(shape: ConvShape) -> float:
-    """The swapped convolution's arithmetic over PyTorch's: its output is at least the kernel's size."""
-    oh, ow = swapped_output_size(shape)
-    return oh * ow / (shape.kernel[0] * shape.kernel[1])
-
-
 def candidate_calls(shape: ConvShape) -> dict[str, Callable[[], object]]:
     """One call of each candidate on random tensors of ``shape`` (the input's memory format for all three)."""
     fmt = torch.channels_last if shape.channels_last else torch.contiguous_format
@@ -109,8 +100,7 @@ def time_calls(calls: Mapping[str, Callable[[], object]], reps: int = REPS, time
 
     Interleaved, every other round in reverse order, so a slow moment of the machine hits all candidates
     alike; the fastest call, since interference only ever adds time. Stops after a round in which the
-    slowest is CLEAR_GAP times the fastest: more calls of a clear loser only cost time (the swap runs 4-8x
-    slower than PyTorch's on some shapes, e.g. a 3-channel first layer).
+    slowest is CLEAR_GAP times the fastest: more calls of a clear loser only cost time.
     """
     names = list(calls)
     for name in names:
@@ -156,8 +146,6 @@ class Choices:
             f"{self.from_cache} from {self.cache}" if self.from_cache else "",
             f"{self.measured} measured on this machine in {self.seconds:.1f} s" if self.measured else "",
         ]
-        rest = len(self.kernels) - self.from_checkpoint - self.from_cache - self.measured
-        where.append(f"{rest} left to PyTorch unmeasured (the swap would do {MAX_EXTRA_WORK:g}x the work)" if rest else "")
         return (
             f"--cpu-tuning auto: convolution weight gradients of {len(self.kernels)} shapes: {n_swapped} by the swapped "
             f"forward convolution, {len(self.kernels) - n_swapped} by PyTorch's own ({'; '.join(w for w in where if w)})"
@@ -225,8 +213,6 @@ def choose(
         elif cached.get(key) in KERNELS:
             out.kernels[shape] = cached[key]
             out.from_cache += 1
-        elif extra_work(shape) >= MAX_EXTRA_WORK:
-            out.kernels[shape] = PYTORCH
         else:
             todo.append(shape)
     start = time.perf_counter()

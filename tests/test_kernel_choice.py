@@ -125,9 +125,9 @@ def test_a_cache_that_cannot_be_written_costs_one_warning_and_training_goes_on(t
 
 def test_a_damaged_cache_is_measured_again_and_rewritten(tmp_path):
     cache = tmp_path / "cpu-tuning.json"
-    for damaged in ["{not json", json.dumps({"format": "other"}), json.dumps({"format": kernel_choice.FORMAT,
-                                                                             "version": kernel_choice.VERSION,
-                                                                             "machines": {MACHINE: {A.key(): "bogus"}}})]:
+    ours = {"format": kernel_choice.FORMAT, "version": kernel_choice.VERSION}
+    for damaged in ["{not json", json.dumps({"format": "other"}), json.dumps({**ours, "machines": {MACHINE: {A.key(): "bogus"}}}),
+                    json.dumps({**ours, "machines": {MACHINE: ["not", "a", "table"]}})]:
         cache.write_text(damaged)
         measure = FakeMeasure(SWAPPED)
         assert choose([A], cache=cache, machine=MACHINE, measure=measure).kernels == {A: SWAPPED}

@@ -173,7 +173,10 @@ def read_cache(path: Path | None) -> dict:
     except (OSError, ValueError):
         return empty
     ok = isinstance(data, dict) and data.get("format") == FORMAT and data.get("version") == VERSION
-    return data if ok and isinstance(data.get("machines"), dict) else empty
+    if not ok or not isinstance(data.get("machines"), dict):
+        return empty
+    data["machines"] = {k: v for k, v in data["machines"].items() if isinstance(v, dict)}
+    return data
 
 
 def write_cache(path: Path, machine: str, kernels: Mapping[ConvShape, str]) -> bool:
@@ -183,8 +186,10 @@ def write_cache(path: Path, machine: str, kernels: Mapping[ConvShape, str]) -> b
     entry.update({s.key(): k for s, k in kernels.items()})
     try:
         atomic_write_json(path, data)
-    except OSError as e:  # fileio's WriteError is an OSError: it names the file and why
-        warn(f"--cpu-tuning auto: the measured kernels are not cached, so the next run measures again ({e})")
+    except OSError as e:  # fileio's WriteError is an OSError: "could not write FILE: why; what to do"
+        why = str(e).split("; ")[0]
+        warn(f"--cpu-tuning auto: the measured kernels are not cached ({why}); training goes on, and the next run "
+             f"measures again (--cache-dir picks another folder)")
         return False
     return True
 

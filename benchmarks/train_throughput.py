@@ -183,6 +183,8 @@ class _Siamkit:
         )
         self.training = build_training(cfg, N_IDENTITIES, 3, device, total=10**9)
         self.training.model.train()
+        if self.training.tuning_note:  # what --cpu-tuning auto picked (measured, or from the cache)
+            print(f"  {size}x{size} {kind}: {self.training.tuning_note}", file=sys.stderr)
         self.pre = Preprocess((size, size))
         self.cfg, self.data = cfg, data
 

@@ -30,6 +30,7 @@ from siamkit.config import TrainConfig
 from siamkit.errors import SiamkitError
 from siamkit.train.loop import train
 from siamkit.train.run import build_training
+from siamkit.train.step import optimisation_step
 from tiny_run import one_torch_thread, tiny_config  # noqa: F401
 
 
@@ -200,7 +201,7 @@ def test_resnet18_step_matches_the_plain_network_with_every_convolution_swapped(
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
-def _training_with_swap_measured_faster(monkeypatch, tuning: str, **options):
+def _training_with_swap_measured_faster(monkeypatch, tmp_path, tuning: str, **options):
     """build_training of a ResNet18 whose measurements (faked) say the swap is twice as fast everywhere."""
     measured = []
 
@@ -209,28 +210,37 @@ def _training_with_swap_measured_faster(monkeypatch, tuning: str, **options):
         return {kernel_choice.PYTORCH: 2.0, kernel_choice.SWAPPED: 1.0}
 
     monkeypatch.setattr(kernel_choice, "measure_shape", measure)
-    cfg = TrainConfig(image_size=[32, 32], batch_size=4, cpu_tuning=tuning, cache_dir="none", **options)
+    cfg = TrainConfig(image_size=[32, 32], batch_size=4, cpu_tuning=tuning, cache_dir=str(tmp_path), **options)
     training = build_training(cfg, 4, 3, torch.device("cpu"), total=1)
     return training, measured
 
 
-def test_training_models_take_the_measured_choice_unless_tuning_is_off(monkeypatch):
-    training, measured = _training_with_swap_measured_faster(monkeypatch, "auto")
+def test_training_models_take_the_measured_choice_unless_tuning_is_off(monkeypatch, tmp_path):
+    training, measured = _training_with_swap_measured_faster(monkeypatch, tmp_path / "a", "auto")
     tuned = [m for m in training.model.modules() if type(m) is TunedConv2d]
     # ResNet18's 20 convolutions in 11 distinct shapes, each measured once; every layer takes the swap.
     assert len(measured) == 11 and len(set(measured)) == 11 and len(tuned) == 20
     assert set(training.conv_kernels.values()) == {"swapped"} and len(training.conv_kernels) == 11
     assert all(s.input[0] == 3 * 4 for s in measured)  # the batch: 3 branches x 4 triplets, in one pass
-    for kind in ("off",):
-        training, measured = _training_with_swap_measured_faster(monkeypatch, kind)
-        assert measured == [] and training.conv_kernels == {}
-        assert not any(type(m) is TunedConv2d for m in training.model.modules())
+    training, measured = _training_with_swap_measured_faster(monkeypatch, tmp_path / "b", "off")
+    assert measured == [] and training.conv_kernels == {}
+    assert not any(type(m) is TunedConv2d for m in training.model.modules())
+
+
+@pytest.mark.parametrize("policy, passes", [("joint", 1), ("sequential", 3)])
+def test_the_measured_shapes_are_those_the_training_step_runs(monkeypatch, tmp_path, count_fast_calls, policy, passes):
+    """Every convolution of a real step takes the swap chosen for it: one pass of 12 rows, or 3 of 4 (per branch)."""
+    training, measured = _training_with_swap_measured_faster(monkeypatch, tmp_path, "auto", bn_policy=policy)
+    assert {s.input[0] for s in measured} == {12 // passes}
+    x = torch.randn(12, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    optimisation_step(training, x, torch.tensor([0, 1, 2, 3] * 3))
+    assert len(count_fast_calls) == 20 * passes  # ResNet18's 20 convolutions in each backbone pass
 
 
 @pytest.mark.parametrize("options", [{"compile": True}, {"amp": "bf16"}])
-def test_compile_and_autocast_measure_nothing(monkeypatch, options):
+def test_compile_and_autocast_measure_nothing(monkeypatch, tmp_path, options):
     """They run PyTorch's kernels in any case (TunedConv2d steps aside), so measuring would be wasted time."""
-    training, measured = _training_with_swap_measured_faster(monkeypatch, "auto", **options)
+    training, measured = _training_with_swap_measured_faster(monkeypatch, tmp_path, "auto", **options)
     assert measured == [] and training.conv_kernels == {}
 
 

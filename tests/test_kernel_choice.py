@@ -135,12 +135,12 @@ def test_a_damaged_cache_is_measured_again_and_rewritten(tmp_path):
         assert json.loads(cache.read_text())["machines"][MACHINE] == {A.key(): SWAPPED}
 
 
-def test_cache_dir_none_measures_every_run_and_writes_nothing(tmp_path, monkeypatch):
+def test_the_cache_is_in_the_decoded_caches_folder_and_stays_in_the_default_one_without_it(tmp_path, monkeypatch):
     monkeypatch.setenv("SIAMKIT_CACHE_DIR", str(tmp_path))
     assert cache_file(None) == tmp_path / "cpu-tuning.json"  # the decoded cache's folder
     assert cache_file(str(tmp_path / "x")) == tmp_path / "x" / "cpu-tuning.json"
-    assert cache_file("none") is None
-    for _ in range(2):
+    assert cache_file("none") == cache_file("None") == tmp_path / "cpu-tuning.json"  # no decoded cache, same tuning
+    for _ in range(2):  # no file at all (as the benchmark measures afresh): every call measures, nothing written
         measure = FakeMeasure(SWAPPED)
         choose([A], cache=None, machine=MACHINE, measure=measure)
         assert measure.shapes == [A]

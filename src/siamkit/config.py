@@ -67,8 +67,8 @@ class TrainConfig(ModelOptions):
                                    help="folder of decoded caches: a data folder is decoded once into a file there and "
                                         "memory-mapped by later runs (default: $SIAMKIT_CACHE_DIR, else "
                                         "$XDG_CACHE_HOME/siamkit, else ~/.cache/siamkit), also holding --cpu-tuning auto's "
-                                        "measured kernels (cpu-tuning.json); none = decode into memory and measure "
-                                        "every run, no cache")
+                                        "measured kernels (cpu-tuning.json); none = decode into memory every run, "
+                                        "no decoded cache (the measured kernels then stay in the default folder)")
     cache_max_gb: float = option(50.0, group="data", minimum="positive",
                                  help="size cap of the cache folder: the least recently used caches are removed first")
     data_in_memory: str = option("auto", group="data", choices=DATA_IN_MEMORY,

@@ -10,7 +10,9 @@ The choices are cached in ``<cache dir>/cpu-tuning.json`` (the decoded cache's f
 $SIAMKIT_CACHE_DIR, $XDG_CACHE_HOME/siamkit, ~/.cache/siamkit) under a fingerprint of the machine: CPU
 model, the ISA torch dispatches to, torch's thread count and torch's version. A restart on the same
 machine measures nothing; another machine, thread count or torch version measures again. ``--cache-dir
-none`` measures every run and writes nothing; a cache that cannot be written costs one warning line.
+none`` (no decoded cache) keeps this small file in the default folder all the same: without it every run
+would measure anew, and runs on one machine could compute differently where two kernels are within the
+timing noise. A cache that cannot be written costs one warning line.
 Training stores the choices in its checkpoints and a resumed run takes them from there (``known``).
 """
 from __future__ import annotations
@@ -156,11 +158,11 @@ class Choices:
         return {s.key(): k for s, k in self.kernels.items()}
 
 
-def cache_file(cache_dir: str | None) -> Path | None:
-    """Where the choices are cached: None for ``--cache-dir none`` (measure every run, write nothing)."""
-    if cache_dir is not None and str(cache_dir).lower() == "none":
-        return None
-    return Path(cache_dir if cache_dir is not None else default_cache_dir()) / CACHE_FILE
+def cache_file(cache_dir: str | None) -> Path:
+    """Where the choices are cached: in ``--cache-dir``, or the default cache folder (also for ``none``)."""
+    if cache_dir is None or str(cache_dir).lower() == "none":
+        return default_cache_dir() / CACHE_FILE
+    return Path(cache_dir) / CACHE_FILE
 
 
 def read_cache(path: Path | None) -> dict:
@@ -201,7 +203,7 @@ def choose(
 ) -> Choices:
     """The kernel of each shape: from ``known`` (a resumed checkpoint's), else the cache, else measured now.
 
-    Measured choices are added to the cache file for the next run on this machine. ``measure``: seconds
+    Measured choices are added to the cache file (``cache``; None: none) for the next run on this machine. ``measure``: seconds
     per candidate of a shape (default measure_shape); ``machine``: the cache's key (default this machine's).
     """
     measure = measure or measure_shape

@@ -215,15 +215,15 @@ def test_resume_takes_the_convolution_kernels_of_the_checkpoint_without_measurin
     measured: list = []
     monkeypatch.setattr(kernel_choice, "measure_shape", swap_faster)
     run_dir = tmp_path / "run"
-    # --cache-dir none: nothing cached, so only the checkpoint can spare the resumed run a measurement.
-    train(tiny_config(run_dir, steps=2, cache_dir="none"), progress=False)
+    # A cache folder of its own, and another, empty one for the resumed run: only the checkpoint can spare it a measurement.
+    train(tiny_config(run_dir, steps=2, cache_dir=str(tmp_path / "cache")), progress=False)
     saved = load_raw(run_dir / "checkpoints" / "last.pt")["conv_kernels"]
     assert measured and sorted(saved) == sorted(s.key() for s in measured) and set(saved.values()) == {"swapped"}
     assert swapped_backwards
 
     monkeypatch.setattr(kernel_choice, "measure_shape", lambda shape: pytest.fail(f"measured {shape} on resume"))
     swapped_backwards.clear()
-    train(tiny_config(run_dir, steps=4, cache_dir="none"), resume=True, progress=False)
+    train(tiny_config(run_dir, steps=4, cache_dir=str(tmp_path / "empty_cache")), resume=True, progress=False)
     assert load_raw(run_dir / "checkpoints" / "last.pt")["conv_kernels"] == saved
     assert swapped_backwards  # the resumed steps took the swap, as the first ones did
     assert f"{len(saved)} from the checkpoint" in (run_dir / "train.log").read_text()

@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import accel, kernel_choice
 from .._version import __version__
-from ..batchnorm import forward_branches
+from ..batchnorm import get_policy
 from ..checkpoint import load_checkpoint, remove_stale_temp_files, set_rng_state
 from ..config import TrainConfig
 from ..data.cache import ImageRows, load_data
@@ -66,6 +66,7 @@ class Training:
     buffers: list[torch.Tensor] = field(default_factory=list)
     # --cpu-tuning auto on CPU: {convolution shape key: weight-gradient kernel} (kernel_choice.py), kept in checkpoints
     conv_kernels: dict[str, str] = field(default_factory=dict)
+    tuning_note: str = ""  # how many shapes took which kernel, and where the choices came from (the run's log)
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -163,27 +164,34 @@ def batch_rows(cfg: TrainConfig) -> int:
 def choose_conv_kernels(
     cfg: TrainConfig, model: SiameseNet, device: torch.device, in_channels: int, image_size: Sequence[int] | None,
     known: Mapping[str, str] | None, ctx: distributed.DistContext, progress: bool = False,
-) -> dict[str, str]:
+) -> tuple[dict[str, str], str]:
     """--cpu-tuning auto on CPU: each convolution shape's weight-gradient kernel, measured or reused, and applied.
 
-    The shapes are those of the training step (one forward pass of the batch's shape under hooks, in eval
-    mode: no BatchNorm statistics change, no collective runs). The main process chooses and every process
+    -> ({shape key: kernel}, the line for the run's log).
+
+    The shapes are those of the training step: one backbone pass under hooks at the shape of the step's
+    passes (all branches at once for single-pass BatchNorm policies, one branch's rows for per-branch
+    ones, whose passes all have that shape), in eval mode: no BatchNorm statistics change, no collective
+    runs, no policy code runs. The main process chooses and every process
     takes its choices, so all compute alike. ``known``: a resumed checkpoint's choices, reused as they are.
     Not under --compile or --amp, where the layers take PyTorch's kernels anyway (accel.TunedConv2d).
     """
     if device.type != "cpu" or cfg.cpu_tuning != "auto" or cfg.compile or cfg.amp != "off" or not image_size:
-        return {}
+        return {}, ""
 
-    def choose() -> dict[str, str]:
+    def choose() -> tuple[dict[str, str], str]:
+        rows = batch_rows(cfg)
+        if not get_policy(model.spec.bn_policy).single_pass:
+            rows //= cfg.n_branches
         dtype = next(model.parameters()).dtype  # the batch's (float32, or what a test made the model)
-        x = torch.zeros(batch_rows(cfg), in_channels, *image_size, device=device, dtype=dtype)
+        x = torch.zeros(rows, in_channels, *image_size, device=device, dtype=dtype)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         was_training = model.training
 
         def forward() -> None:
             with torch.no_grad():
-                forward_branches(model.eval(), x, cfg.n_branches, model.spec.bn_policy, model.bn)
+                model.eval()(x)
 
         try:
             shapes = kernel_choice.conv_shapes(model, forward)
@@ -191,13 +199,12 @@ def choose_conv_kernels(
             model.train(was_training)
         choices = kernel_choice.choose(shapes, known=known, cache=kernel_choice.cache_file(cfg.cache_dir),
                                        progress=progress)
-        info(choices.summary())
-        return choices.to_dict()
+        return choices.to_dict(), choices.summary()
 
-    kernels = distributed.from_main(ctx, choose)
+    kernels, note = distributed.from_main(ctx, choose)
     swapped = [accel.ConvShape.from_key(k) for k, v in kernels.items() if v == kernel_choice.SWAPPED]
     accel.use_swapped_weight_grad(model, swapped)
-    return kernels
+    return kernels, note
 
 
 def build_training(
@@ -219,7 +226,7 @@ def build_training(
         convert_to_sync_bn(model, device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    kernels = choose_conv_kernels(cfg, model, device, in_channels, image_size or cfg.image_size, conv_kernels, ctx, progress)
+    kernels, tuning_note = choose_conv_kernels(cfg, model, device, in_channels, image_size or cfg.image_size, conv_kernels, ctx, progress)
     loss_fn = JointLoss(build_metric_loss(cfg.loss, cfg.mining, cfg.margin), cfg.classification_weight, cfg.metric_weight)
     params = model.trainable_parameters()
     optimizer = build_optimizer(params, cfg)
@@ -236,6 +243,7 @@ def build_training(
         params=params, optimizer=optimizer, scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"),
         sync_bn=sync_bn, buffers=list(model.buffers()), conv_kernels=kernels,
+        tuning_note=tuning_note,
     )
 
 
@@ -280,6 +288,8 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
             + (f"; faces aligned by siamkit align ({alignment['size']}x{alignment['size']}, margin "
                f"{alignment['margin']}): use --align on raw photos" if alignment else "")
         )
+        if training.tuning_note:
+            info(training.tuning_note)
     in_memory = keep_in_memory(cfg.data_in_memory, train_ds, device, ctx.is_main)
     if ctx.is_main:  # created only now that data and model are known good
         make_run_folder(run_dir, cfg, ctx.world, resume=resume, overwrite=overwrite)

@@ -227,12 +227,19 @@ def test_training_models_take_the_measured_choice_unless_tuning_is_off(monkeypat
     assert not any(type(m) is TunedConv2d for m in training.model.modules())
 
 
-@pytest.mark.parametrize("policy, passes", [("joint", 1), ("sequential", 3)])
-def test_the_measured_shapes_are_those_the_training_step_runs(monkeypatch, tmp_path, count_fast_calls, policy, passes):
+@pytest.mark.parametrize("policy, passes, channels_last", [("joint", 1, True), ("sequential", 3, True), ("joint", 1, False)])
+def test_the_measured_shapes_are_those_the_training_step_runs(
+    monkeypatch, tmp_path, count_fast_calls, policy, passes, channels_last
+):
     """Every convolution of a real step takes the swap chosen for it: one pass of 12 rows, or 3 of 4 (per branch)."""
-    training, measured = _training_with_swap_measured_faster(monkeypatch, tmp_path, "auto", bn_policy=policy)
+    training, measured = _training_with_swap_measured_faster(
+        monkeypatch, tmp_path, "auto", bn_policy=policy, channels_last=channels_last
+    )
     assert {s.input[0] for s in measured} == {12 // passes}
-    x = torch.randn(12, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    # (a 1x1 map is both layouts at once, and is_channels_last calls it contiguous, as in the step itself)
+    assert {s.channels_last for s in measured if s.input[1:] != (1, 1)} == {channels_last}
+    x = torch.randn(12, 3, 32, 32)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     optimisation_step(training, x, torch.tensor([0, 1, 2, 3] * 3))
     assert len(count_fast_calls) == 20 * passes  # ResNet18's 20 convolutions in each backbone pass
 

@@ -11,7 +11,7 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -169,10 +169,12 @@ def choose_conv_kernels(
 
     -> ({shape key: kernel}, the line for the run's log).
 
-    The shapes are those of the training step: one backbone pass under hooks at the shape of the step's
-    passes (all branches at once for single-pass BatchNorm policies, one branch's rows for per-branch
-    ones, whose passes all have that shape), in eval mode: no BatchNorm statistics change, no collective
-    runs, no policy code runs. The main process chooses and every process
+    The shapes are those of the training step's backbone passes: all branches at once for single-pass
+    BatchNorm policies, one branch's rows for per-branch ones (whose passes all have that shape). They
+    are found by one pass of a single image under hooks, in eval mode (no BatchNorm statistics change,
+    no collective and no policy code runs), with the pass's batch size put in: nothing else about a
+    convolution's input (channels, map size, memory format, dtype) depends on the batch size, and the
+    pass costs a hundredth of a full batch's. The main process chooses and every process
     takes its choices, so all compute alike. ``known``: a resumed checkpoint's choices, reused as they are.
     Not under --compile or --amp, where the layers take PyTorch's kernels anyway (accel.TunedConv2d).
     """
@@ -184,7 +186,7 @@ def choose_conv_kernels(
         if not get_policy(model.spec.bn_policy).single_pass:
             rows //= cfg.n_branches
         dtype = next(model.parameters()).dtype  # the batch's (float32, or what a test made the model)
-        x = torch.zeros(rows, in_channels, *image_size, device=device, dtype=dtype)
+        x = torch.zeros(1, in_channels, *image_size, device=device, dtype=dtype)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         was_training = model.training
@@ -194,7 +196,7 @@ def choose_conv_kernels(
                 model.eval()(x)
 
         try:
-            shapes = kernel_choice.conv_shapes(model, forward)
+            shapes = [replace(s, input=(rows, *s.input[1:])) for s in kernel_choice.conv_shapes(model, forward)]
         finally:
             model.train(was_training)
         choices = kernel_choice.choose(shapes, known=known, cache=kernel_choice.cache_file(cfg.cache_dir),

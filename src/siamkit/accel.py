@@ -11,8 +11,9 @@ own kernels and the C library's malloc as they are (the setting for runs that mu
    measured on the machine at hand (kernel_choice.py, like cuDNN's benchmark mode): PyTorch's own
    (oneDNN's weight-gradient kernel on CPU), or the weight gradient as a forward convolution (input
    with batch and channels swapped, the output gradient as a dilated kernel), which oneDNN's forward
-   kernel runs faster on some CPUs and shapes (an AVX2 EPYC: 1.17-1.28x on the wide layers with small
-   maps) and slower on others (AVX-512 CPUs). Same gradient up to float rounding (tests/test_accel.py).
+   kernel runs faster on some CPUs and shapes (on an AVX2 EPYC, ResNet18's layer3 and layer4: the whole
+   step 1.17-1.28x faster) and slower on others (an AVX-512 EPYC: every ResNet18 shape). Same gradient
+   up to float rounding (tests/test_accel.py).
    This module holds the kernel and the layer that takes it for the input shapes chosen (`TunedConv2d`).
 
 What each is worth is measured in benchmarks/conv_weight_grad.py and benchmarks/cpu_allocator.py

@@ -4,9 +4,10 @@ For every distinct convolution of ResNet18 at the given input sizes, batch 96 (3
 last as siamkit trains: the forward pass, the weight gradient as PyTorch computes it
 (aten.convolution_backward, oneDNN on CPU), and the weight gradient as a forward convolution
 (siamkit.accel.weight_grad_by_forward_conv), in ms and GFLOP/s, fastest of interleaved
-rounds. "used" marks the layers where SmallMapConv2d takes the swapped path
-(siamkit.accel.uses_swapped_weight_grad); the totals are per training step (each
-layer times its count).
+rounds. "used" is what `--cpu-tuning auto` picks on this machine: siamkit.kernel_choice.choose run
+afresh (no cache) on the same shapes, its own measurement, as a training run without a cache does it.
+The totals are per training step (each layer times
+its count); the tuning's own time is given per size.
 
     PYTHONPATH=src python benchmarks/conv_weight_grad.py                 # 64x64 and 112x112
     PYTHONPATH=src python benchmarks/conv_weight_grad.py --sizes 112 --rounds 5
@@ -28,13 +29,8 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from machine import describe_device  # noqa: E402
-from siamkit.accel import (  # noqa: E402
-    MIN_IN_CHANNELS,
-    SMALL_MAP_AREA,
-    cpu_is_avx2,
-    uses_swapped_weight_grad,
-    weight_grad_by_forward_conv,
-)
+from siamkit import kernel_choice  # noqa: E402
+from siamkit.accel import ConvShape, weight_grad_by_forward_conv  # noqa: E402
 
 BATCH = 96
 
@@ -77,15 +73,20 @@ def main(argv=None) -> int:
     print(f"### Convolution weight gradients ({describe_device('cpu')})\n")
     print(
         f"torch {torch.__version__}; ResNet18, batch {BATCH}, channels-last, fp32; fastest of {args.rounds} rounds "
-        f"of {args.reps} calls; {datetime.now():%Y-%m-%d %H:%M}. Swapped where: at least {MIN_IN_CHANNELS} input "
-        f"channels, kernel larger than 1x1, output map of at most {SMALL_MAP_AREA} positions, on AVX2 CPUs "
-        f"(this one: {'yes' if cpu_is_avx2() else 'no, so siamkit keeps the PyTorch column here'}).\n"
+        f"of {args.reps} calls; {datetime.now():%Y-%m-%d %H:%M}. used: the kernel `--cpu-tuning auto` measured "
+        f"and picked on this machine (siamkit/kernel_choice.py, no cache).\n"
     )
     print("| input | convolution | output map | count | forward | weight grad: PyTorch (oneDNN) | weight grad: swapped conv | used |")
     print("|---|---|---|---:|---:|---:|---:|---|")
+    tuning = []
     for size in args.sizes:
         totals = {"native": 0.0, "siamkit": 0.0}
-        for conv, in_shape, out_shape, count in resnet18_convolutions(size):
+        convolutions = resnet18_convolutions(size)
+        shapes = [ConvShape(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding,
+                            (BATCH, *i[1:]), True, "float32") for c, i, _, _ in convolutions]
+        chosen = kernel_choice.choose(shapes, cache=None)
+        tuning.append(f"{size}x{size}: {chosen.summary().removeprefix('--cpu-tuning auto: ')}")
+        for (conv, in_shape, out_shape, count), shape in zip(convolutions, shapes):
             torch.manual_seed(0)
             x = torch.randn(BATCH, *in_shape).contiguous(memory_format=cl)
             w = conv.weight.detach().contiguous(memory_format=cl)
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
             # Fastest of interleaved rounds, so a slow moment of the machine hits all three alike.
             rounds = [[seconds_per_call(fn, args.reps) for fn in fns] for _ in range(args.rounds)]
             t_fwd, t_nat, t_swp = (min(column) for column in zip(*rounds))
-            used = uses_swapped_weight_grad(conv.in_channels, conv.kernel_size, out_shape[1:])
+            used = chosen.kernels[shape] == kernel_choice.SWAPPED
             totals["native"] += count * t_nat
             totals["siamkit"] += count * (t_swp if used else t_nat)
             k = "x".join(map(str, conv.kernel_size))
@@ -111,12 +112,13 @@ def main(argv=None) -> int:
                 f"| {size}x{size} | {conv.in_channels}->{conv.out_channels} {k}/{s[0]} | {out_shape[1]}x{out_shape[2]} "
                 f"| {count} | {1e3 * t_fwd:.1f} ms ({flops / t_fwd / 1e9:.0f} GFLOP/s) "
                 f"| {1e3 * t_nat:.1f} ms ({flops / t_nat / 1e9:.0f} GFLOP/s) "
-                f"| {1e3 * t_swp:.1f} ms ({flops / t_swp / 1e9:.0f} GFLOP/s) | {'yes' if used else 'no'} |"
+                f"| {1e3 * t_swp:.1f} ms ({flops / t_swp / 1e9:.0f} GFLOP/s) | {'swapped' if used else 'PyTorch'} |"
             )
         print(
             f"| {size}x{size} | **all weight gradients of one step** | | | | {1e3 * totals['native']:.0f} ms "
             f"| siamkit: {1e3 * totals['siamkit']:.0f} ms ({totals['native'] / totals['siamkit']:.2f}x) | |"
         )
+    print("\nThe tuning itself (kernel_choice.choose, as at the start of training): " + "; ".join(tuning) + ".")
     return 0
 
 

@@ -183,6 +183,8 @@ class _Siamkit:
         )
         self.training = build_training(cfg, N_IDENTITIES, 3, device, total=10**9)
         self.training.model.train()
+        if self.training.tuning_note:  # what --cpu-tuning auto picked (measured, or from the cache)
+            print(f"  {size}x{size} {kind}: {self.training.tuning_note}", file=sys.stderr)
         self.pre = Preprocess((size, size))
         self.cfg, self.data = cfg, data
 
@@ -198,18 +200,23 @@ class _Siamkit:
     def flop_step(self, step: int) -> float:
         """The step under FlopCounterMode (which counts eager ops), with the model's own FLOPs.
 
-        siamkit's swapped weight gradient (accel.py) computes a few unused outputs on some strided
-        layers; that is not the model's work, so the count uses PyTorch's convolution path.
+        siamkit's swapped weight gradient (accel.py), where --cpu-tuning auto picked it, computes a few
+        unused outputs on some strided layers; that is not the model's work, so the count uses PyTorch's
+        convolution path.
         """
-        from siamkit import accel
+        from siamkit.accel import TunedConv2d
 
-        swap, step_fn = accel.cpu_is_avx2, self.training.step_fn
-        accel.cpu_is_avx2 = lambda: False
+        tuned = [m for m in self.training.model.modules() if type(m) is TunedConv2d]
+        chosen, step_fn = [m.swapped_shapes for m in tuned], self.training.step_fn
+        for m in tuned:
+            m.swapped_shapes = frozenset()
         self.training.step_fn = self.training.step_module
         try:
             return self.step(step)
         finally:
-            accel.cpu_is_avx2, self.training.step_fn = swap, step_fn
+            for m, shapes in zip(tuned, chosen):
+                m.swapped_shapes = shapes
+            self.training.step_fn = step_fn
 
 
 class _Data:

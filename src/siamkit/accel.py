@@ -7,20 +7,25 @@ own kernels and the C library's malloc as they are (the setting for runs that mu
    threshold (at most 32 MiB) with a fresh mmap and unmaps them on free, so every step would fault
    its large activations in again; with mmap off and trimming made rare the next step reuses them,
    as PyTorch's caching allocator does on GPU. Process-wide and not undone, so only training sets it.
-2. Weight gradients of wide convolutions on small maps as a forward convolution (`SmallMapConv2d`).
-   On AVX2 CPUs oneDNN's weight-gradient kernel for these layers runs at half its forward speed or
-   less; the weight gradient is itself a convolution (input with batch and channels swapped, the
-   output gradient as a dilated kernel), which the forward kernel runs fast. Same gradient up to
-   float rounding (tests/test_accel.py).
+2. For each convolution shape of the model, the faster of two ways to compute its weight gradient,
+   measured on the machine at hand (kernel_choice.py, like cuDNN's benchmark mode): PyTorch's own
+   (oneDNN's weight-gradient kernel on CPU), or the weight gradient as a forward convolution (input
+   with batch and channels swapped, the output gradient as a dilated kernel), which oneDNN's forward
+   kernel runs faster on some CPUs and shapes (on an AVX2 EPYC, ResNet18's layer3 and layer4: the whole
+   step 1.17-1.28x faster) and slower on others (an AVX-512 EPYC: every ResNet18 shape). Same gradient
+   up to float rounding (tests/test_accel.py).
+   This module holds the kernel and the layer that takes it for the input shapes chosen (`TunedConv2d`).
 
-Why these thresholds, and what each is worth, is measured in benchmarks/conv_weight_grad.py and
-benchmarks/cpu_allocator.py (results in benchmarks/results/ and the README's Performance section).
+What each is worth is measured in benchmarks/conv_weight_grad.py and benchmarks/cpu_allocator.py
+(results in benchmarks/results/ and the README's Performance section).
 """
 from __future__ import annotations
 
 import ctypes
 import platform
-from functools import lru_cache
+import re
+from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -28,19 +33,74 @@ from torch import nn
 
 CPU_TUNINGS = ("auto", "off")
 
-# Where the swapped convolution measured faster than oneDNN's weight gradient on an AVX2 CPU
-# (benchmarks/conv_weight_grad.py): output maps of at most 7x7, at least 256 input channels, kernels
-# larger than 1x1 (a 1x1 weight gradient is a plain matrix product, which oneDNN already does well).
-SMALL_MAP_AREA = 49
-MIN_IN_CHANNELS = 256
+
+@dataclass(frozen=True)
+class ConvShape:
+    """What the speed of a convolution's weight gradient depends on: the layer and the input it sees."""
+
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    input: tuple[int, int, int]  # batch, height, width
+    channels_last: bool
+    dtype: str  # "float32", as torch names it without its "torch." prefix
+
+    @property
+    def output(self) -> tuple[int, int]:
+        (h, w), (kh, kw), (sh, sw), (ph, pw) = self.input[1:], self.kernel, self.stride, self.padding
+        return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+
+    def key(self) -> str:
+        """One string for JSON files and checkpoints, e.g. ``256-512 k3x3 s2x2 p1x1 in96x8x8 channels_last float32``."""
+        x = "x".join
+        return (
+            f"{self.in_channels}-{self.out_channels} k{x(map(str, self.kernel))} s{x(map(str, self.stride))} "
+            f"p{x(map(str, self.padding))} in{x(map(str, self.input))} "
+            f"{'channels_last' if self.channels_last else 'contiguous'} {self.dtype}"
+        )
+
+    @classmethod
+    def from_key(cls, key: str) -> "ConvShape":
+        m = _KEY.fullmatch(key)
+        if m is None:
+            raise ValueError(f"not a convolution shape key: {key!r}")
+        pair = lambda s: tuple(int(v) for v in s.split("x"))  # noqa: E731
+        return cls(
+            int(m["cin"]), int(m["cout"]), pair(m["k"]), pair(m["s"]), pair(m["p"]), pair(m["input"]),
+            m["format"] == "channels_last", m["dtype"],
+        )
 
 
-def uses_swapped_weight_grad(in_channels: int, kernel_size: tuple[int, int], out_size: tuple[int, int]) -> bool:
-    """Whether a convolution of this shape gets the swapped weight gradient (on CPU, when training)."""
+_KEY = re.compile(
+    r"(?P<cin>\d+)-(?P<cout>\d+) k(?P<k>\d+x\d+) s(?P<s>\d+x\d+) p(?P<p>\d+x\d+) in(?P<input>\d+x\d+x\d+) "
+    r"(?P<format>channels_last|contiguous) (?P<dtype>\w+)"
+)
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Channels-last and not plain contiguous (a tensor can be both, e.g. with one channel: then contiguous)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def shape_of(conv: nn.Conv2d, x: torch.Tensor) -> ConvShape:
+    """The ConvShape of ``conv`` called on ``x`` (a 4-d batch)."""
+    return ConvShape(
+        conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.padding),
+        tuple(x.shape[:1]) + tuple(x.shape[2:]), is_channels_last(x), str(x.dtype).removeprefix("torch."),
+    )
+
+
+def swappable(m: nn.Module) -> bool:
+    """A plain Conv2d whose weight gradient the swap computes (groups 1, dilation 1, zero padding) and is needed."""
     return (
-        in_channels >= MIN_IN_CHANNELS
-        and kernel_size[0] * kernel_size[1] > 1
-        and out_size[0] * out_size[1] <= SMALL_MAP_AREA
+        type(m) in (nn.Conv2d, TunedConv2d)
+        and m.groups == 1
+        and m.dilation == (1, 1)
+        and m.padding_mode == "zeros"
+        and not isinstance(m.padding, str)
+        and m.weight.requires_grad
     )
 
 
@@ -60,6 +120,15 @@ def weight_grad_by_forward_conv(
     grad_w = torch.empty_like(weight)  # keeps the weight's memory format, as the optimizer expects
     grad_w.copy_(swapped[:, :, :kh, :kw].transpose(0, 1))
     return grad_w
+
+
+def weight_grad_by_pytorch(
+    x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int]
+) -> torch.Tensor:
+    """The same gradient as PyTorch's own backward computes it (oneDNN on CPU): the other candidate."""
+    return torch.ops.aten.convolution_backward(
+        grad_out, x, weight, None, stride, padding, (1, 1), False, (0, 0), 1, (False, True, False)
+    )[1]
 
 
 class _WeightGradByForwardConv(torch.autograd.Function):
@@ -86,12 +155,6 @@ class _WeightGradByForwardConv(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-@lru_cache(maxsize=None)
-def cpu_is_avx2() -> bool:
-    """The CPU kind the swap was measured on (ATen's kernels say AVX2: no AVX-512, where oneDNN's own is fast)."""
-    return torch.backends.cpu.get_cpu_capability() == "AVX2"
-
-
 def conv2d_swapped_weight_grad(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int], padding: tuple[int, int]
 ) -> torch.Tensor:
@@ -99,48 +162,51 @@ def conv2d_swapped_weight_grad(
     return _WeightGradByForwardConv.apply(x, weight, bias, stride, padding)
 
 
-class SmallMapConv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters and state_dict) that takes the faster weight gradient where it helps."""
+class TunedConv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters and state_dict) that takes the swapped weight gradient for the shapes chosen.
 
-    def _fast_path(self, x: torch.Tensor) -> bool:
+    ``swapped_shapes``: the input shapes (ConvShape) for which the swap measured faster; any other call
+    (another batch shape, evaluation, autocast, torch.compile, CUDA) runs PyTorch's own convolution.
+    """
+
+    swapped_shapes: frozenset[ConvShape] = frozenset()
+
+    def _swaps(self, x: torch.Tensor) -> bool:
         if not (torch.is_grad_enabled() and self.weight.requires_grad and x.device.type == "cpu" and x.dim() == 4):
             return False
-        if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") or not cpu_is_avx2():
+        if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
             return False
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        out_size = ((x.shape[-2] + 2 * ph - kh) // sh + 1, (x.shape[-1] + 2 * pw - kw) // sw + 1)
-        return uses_swapped_weight_grad(self.in_channels, self.kernel_size, out_size)
+        return shape_of(self, x) in self.swapped_shapes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fast_path(x):
+        if self._swaps(x):
             return conv2d_swapped_weight_grad(x, self.weight, self.bias, self.stride, self.padding)
         return super().forward(x)
 
 
-def _eligible(m: nn.Module) -> bool:
-    return (
-        type(m) is nn.Conv2d
-        and m.groups == 1
-        and m.dilation == (1, 1)
-        and m.padding_mode == "zeros"
-        and not isinstance(m.padding, str)
-        and m.in_channels >= MIN_IN_CHANNELS
-        and m.kernel_size[0] * m.kernel_size[1] > 1
-    )
+def use_swapped_weight_grad(model: nn.Module, shapes: Iterable[ConvShape]) -> int:
+    """Give each swappable Conv2d of ``model`` the swapped weight gradient for those of ``shapes`` that are its own.
 
-
-def use_small_map_conv_backward(model: nn.Module) -> int:
-    """Give the model's wide plain Conv2d layers the faster weight gradient; returns how many were changed.
-
-    Which calls take it depends on the map size, known only at run time (see SmallMapConv2d). The
-    modules keep their parameters (the same tensors), so optimizers, checkpoints and state_dicts are
-    unaffected; only the class changes (SmallMapConv2d is an nn.Conv2d).
+    Returns how many layers take it for some shape. Layers without one stay (or become again) plain
+    nn.Conv2d. The modules keep their parameters (the same tensors), so optimizers, checkpoints and
+    state_dicts are unaffected; only the class changes (TunedConv2d is an nn.Conv2d).
     """
+    shapes = frozenset(shapes)
     changed = 0
     for m in model.modules():
-        if _eligible(m):
-            m.__class__ = SmallMapConv2d
+        if not swappable(m):
+            continue
+        mine = frozenset(
+            s for s in shapes
+            if (s.in_channels, s.out_channels, s.kernel, s.stride, s.padding)
+            == (m.in_channels, m.out_channels, tuple(m.kernel_size), tuple(m.stride), tuple(m.padding))
+        )
+        m.__class__ = TunedConv2d if mine else nn.Conv2d
+        if mine:
+            m.swapped_shapes = mine
             changed += 1
+        else:
+            m.__dict__.pop("swapped_shapes", None)
     return changed
 
 
@@ -164,12 +230,6 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1  # 1 = success
-
-
-def tune_model(model: nn.Module, tuning: str) -> None:
-    """Apply the model-level CPU tuning (the layers decide per call, so a CUDA model is unaffected)."""
-    if tuning == "auto":
-        use_small_map_conv_backward(model)
 
 
 def tune_process(device: torch.device, tuning: str) -> None:

@@ -66,8 +66,9 @@ class TrainConfig(ModelOptions):
     cache_dir: str | None = option(None, group="data",
                                    help="folder of decoded caches: a data folder is decoded once into a file there and "
                                         "memory-mapped by later runs (default: $SIAMKIT_CACHE_DIR, else "
-                                        "$XDG_CACHE_HOME/siamkit, else ~/.cache/siamkit); none = decode into memory "
-                                        "every run, no cache")
+                                        "$XDG_CACHE_HOME/siamkit, else ~/.cache/siamkit), also holding --cpu-tuning auto's "
+                                        "measured kernels (cpu-tuning.json); none = decode into memory every run, "
+                                        "no decoded cache (the measured kernels then stay in the default folder)")
     cache_max_gb: float = option(50.0, group="data", minimum="positive",
                                  help="size cap of the cache folder: the least recently used caches are removed first")
     data_in_memory: str = option("auto", group="data", choices=DATA_IN_MEMORY,
@@ -114,8 +115,11 @@ class TrainConfig(ModelOptions):
     amp: str = option("off", group="speed", choices=AMP_MODES)
     channels_last: bool = option(True, group="speed", flag="--no-channels-last", help="keep the NCHW layout")
     cpu_tuning: str = option("auto", group="speed", choices=CPU_TUNINGS,
-                             help="auto: siamkit's CPU speed-ups when training on CPU (src/siamkit/accel.py); "
-                                  "off: PyTorch's own kernels and malloc, for runs that must match across machines")
+                             help="auto: siamkit's CPU speed-ups when training on CPU (src/siamkit/accel.py): each "
+                                  "convolution's weight-gradient kernel measured at the start and the faster kept "
+                                  "(cached per machine in the --cache-dir folder, stored in checkpoints and reused by "
+                                  "--resume), and malloc keeping freed memory; off: PyTorch's own kernels and malloc, "
+                                  "for runs that must match across machines")
     # run
     out: str | None = option(None, group="run", help="run folder (default: runs/<date-time>)")
     device: str = option("auto", group="run", help="auto | cpu | cuda")

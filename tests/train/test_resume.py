@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from siamkit import cli
+from siamkit import accel, cli, kernel_choice
 from siamkit import checkpoint as checkpoint_module
 from siamkit.train import state
-from tiny_run import ONE_THREAD_ENV, assert_identical, load_raw, metrics_rows, one_torch_thread, tiny_args  # noqa: F401
+from siamkit.train.loop import train
+from tiny_run import ONE_THREAD_ENV, assert_identical, load_raw, metrics_rows, one_torch_thread, tiny_args, tiny_config  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 6
@@ -199,3 +200,30 @@ def test_resume_on_faces_with_the_face_augmentation_is_bit_identical(att_faces, 
     for key in COMPARED:
         assert_identical(ref[key], got[key], key)
     assert [r["loss"] for r in metrics_rows(tmp_path / "ref")] == [r["loss"] for r in metrics_rows(tmp_path / "run")]
+
+
+def test_resume_takes_the_convolution_kernels_of_the_checkpoint_without_measuring(tmp_path, monkeypatch):
+    """--cpu-tuning auto: the kernels chosen at the start are stored, and a resumed run computes with the same ones."""
+    def swap_faster(shape):
+        measured.append(shape)
+        return {kernel_choice.PYTORCH: 2.0, kernel_choice.SWAPPED: 1.0}
+
+    swapped_backwards = []
+    backward = accel._WeightGradByForwardConv.backward
+    monkeypatch.setattr(accel._WeightGradByForwardConv, "backward",
+                        staticmethod(lambda ctx, g: swapped_backwards.append(1) or backward(ctx, g)))
+    measured: list = []
+    monkeypatch.setattr(kernel_choice, "measure_shape", swap_faster)
+    run_dir = tmp_path / "run"
+    # A cache folder of its own, and another, empty one for the resumed run: only the checkpoint can spare it a measurement.
+    train(tiny_config(run_dir, steps=2, cache_dir=str(tmp_path / "cache")), progress=False)
+    saved = load_raw(run_dir / "checkpoints" / "last.pt")["conv_kernels"]
+    assert measured and sorted(saved) == sorted(s.key() for s in measured) and set(saved.values()) == {"swapped"}
+    assert swapped_backwards
+
+    monkeypatch.setattr(kernel_choice, "measure_shape", lambda shape: pytest.fail(f"measured {shape} on resume"))
+    swapped_backwards.clear()
+    train(tiny_config(run_dir, steps=4, cache_dir=str(tmp_path / "empty_cache")), resume=True, progress=False)
+    assert load_raw(run_dir / "checkpoints" / "last.pt")["conv_kernels"] == saved
+    assert swapped_backwards  # the resumed steps took the swap, as the first ones did
+    assert f"{len(saved)} from the checkpoint" in (run_dir / "train.log").read_text()

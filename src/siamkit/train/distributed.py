@@ -160,6 +160,14 @@ def agree(ctx: DistContext, fn: Callable[[], T]) -> T:
     return result
 
 
+def from_main(ctx: DistContext, fn: Callable[[], T]) -> T:
+    """``fn()`` run on the main process only; every process gets its result (a picklable object)."""
+    value = [fn() if ctx.is_main else None]
+    if ctx.enabled:
+        dist.broadcast_object_list(value, src=0)
+    return value[0]
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()

@@ -11,17 +11,18 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .. import accel
+from .. import accel, kernel_choice
 from .._version import __version__
+from ..batchnorm import get_policy
 from ..checkpoint import load_checkpoint, remove_stale_temp_files, set_rng_state
 from ..config import TrainConfig
 from ..data.cache import ImageRows, load_data
@@ -63,6 +64,9 @@ class Training:
     sync_bn: bool  # BatchNorm statistics are global already (no averaging of running stats after a step)
     # BatchNorm buffers, put back when a step is skipped (they change in the forward pass).
     buffers: list[torch.Tensor] = field(default_factory=list)
+    # --cpu-tuning auto on CPU: {convolution shape key: weight-gradient kernel} (kernel_choice.py), kept in checkpoints
+    conv_kernels: dict[str, str] = field(default_factory=dict)
+    tuning_note: str = ""  # how many shapes took which kernel, and where the choices came from (the run's log)
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -149,16 +153,72 @@ def preprocess_for(cfg: TrainConfig) -> Preprocess:
 
 
 def build_model(cfg: TrainConfig, n_classes: int, in_channels: int) -> SiameseNet:
-    model = SiameseNet(ModelSpec.of(cfg, in_channels, n_classes), cfg.pretrained)
-    accel.tune_model(model.backbone, cfg.cpu_tuning)
-    return model
+    return SiameseNet(ModelSpec.of(cfg, in_channels, n_classes), cfg.pretrained)
+
+
+def batch_rows(cfg: TrainConfig) -> int:
+    """Images per step on one process: P x K for PK batches, branches x tuples otherwise."""
+    return cfg.identities_per_batch * cfg.images_per_identity if cfg.pk_batches else cfg.n_branches * cfg.batch_size
+
+
+def choose_conv_kernels(
+    cfg: TrainConfig, model: SiameseNet, device: torch.device, in_channels: int, image_size: Sequence[int] | None,
+    known: Mapping[str, str] | None, ctx: distributed.DistContext, progress: bool = False,
+) -> tuple[dict[str, str], str]:
+    """--cpu-tuning auto on CPU: each convolution shape's weight-gradient kernel, measured or reused, and applied.
+
+    -> ({shape key: kernel}, the line for the run's log).
+
+    The shapes are those of the training step's backbone passes: all branches at once for single-pass
+    BatchNorm policies, one branch's rows for per-branch ones (whose passes all have that shape). They
+    are found by one pass of a single image under hooks, in eval mode (no BatchNorm statistics change,
+    no collective and no policy code runs), with the pass's batch size put in: nothing else about a
+    convolution's input (channels, map size, memory format, dtype) depends on the batch size, and the
+    pass costs a hundredth of a full batch's. The main process chooses and every process
+    takes its choices, so all compute alike. ``known``: a resumed checkpoint's choices, reused as they are.
+    Not under --compile or --amp, where the layers take PyTorch's kernels anyway (accel.TunedConv2d).
+    """
+    if device.type != "cpu" or cfg.cpu_tuning != "auto" or cfg.compile or cfg.amp != "off" or not image_size:
+        return {}, ""
+
+    def choose() -> tuple[dict[str, str], str]:
+        rows = batch_rows(cfg)
+        if not get_policy(model.spec.bn_policy).single_pass:
+            rows //= cfg.n_branches
+        dtype = next(model.parameters()).dtype  # the batch's (float32, or what a test made the model)
+        x = torch.zeros(1, in_channels, *image_size, device=device, dtype=dtype)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        was_training = model.training
+
+        def forward() -> None:
+            with torch.no_grad():
+                model.eval()(x)
+
+        try:
+            shapes = [replace(s, input=(rows, *s.input[1:])) for s in kernel_choice.conv_shapes(model, forward)]
+        finally:
+            model.train(was_training)
+        choices = kernel_choice.choose(shapes, known=known, cache=kernel_choice.cache_file(cfg.cache_dir),
+                                       progress=progress)
+        return choices.to_dict(), choices.summary()
+
+    kernels, note = distributed.from_main(ctx, choose)
+    swapped = [accel.ConvShape.from_key(k) for k, v in kernels.items() if v == kernel_choice.SWAPPED]
+    accel.use_swapped_weight_grad(model, swapped)
+    return kernels, note
 
 
 def build_training(
     cfg: TrainConfig, n_classes: int, in_channels: int, device: torch.device, total: int,
-    ctx: distributed.DistContext | None = None,
+    ctx: distributed.DistContext | None = None, *, image_size: Sequence[int] | None = None,
+    conv_kernels: Mapping[str, str] | None = None, progress: bool = False,
 ) -> Training:
-    """Model, loss, optimizer, schedule and the fused step of ``cfg``, on ``device``."""
+    """Model, loss, optimizer, schedule and the fused step of ``cfg``, on ``device``.
+
+    ``image_size`` (default: cfg.image_size) is the training images' size, at which --cpu-tuning auto
+    measures the convolutions; ``conv_kernels``: the choices of a resumed checkpoint, reused instead.
+    """
     ctx = ctx or distributed.DistContext()
     accel.tune_process(device, cfg.cpu_tuning)
     use_fast_cuda_kernels(device)
@@ -168,6 +228,7 @@ def build_training(
         convert_to_sync_bn(model, device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    kernels, tuning_note = choose_conv_kernels(cfg, model, device, in_channels, image_size or cfg.image_size, conv_kernels, ctx, progress)
     loss_fn = JointLoss(build_metric_loss(cfg.loss, cfg.mining, cfg.margin), cfg.classification_weight, cfg.metric_weight)
     params = model.trainable_parameters()
     optimizer = build_optimizer(params, cfg)
@@ -183,7 +244,8 @@ def build_training(
         step_fn=step_fn,
         params=params, optimizer=optimizer, scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"),
-        sync_bn=sync_bn, buffers=list(model.buffers()),
+        sync_bn=sync_bn, buffers=list(model.buffers()), conv_kernels=kernels,
+        tuning_note=tuning_note,
     )
 
 
@@ -212,7 +274,10 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
         check_resume(checkpoint, cfg, train_ds, sampler.steps_per_epoch, run_dir)
 
     n_classes = train_ds.n_identities if cfg.classification_weight > 0 else 0
-    training = build_training(cfg, n_classes, pre.channels, device, total, ctx)
+    training = build_training(
+        cfg, n_classes, pre.channels, device, total, ctx, image_size=pre.image_size,
+        conv_kernels=checkpoint.get("conv_kernels") if checkpoint is not None else None, progress=ctx.is_main,
+    )
     start_step, best_accuracy = restore(training, checkpoint, run_dir) if checkpoint is not None else (0, -1.0)
     if ctx.is_main:
         n_train = sum(p.numel() for p in training.params)
@@ -225,6 +290,8 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
             + (f"; faces aligned by siamkit align ({alignment['size']}x{alignment['size']}, margin "
                f"{alignment['margin']}): use --align on raw photos" if alignment else "")
         )
+        if training.tuning_note:
+            info(training.tuning_note)
     in_memory = keep_in_memory(cfg.data_in_memory, train_ds, device, ctx.is_main)
     if ctx.is_main:  # created only now that data and model are known good
         make_run_folder(run_dir, cfg, ctx.world, resume=resume, overwrite=overwrite)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -41,6 +42,9 @@ def main() -> None:
     ap.add_argument("aligned", type=Path, help="the aligned folder the run was trained on")
     ap.add_argument("--photos", type=Path, required=True, help="the original photos that folder was aligned from")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", type=Path, default=None,
+                    help="working folder: its pasted photos and their alignment are reused when present "
+                         "(default: a new temporary folder)")
     args = ap.parse_args()
     model, ckpt = load_model(args.run, "cpu")
     pre = Preprocess.from_dict(ckpt["preprocess"])
@@ -51,14 +55,20 @@ def main() -> None:
     rels = sorted(str(p.relative_to(args.aligned)) for p in args.aligned.rglob("*.*")
                   if p.parent != args.aligned and p.parts[-2] not in trained)
     rels = [r for r in rels if r not in undetected]
-    work = Path(tempfile.mkdtemp(prefix="align_verify_"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="align_verify_"))
     pasted = work / "pasted"
-    for i, rel in enumerate(rels):
-        photo, _, _ = paste(Image.open(args.photos / rel).convert("RGB"), np.random.default_rng(args.seed * 100_000 + i))
-        (pasted / rel).parent.mkdir(parents=True, exist_ok=True)
-        photo.save((pasted / rel).with_suffix(".png"))
     png = lambda rel: str(Path(rel).with_suffix(".png"))  # noqa: E731
-    align_folder(pasted, work / "pasted_aligned", options_for(ckpt.get("alignment")), progress=False)
+    scales = {}  # the paste's scale of each image (its rng draws: angle, then scale)
+    for i, rel in enumerate(rels):
+        rng = np.random.default_rng(args.seed * 100_000 + i)
+        if not (pasted / png(rel)).is_file():
+            photo, _, _ = paste(Image.open(args.photos / rel).convert("RGB"), rng)
+            (pasted / rel).parent.mkdir(parents=True, exist_ok=True)
+            photo.save(pasted / png(rel))
+            rng = np.random.default_rng(args.seed * 100_000 + i)
+        rng.uniform(-30, 30)
+        scales[rel] = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
+    align_folder(pasted, work / "pasted_aligned", options_for(ckpt.get("alignment")), progress=False)  # resumes
     found = [r for r in rels if (work / "pasted_aligned" / png(r)).is_file()]
     print(f"machine: {describe_device('cpu')}; run {args.run}: {len(set(Path(r).parts[0] for r in rels))} held-out "
           f"identities, {len(rels)} images with a detected face; pasted photos with a face found again: "
@@ -69,19 +79,25 @@ def main() -> None:
         "pasted photos, unaligned": (pasted, png),
         "original tight crops, unaligned": (args.photos, None),
     }
+    # The same comparison on the images pasted at least as large as they were (scale >= 1): the paste's
+    # downscaling (0.5-1x) throws away pixels of small sources that no alignment can bring back.
+    large = [r for r in found if scales[r] >= 1.0]
+    subsets = {"": found, f" (the {len(large)} pasted at scale >= 1)": large}
     print("| images | 10-fold accuracy % | ROC AUC | EER % | pairs |")
     print("|---|---|---|---|---|")
-    for name, (root, rename) in sets.items():
-        view = work / ("view_" + str(abs(hash(name))))
-        # Same names in every view (the originals' .jpg names), so that the seeded impostor pairs are the same.
-        for rel in found:
-            t = view / rel
-            t.parent.mkdir(parents=True, exist_ok=True)
-            t.symlink_to((root / (rename(rel) if rename else rel)).resolve())
-        ds = load_source(str(view), pre)
-        r = evaluate(model, pre, ds, score=ckpt.get("score", "cosine"), flip=flip, seed=args.seed).report
-        print(f"| {name} | {100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f} | {r['roc_auc']:.4f} "
-              f"| {100 * r['eer']:.2f} | {r['n_pairs']:,} |", flush=True)
+    for label, subset in subsets.items():
+        for name, (root, rename) in sets.items():
+            view = work / ("view_" + str(abs(hash(name + label))))
+            shutil.rmtree(view, ignore_errors=True)
+            # Same names in every view (the originals' .jpg names), so that the seeded impostor pairs are the same.
+            for rel in subset:
+                t = view / rel
+                t.parent.mkdir(parents=True, exist_ok=True)
+                t.symlink_to((root / (rename(rel) if rename else rel)).resolve())
+            ds = load_source(str(view), pre)
+            r = evaluate(model, pre, ds, score=ckpt.get("score", "cosine"), flip=flip, seed=args.seed).report
+            print(f"| {name}{label} | {100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f} | "
+                  f"{r['roc_auc']:.4f} | {100 * r['eer']:.2f} | {r['n_pairs']:,} |", flush=True)
 
 
 if __name__ == "__main__":

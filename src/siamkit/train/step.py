@@ -79,18 +79,22 @@ def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
 
 
-def gradient_norm(params: list[nn.Parameter]) -> torch.Tensor:
-    """The largest absolute gradient entry (inf if any is inf or NaN): the finite check, without rescaling.
+def gradients_finite(params: list[nn.Parameter]) -> torch.Tensor:
+    """True (a 0-d bool tensor) when no gradient entry is inf or NaN: the step's finite check.
 
-    clip_grad_norm_(params, inf) computes the same number but then multiplies every gradient by 1.0,
-    a second pass over all of them.
+    The sum of all entries is finite whenever every entry is (an inf or NaN entry makes any sum inf or
+    NaN), and a sum reads each gradient once at memory speed: ResNet18's 11.7 M gradients in about 1 ms
+    on two cores, where their largest absolute entry (get_total_norm with p=inf) took 16 ms, 3% of a
+    64x64 step (benchmarks/profile_step.py). A sum can also overflow with every entry finite (entries
+    near 1e38); only then is the exact check run, so the answer is always exact.
     """
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [p.grad.detach() for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros(())
-    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
-        return torch.nn.utils.get_total_norm(grads, float("inf"))
-    return torch.stack([g.detach().abs().max() for g in grads]).max()
+        return torch.ones((), dtype=torch.bool)
+    finite = torch.isfinite(torch.stack([g.sum() for g in grads]).sum())
+    if not finite:  # rare: an inf or NaN somewhere, or an overflowing sum of finite entries
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+    return finite
 
 
 @dataclass
@@ -112,10 +116,10 @@ def optimisation_step(t: "Training", x: torch.Tensor, y: torch.Tensor, stop_requ
     t.optimizer.zero_grad(set_to_none=True)
     t.scaler.scale(loss).backward()
     t.scaler.unscale_(t.optimizer)
-    grad_norm = gradient_norm(t.params)
+    finite = torch.isfinite(loss) & gradients_finite(t.params)
     # Decided together: a process skipping a step, or stopping on a signal, alone would leave the others
     # waiting at the next collective. One small all-reduce for both.
-    bad, stop = distributed.any_rank(t.ctx, t.device, ~(torch.isfinite(loss) & torch.isfinite(grad_norm)), stop_requested)
+    bad, stop = distributed.any_rank(t.ctx, t.device, ~finite, stop_requested)
     skipped = bad and t.cfg.amp != "fp16"  # fp16: GradScaler skips the update and lowers its scale itself
     if skipped:
         with torch.no_grad():

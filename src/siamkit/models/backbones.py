@@ -45,6 +45,7 @@ def small_input_resnet(
     block, so a 64x64 face ends on 2x2 maps; this stem keeps the full resolution into layer1, like the
     CIFAR ResNets (He et al. 2016, section 4.2). Stage widths are width, 2x, 4x, 8x (64 = ResNet18's).
     Module names match torchvision's ResNet, so --freeze-until and the CPU tuning treat it the same.
+    stem_stride=2 halves the input in the first convolution: a 64x64 input then runs layer1 at 32x32.
     """
     model = models.ResNet(models.resnet.BasicBlock, list(blocks))
     model.inplanes = width

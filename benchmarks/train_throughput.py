@@ -8,7 +8,7 @@ per step, at 64x64 and 112x112. Rows:
   2. the same loop with one backbone pass per branch (three passes) feeding both heads;
   3. siamkit with its defaults: the real TrainStep (one pass over the concatenated branches) and the
      training loop's per-step work (normalise, step, finite check, optimizer, scheduler, loss logging),
-     in a process whose CPU allocator is set as `siamkit train` sets it (train/cpu_memory.py);
+     in a process whose CPU allocator is set as `siamkit train` sets it (accel.py keep_freed_memory);
   4. the same with --compile (torch.compile of the TrainStep); 5. with --amp bf16;
   6. pytorch-metric-learning's TripletMarginLoss with its BatchHardMiner on the 96 images, plus the
      same classifier, same backbone, data and batch size, in a plain loop (the `bench` extra).

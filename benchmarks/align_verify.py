@@ -36,12 +36,28 @@ from siamkit.faces.folder import REPORT, align_folder  # noqa: E402
 from siamkit.faces.use import options_for  # noqa: E402
 
 
+def edge_filled(face: Image.Image, m: np.ndarray, side: int) -> Image.Image:
+    """The face placed by the paste's matrix ``m`` (face -> photo) on a side x side photo whose every pixel
+    outside the face repeats the face's nearest edge pixel, in the face's own frame (as warping the tight crop
+    with edge replication does), instead of the textured background."""
+    w, h = face.size
+    a = m[:, :2]
+    pad = int(np.ceil(2 * side / min(np.linalg.svd(a, compute_uv=False)))) + max(w, h)  # covers the whole photo
+    padded = Image.fromarray(np.pad(np.asarray(face), ((pad, pad), (pad, pad), (0, 0)), mode="edge"))
+    shifted = np.hstack([a, (m[:, 2] - a @ [pad, pad])[:, None]])  # padded-face pixel -> photo
+    inv = np.linalg.inv(np.vstack([shifted, [0, 0, 1]]))[:2]
+    return padded.transform((side, side), Image.Transform.AFFINE, tuple(inv.ravel()), resample=Image.Resampling.BILINEAR)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run")
     ap.add_argument("aligned", type=Path, help="the aligned folder the run was trained on")
     ap.add_argument("--photos", type=Path, required=True, help="the original photos that folder was aligned from")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--edge-background", action="store_true",
+                    help="also: the same pastes with the photo around the face filled by the face's edge pixels "
+                         "(what aligning the tight crop itself shows there) instead of texture, aligned the same way")
     ap.add_argument("--work", type=Path, default=None,
                     help="working folder: its pasted photos and their alignment are reused when present "
                          "(default: a new temporary folder)")
@@ -68,14 +84,24 @@ def main() -> None:
             rng = np.random.default_rng(args.seed * 100_000 + i)
         rng.uniform(-30, 30)
         scales[rel] = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
+        if args.edge_background and not (work / "edge" / png(rel)).is_file():
+            face = Image.open(args.photos / rel).convert("RGB")
+            photo, m, _ = paste(face, np.random.default_rng(args.seed * 100_000 + i))
+            (work / "edge" / rel).parent.mkdir(parents=True, exist_ok=True)
+            edge_filled(face, m, photo.size[0]).save(work / "edge" / png(rel))
     align_folder(pasted, work / "pasted_aligned", options_for(ckpt.get("alignment")), progress=False)  # resumes
-    found = [r for r in rels if (work / "pasted_aligned" / png(r)).is_file()]
+    if args.edge_background:
+        align_folder(work / "edge", work / "edge_aligned", options_for(ckpt.get("alignment")), progress=False)
+    found = [r for r in rels if (work / "pasted_aligned" / png(r)).is_file()
+             and (not args.edge_background or (work / "edge_aligned" / png(r)).is_file())]
     print(f"machine: {describe_device('cpu')}; run {args.run}: {len(set(Path(r).parts[0] for r in rels))} held-out "
           f"identities, {len(rels)} images with a detected face; pasted photos with a face found again: "
           f"{len(found)} ({len(found) / len(rels):.1%}); rows below score the same pairs of these {len(found)} images")
     sets = {
         "aligned originals (siamkit align on the tight crops)": (args.aligned, None),
         "pasted photos, `--align`": (work / "pasted_aligned", png),
+        **({"same pastes, edge-filled around the face instead of texture, `--align`": (work / "edge_aligned", png)}
+           if args.edge_background else {}),
         "pasted photos, unaligned": (pasted, png),
         "original tight crops, unaligned": (args.photos, None),
     }

@@ -161,11 +161,26 @@ def agree(ctx: DistContext, fn: Callable[[], T]) -> T:
 
 
 def from_main(ctx: DistContext, fn: Callable[[], T]) -> T:
-    """``fn()`` run on the main process only; every process gets its result (a picklable object)."""
-    value = [fn() if ctx.is_main else None]
-    if ctx.enabled:
-        dist.broadcast_object_list(value, src=0)
-    return value[0]
+    """``fn()`` run on the main process only; every process gets its result (a picklable object).
+
+    An exception on the main process is sent along too and raised on every process, so that none is left
+    waiting at the broadcast.
+    """
+    value: list = [None]
+    if ctx.is_main:
+        try:
+            value = [(fn(), None)]
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every process
+            if not ctx.enabled:
+                raise
+            value = [(None, e)]
+    if not ctx.enabled:
+        return value[0][0]
+    dist.broadcast_object_list(value, src=0)
+    result, error = value[0]
+    if error is not None:
+        raise error
+    return result
 
 
 def barrier(ctx: DistContext) -> None:

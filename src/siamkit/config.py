@@ -107,6 +107,11 @@ class TrainConfig(ModelOptions):
     warmup_steps: int = option(0, group="optimisation", minimum="non-negative")
     schedule: str = option("cosine", group="optimisation", choices=SCHEDULES,
                            help="cosine decay to 0 over the run, or constant")
+    ema_decay: float = option(0.0, group="optimisation", minimum="non-negative",
+                              help="evaluate and save an exponential moving average of the weights, updated after "
+                                   "every step with this decay (warmed up as min(D, (1+t)/(10+t)) at update t; "
+                                   "0 = off): validation, the held-out report, the threshold and the saved model "
+                                   "use the average (train/ema.py)")
     # speed
     compile: bool = option(False, group="speed", help="torch.compile the training step")
     compile_mode: str = option("default", group="speed", choices=("default", "reduce-overhead", "max-autotune"),
@@ -184,6 +189,8 @@ class TrainConfig(ModelOptions):
             raise SiamkitError(f"--margin must be positive, got {self.margin}")
         if not self.lr > 0:
             raise SiamkitError(f"--lr must be positive, got {self.lr}")
+        if not self.ema_decay < 1:
+            raise SiamkitError(f"--ema-decay takes a decay in [0, 1) (0 = off), got {self.ema_decay}; e.g. 0.99")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise SiamkitError(f"--betas takes two numbers in [0, 1), got {self.betas}")
         if self.val_identities >= 1 and self.val_identities != int(self.val_identities):

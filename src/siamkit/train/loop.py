@@ -12,6 +12,7 @@ from ..eval.embed import embed_images
 from ..eval.protocol import evaluate
 from ..eval.report import format_summary, write_report
 from . import distributed
+from .ema import evaluation_weights
 from .logging import LossWindow, MetricsLog, RunLogFile
 from .tensorboard import TensorBoardLog, require_tensorboard
 from .run import Run, build_run, score_for
@@ -177,15 +178,18 @@ def _stop(run: Run, step: int, signal_name: str | None, checkpoints: Checkpoints
 def _tensorboard_held_out(tb: TensorBoardLog, run: Run, step: int, report: dict, scores, same, baseline) -> None:
     """The final evaluation in TensorBoard: its metrics, the ROC, and the held-out embeddings for the projector."""
     ds = run.val_ds
-    emb = embed_images(run.training.model, ds.images, run.pre, run.device, flip=run.cfg.eval_flip)
+    with evaluation_weights(run.training.ema):
+        emb = embed_images(run.training.model, ds.images, run.pre, run.device, flip=run.cfg.eval_flip)
     tb.held_out(step, report)
     tb.roc_and_embeddings(step, report, scores, same, baseline, emb, [ds.names[i] for i in ds.labels], ds.images)
     tb.close()
 
 
 def _evaluate_held_out(run: Run):
-    """The held-out identities' evaluation; each process embeds a share in a distributed run."""
-    return evaluate(
-        run.training.model, run.pre, run.val_ds, score=score_for(run.cfg.embedding_activation), flip=run.cfg.eval_flip,
-        device=run.device, seed=run.cfg.seed, sharded=run.ctx.enabled,
-    )
+    """The held-out identities' evaluation (of the EMA weights with --ema-decay); each process embeds a share in a
+    distributed run."""
+    with evaluation_weights(run.training.ema):
+        return evaluate(
+            run.training.model, run.pre, run.val_ds, score=score_for(run.cfg.embedding_activation),
+            flip=run.cfg.eval_flip, device=run.device, seed=run.cfg.seed, sharded=run.ctx.enabled,
+        )

@@ -38,6 +38,7 @@ from ..losses import JointLoss, build_metric_loss
 from ..models.backbones import siamkit_checkpoint
 from ..models.siamese import ModelSpec, SiameseNet
 from . import distributed
+from .ema import WeightEMA
 from .step import TrainStep, build_optimizer
 from .sync_bn import convert_to_sync_bn
 
@@ -67,6 +68,7 @@ class Training:
     # --cpu-tuning auto on CPU: {convolution shape key: weight-gradient kernel} (kernel_choice.py), kept in checkpoints
     conv_kernels: dict[str, str] = field(default_factory=dict)
     tuning_note: str = ""  # how many shapes took which kernel, and where the choices came from (the run's log)
+    ema: WeightEMA | None = None  # --ema-decay: the averaged weights the run evaluates and saves (train/ema.py)
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -246,6 +248,8 @@ def build_training(
         scaler=torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"),
         sync_bn=sync_bn, buffers=list(model.buffers()), conv_kernels=kernels,
         tuning_note=tuning_note,
+        # Made last: after the sync-BN and memory-format conversions, and after DDP gave every process rank 0's weights.
+        ema=WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None,
     )
 
 
@@ -397,9 +401,15 @@ def make_run_folder(run_dir: Path, cfg: TrainConfig, world: int, *, resume: bool
 
 
 def restore(training: Training, checkpoint: dict[str, Any], run_dir: Path) -> tuple[int, float]:
-    """Load a checkpoint's model, optimizer, schedule, scaler and random states; -> (step, best accuracy)."""
+    """Load a checkpoint's model (and EMA), optimizer, schedule, scaler and random states; -> (step, best accuracy).
+
+    A run resumed with --ema-decay from a checkpoint without an EMA starts its average from the restored weights.
+    """
     try:
-        training.model.load_state_dict(checkpoint["model"])
+        # With an EMA, "model" holds the averaged weights (what a run is used with) and "trained_model" the optimizer's.
+        training.model.load_state_dict(checkpoint.get("trained_model", checkpoint["model"]))
+        if training.ema is not None and "ema" in checkpoint:
+            training.ema.load(checkpoint["model"], checkpoint["ema"]["updates"])
     except RuntimeError:
         raise SiamkitError(
             f"--resume: the model in {run_dir} was trained with other model options; pass the same options"

@@ -15,8 +15,12 @@ from .run import Run, score_for
 def training_state(run: Run, step: int, window: LossWindow, **extra: Any) -> dict[str, Any]:
     """Everything a run needs to continue exactly, and everything `siamkit.load` needs to rebuild the model."""
     t = run.training
+    # "model" is what evaluate/verify/embed/export, siamkit.load and --pretrained use: the EMA's weights when the
+    # run has one; the optimizer's own weights are then "trained_model", which --resume continues from.
+    weights = {"model": t.model.state_dict()} if t.ema is None else {
+        "model": t.ema.model_state(), "trained_model": t.model.state_dict(), "ema": t.ema.state()}
     return {
-        "model": t.model.state_dict(),
+        **weights,
         "model_spec": t.model.spec.to_dict(),
         "preprocess": run.pre.to_dict(),
         "config": run.cfg.to_dict(),

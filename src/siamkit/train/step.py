@@ -131,5 +131,9 @@ def optimisation_step(t: "Training", x: torch.Tensor, y: torch.Tensor, stop_requ
         t.scaler.update()
         if not t.sync_bn:
             distributed.average_running_stats(t.ctx, t.step_module.bn_layers)
+    # The average follows the steps taken, and after the running statistics are made equal across processes.
+    # With fp16, GradScaler skips exactly the steps whose gradients are not finite, which `bad` includes.
+    if t.ema is not None and not bad:
+        t.ema.update()
     t.scheduler.step()
     return StepResult(out, skipped, stop)

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from siamkit import accel, cli, kernel_choice
 from siamkit import checkpoint as checkpoint_module
@@ -200,6 +201,38 @@ def test_resume_on_faces_with_the_face_augmentation_is_bit_identical(att_faces, 
     for key in COMPARED:
         assert_identical(ref[key], got[key], key)
     assert [r["loss"] for r in metrics_rows(tmp_path / "ref")] == [r["loss"] for r in metrics_rows(tmp_path / "run")]
+
+
+def test_resume_with_ema_ends_with_the_same_average_as_the_uninterrupted_run(att_faces, tmp_path, monkeypatch):
+    """--ema-decay on faces with the face augmentation: killed after step 2 and resumed, the run ends with the
+    same trained weights, the same average (its update count included) and the same held-out report."""
+    import json
+
+    from tiny_run import Crash, crash_after_checkpoint, tiny_config
+
+    data = tmp_path / "faces"
+    data.mkdir()
+    for i in range(1, 7):
+        (data / f"s{i}").symlink_to(att_faces / f"s{i}")
+    # decay 0.5: the warm-up's 1/10, 2/11, 3/12 and then 0.5 itself (4/13 > 0.5 is false: 0.5 from update 5 on)
+    options = dict(data=str(data), augment="face", identities_per_batch=4, images_per_identity=2, mining="batch-hard",
+                   steps=6, log_every=1, grayscale=True, ema_decay=0.5, val_identities=2, cpu_tuning="off")
+    train(tiny_config(tmp_path / "ref", **options), progress=False)
+
+    crash_after_checkpoint(monkeypatch, 2)
+    cfg = tiny_config(tmp_path / "run", **options)
+    with pytest.raises(Crash):
+        train(cfg, progress=False)
+    monkeypatch.undo()
+    assert load_raw(tmp_path / "run" / "checkpoints" / "last.pt")["ema"] == {"decay": 0.5, "updates": 2}
+    train(cfg, resume=True, progress=False)
+    ref, got = load_raw(tmp_path / "ref" / "checkpoints" / "last.pt"), load_raw(tmp_path / "run" / "checkpoints" / "last.pt")
+    for key in (*COMPARED, "trained_model", "ema", "threshold"):
+        assert_identical(ref[key], got[key], key)
+    assert got["ema"] == {"decay": 0.5, "updates": 6}
+    assert not torch.equal(got["model"]["embedding.fc.weight"], got["trained_model"]["embedding.fc.weight"])
+    reports = [json.loads((tmp_path / r / "eval" / "report.json").read_text()) for r in ("ref", "run")]
+    assert reports[0] == reports[1]
 
 
 def test_resume_takes_the_convolution_kernels_of_the_checkpoint_without_measuring(tmp_path, monkeypatch):

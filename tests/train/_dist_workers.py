@@ -57,6 +57,20 @@ def recording_step():
     return RecordingStep
 
 
+def recording_ema():
+    """A WeightEMA that remembers the last one made (the run's average, read after the run)."""
+    from siamkit.train.ema import WeightEMA
+
+    class RecordingEMA(WeightEMA):
+        last = None
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            RecordingEMA.last = self
+
+    return RecordingEMA
+
+
 @contextlib.contextmanager
 def float64_training():
     """siamkit's training loop in float64: the model's parameters and buffers, and the images it is fed.
@@ -82,19 +96,23 @@ def float64_training():
 def train_runs(rank: int, world: int, runs: list[tuple[str, dict, dict]], record: str) -> None:
     """Train each (name, config, train() keywords) in turn; save each process's model to RECORD/name-rankR.pt.
 
-    (and the model before its first step to RECORD/name-rankR-initial.pt). The keyword ``float64=True``
+    (and the model before its first step to RECORD/name-rankR-initial.pt; with --ema-decay, the process's
+    averages to RECORD/name-rankR-ema.pt). The keyword ``float64=True``
     is not train()'s: it trains that run under float64_training().
     """
     from siamkit.config import TrainConfig
     from siamkit.train import loop, run
 
     run.TrainStep = step = recording_step()
+    run.WeightEMA = ema = recording_ema()
     for name, overrides, kwargs in runs:
         kwargs = dict(kwargs)
         with float64_training() if kwargs.pop("float64", False) else contextlib.nullcontext():
             loop.train(TrainConfig(**overrides), progress=False, **kwargs)
         torch.save(step.model_seen.state_dict(), Path(record) / f"{name}-rank{rank}.pt")
         torch.save(step.initial_state, Path(record) / f"{name}-rank{rank}-initial.pt")
+        if overrides.get("ema_decay"):
+            torch.save(ema.last.averages, Path(record) / f"{name}-rank{rank}-ema.pt")
 
 
 def sync_bn_checks(rank: int, world: int) -> None:

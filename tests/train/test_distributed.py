@@ -57,6 +57,8 @@ def _runs() -> list[tuple[str, dict, dict]]:
         ("pk-local", dict(PK, bn_policy="frozen"), FLOAT64),
         ("pk-gather-frozen", dict(PK, bn_policy="frozen", gather_embeddings=True), FLOAT64),
         ("pk-gather-syncbn", dict(PK, sync_bn=True, gather_embeddings=True), {}),
+        ("ema-joint", dict(TRIPLETS, ema_decay=0.5, classification_weight=0.5), {}),
+        ("ema-syncbn", dict(TRIPLETS, ema_decay=0.5, sync_bn=True), {}),
         ("straight", dict(TRIPLETS, steps=4, schedule="constant"), {}),
         ("resumed", dict(TRIPLETS, steps=2, schedule="constant"), {}),
         ("resumed", dict(TRIPLETS, steps=4, schedule="constant"), {"resume": True}),
@@ -268,6 +270,24 @@ def test_resume_under_ddp_continues_exactly(two_process):
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     for a, b in zip(rows, straight_rows):
         assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["ema-joint", "ema-syncbn"])
+def test_every_process_keeps_the_same_average_and_rank_0_saves_it(two_process, name):
+    """--ema-decay under DDP: each process averages its own replica, equal on all of them (averaged or synchronised
+    BatchNorm statistics alike); the checkpoint's model is that average, its trained_model the replicas' weights."""
+    out, record = two_process
+    ema0, ema1 = (torch.load(record / f"{name}-rank{r}-ema.pt", weights_only=True) for r in (0, 1))
+    ckpt = load_checkpoint(out / name / "checkpoints" / "last.pt")
+    assert ckpt["ema"] == {"decay": 0.5, "updates": 2}
+    for k in ema0:
+        assert torch.equal(ema0[k], ema1[k]), k
+        assert torch.equal(ema0[k], ckpt["model"][k]), k
+    rank0, _ = _replicas(record, name)
+    for k in rank0:
+        assert torch.equal(rank0[k], ckpt["trained_model"][k]), k
+    averaged_stats = _bn_stats({k: v for k, v in ema0.items()})
+    assert averaged_stats and all(not torch.equal(v, rank0[k]) for k, v in averaged_stats.items())
 
 
 def test_collectives_sync_bn_gather_and_sharded_embedding():

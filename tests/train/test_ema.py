@@ -150,3 +150,18 @@ def test_ema_decay_outside_zero_to_one_is_refused_in_one_line():
         TrainConfig(ema_decay=-0.1).validate()
     TrainConfig(ema_decay=0.0).validate()
     TrainConfig(ema_decay=0.999).validate()
+
+
+def test_ema_added_on_resume_starts_from_the_restored_weights(tmp_path):
+    """A run resumed with --ema-decay from a checkpoint without one: the average starts at the weights it continues
+    from, not at the fresh model's random initialisation (resumed here at its last step: no update follows)."""
+    from siamkit.train.loop import train
+
+    run_dir = tmp_path / "run"
+    train(tiny_config(run_dir, steps=2, cpu_tuning="off"), progress=False)
+    plain = load_raw(run_dir / "checkpoints" / "last.pt")
+    train(tiny_config(run_dir, steps=2, cpu_tuning="off", ema_decay=0.5), resume=True, progress=False)
+    resumed = load_raw(run_dir / "checkpoints" / "last.pt")
+    assert resumed["ema"] == {"decay": 0.5, "updates": 0}
+    assert_identical(resumed["trained_model"], plain["model"], "trained weights")
+    assert_identical(resumed["model"], plain["model"], "the average")

@@ -2,8 +2,8 @@
 
 After every optimizer step that was taken, each floating-point parameter and buffer (BatchNorm running
 statistics included) moves towards the trained model's: ema <- d * ema + (1 - d) * live; integer buffers
-(BatchNorm's num_batches_tracked) are copied. The average lives in float32 on the training device,
-outside autograd. The classification head is left out: verification reads the embedding alone, so a
+(BatchNorm's num_batches_tracked) are copied. The average lives in float32 (float64 for a float64 model)
+on the training device, outside autograd. The classification head is left out: verification reads the embedding alone, so a
 classifier's average would be computed and never used (the checkpoint keeps the trained classifier).
 
 In a distributed run every process holds the same parameters after the gradient all-reduce and the
@@ -42,9 +42,9 @@ class WeightEMA:
         self.model, self.decay, self.updates = model, decay, 0
         live = self._live()
         with torch.no_grad():
-            # clone keeps each tensor's memory format (channels_last convolution weights stay so).
-            self.averages = {n: t.detach().clone().float() if t.is_floating_point() else t.detach().clone()
-                             for n, t in live.items()}
+            # float32 at least (a float64 model keeps float64); clone keeps each tensor's memory format.
+            self.averages = {n: t.detach().clone().to(torch.promote_types(t.dtype, torch.float32))
+                             if t.is_floating_point() else t.detach().clone() for n, t in live.items()}
 
     def _live(self) -> dict[str, torch.Tensor]:
         """The model's tensors by state_dict name, looked up each time: moving a model may replace its buffers."""
@@ -57,7 +57,8 @@ class WeightEMA:
         live = self._live()
         floats = [n for n, t in self.averages.items() if t.is_floating_point()]
         # lerp: avg + (1 - d) * (live - avg), i.e. d * avg + (1 - d) * live, in one pass over all tensors.
-        torch._foreach_lerp_([self.averages[n] for n in floats], [live[n].detach().float() for n in floats], 1.0 - d)
+        torch._foreach_lerp_([self.averages[n] for n in floats],
+                             [live[n].detach().to(self.averages[n].dtype) for n in floats], 1.0 - d)
         for n, avg in self.averages.items():
             if not avg.is_floating_point():
                 avg.copy_(live[n])

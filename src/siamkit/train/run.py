@@ -403,13 +403,15 @@ def make_run_folder(run_dir: Path, cfg: TrainConfig, world: int, *, resume: bool
 def restore(training: Training, checkpoint: dict[str, Any], run_dir: Path) -> tuple[int, float]:
     """Load a checkpoint's model (and EMA), optimizer, schedule, scaler and random states; -> (step, best accuracy).
 
-    A run resumed with --ema-decay from a checkpoint without an EMA starts its average from the restored weights.
+    A run resumed with --ema-decay from a checkpoint without an average starts one from the restored weights.
     """
     try:
         # With an EMA, "model" holds the averaged weights (what a run is used with) and "trained_model" the optimizer's.
         training.model.load_state_dict(checkpoint.get("trained_model", checkpoint["model"]))
         if training.ema is not None and "ema" in checkpoint:
             training.ema.load(checkpoint["model"], checkpoint["ema"]["updates"])
+        elif training.ema is not None:  # --ema-decay added on resume: the average starts at the restored weights
+            training.ema.load(training.model.state_dict(), 0)
     except RuntimeError:
         raise SiamkitError(
             f"--resume: the model in {run_dir} was trained with other model options; pass the same options"

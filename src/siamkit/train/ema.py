@@ -3,8 +3,9 @@
 After every optimizer step that was taken, each floating-point parameter and buffer (BatchNorm running
 statistics included) moves towards the trained model's: ema <- d * ema + (1 - d) * live; integer buffers
 (BatchNorm's num_batches_tracked) are copied. The average lives in float32 (float64 for a float64 model)
-on the training device, outside autograd. The classification head is left out: verification reads the embedding alone, so a
-classifier's average would be computed and never used (the checkpoint keeps the trained classifier).
+on the training device, outside autograd. The classification head is left out: verification reads the
+embedding alone, so a classifier's average would be computed and never used (the checkpoint keeps the
+trained classifier).
 
 In a distributed run every process holds the same parameters after the gradient all-reduce and the
 same running statistics after they are averaged (or synchronised), so each updates its own EMA and

@@ -74,6 +74,27 @@ def test_train_stores_the_alignment_in_the_checkpoint(aligned_run):
     assert len(ckpt["alignment"]["template"]) == 5
 
 
+def test_align_at_use_time_fills_beyond_the_training_crops_photo_box(aligned_run, att_faces):
+    # AT&T's 92x112 photos are tight around the face: the aligned training crops show their edge pixels near the
+    # crop's border, and the checkpoint keeps the median box of the part that showed the photo.
+    from siamkit.faces.align import align_face, fill_beyond, pick_face
+
+    box = load_raw(aligned_run / "run" / "checkpoints" / "last.pt")["alignment"]["photo_box"]
+    assert len(box) == 4 and 0 <= box[0] < box[2] <= 64 and 0 <= box[1] < box[3] <= 64
+    assert box != [0.0, 0.0, 64.0, 64.0]
+    alignment = siamkit.load(aligned_run / "run").alignment
+    assert use.options_for(alignment).box == box
+    photo = texture(360, 300, seed=7)
+    photo.paste(att_face(att_faces, 2, 4).convert("RGB"), (120, 80))
+    face = pick_face(detect.detect_faces(photo), photo.size)
+    plain = align_face(photo, face, 64, 0.0)[0]
+    np.testing.assert_array_equal(np.asarray(use.align_one(photo, alignment)), np.asarray(fill_beyond(plain, box)))
+    # A model saved before the box was recorded aligns with the warp alone.
+    older = {k: v for k, v in alignment.items() if k != "photo_box"}
+    assert use.options_for(older).box is None
+    np.testing.assert_array_equal(np.asarray(use.align_one(photo, older)), np.asarray(plain))
+
+
 def test_load_align_embeds_the_aligned_face_of_a_photo(aligned_run, att_faces, caplog):
     v = siamkit.load(aligned_run / "run", align=True)
     photo = texture(360, 300, seed=5)

@@ -95,6 +95,46 @@ def pick_face(faces: list[Face], image_size: tuple[int, int], pick: str = "large
     raise SiamkitError(f"--pick {pick} is not one of: {', '.join(PICKS)}")
 
 
-def align_face(image: Image.Image, face: Face, size: int = TEMPLATE_SIZE, margin: float = 0.0) -> Image.Image:
-    """The face cut out and warped so that its landmarks land on the template (same mode as ``image``)."""
-    return warp(image, estimate_similarity(face.landmarks, template(size, margin)), size)
+def photo_box(m: np.ndarray, photo_size: tuple[int, int], size: int) -> list[float]:
+    """[left, top, right, bottom] in crop pixels: the upright box of the size x size crop made by ``m`` that shows
+    the photo itself, not the repeated edge pixels beyond it. The photo's outline is turned in the crop; each side
+    of the box is set by that side's inner corner (exact for an upright outline; for a turned one the box's corners
+    may reach a sliver past the outline), and clipped to the crop. A tight crop of a face gives a box smaller than
+    the crop; a photo with room around the face gives the whole crop [0, 0, size, size]."""
+    w, h = photo_size
+    # the photo's outline in crop coordinates, its corners as pixel edges (-0.5 .. w - 0.5 in index coordinates)
+    c = apply(m, [[-0.5, -0.5], [w - 0.5, -0.5], [w - 0.5, h - 0.5], [-0.5, h - 0.5]]) + 0.5
+    xs, ys = c[:, 0], c[:, 1]
+    # for an outline turned by less than 45 degrees, the inner upright box is bounded by the nearer of each side's
+    # two corners; sort to find which corners are left/right and top/bottom whatever the turn
+    xs_sorted, ys_sorted = np.sort(xs), np.sort(ys)
+    box = [xs_sorted[1], ys_sorted[1], xs_sorted[2], ys_sorted[2]]
+    return [round(float(min(max(v, 0.0), size)), 2) for v in box]
+
+
+def fill_beyond(crop: Image.Image, box: list[float] | None) -> Image.Image:
+    """The crop with every pixel outside ``box`` [left, top, right, bottom] replaced by the box's nearest edge
+    pixel: how a crop of a new photo is made to look like training crops that were cut from tight crops (beyond
+    the training photos' edge, `warp` repeated their edge pixels; a textured background there would be new to
+    the model)."""
+    if box is None:
+        return crop
+    size_w, size_h = crop.size
+    left, top = int(round(box[0])), int(round(box[1]))
+    right, bottom = int(round(box[2])), int(round(box[3]))
+    left, top = min(max(left, 0), size_w - 1), min(max(top, 0), size_h - 1)
+    right, bottom = max(min(right, size_w), left + 1), max(min(bottom, size_h), top + 1)
+    if (left, top, right, bottom) == (0, 0, size_w, size_h):
+        return crop
+    arr = np.asarray(crop)[top:bottom, left:right]
+    pad = ((top, size_h - bottom), (left, size_w - right)) + ((0, 0),) * (arr.ndim - 2)
+    return Image.fromarray(np.pad(arr, pad, mode="edge"), mode=crop.mode)
+
+
+def align_face(image: Image.Image, face: Face, size: int = TEMPLATE_SIZE, margin: float = 0.0,
+               box: list[float] | None = None) -> tuple[Image.Image, list[float]]:
+    """The face cut out and warped so that its landmarks land on the template (same mode as ``image``), and the
+    box of the crop that shows the photo (`photo_box`). With ``box`` (a model's training crops' box), the crop
+    beyond it is filled from its edge (`fill_beyond`)."""
+    m = estimate_similarity(face.landmarks, template(size, margin))
+    return fill_beyond(warp(image, m, size), box), photo_box(m, image.size, size)

@@ -6,9 +6,9 @@ their original photos whose face `siamkit align` detected. Each original is past
 (benchmarks/align.py's `paste`: rotated by up to +-30 degrees, scaled 0.5-2x, at a random position, 400-640 px
 a side). Then, on the same images and the same pairs (every genuine pair, as many seeded impostor pairs):
 - the aligned originals (the run's own held-out data);
-- the pasted photos with --align (detect, landmarks, warp, and, for a run whose training crops record a photo
-  box, the crop beyond that box filled from its edge: what `siamkit evaluate --align` runs), and with the warp
-  alone;
+- the pasted photos with --align (detect, landmarks, warp, then the model's preprocessing, which for a run
+  trained on aligned tight crops fills beyond their photo box: what `siamkit evaluate --align` runs), and for
+  such a run the same without that fill;
 - the pasted photos as they are (no alignment), and the raw originals (tight crops, no alignment).
 An image is kept only where the pasted photo's face was detected, so that every row scores the same pairs.
 
@@ -92,25 +92,19 @@ def main() -> None:
             photo, m, _ = paste(face, np.random.default_rng(args.seed * 100_000 + i))
             (work / "edge" / rel).parent.mkdir(parents=True, exist_ok=True)
             edge_filled(face, m, photo.size[0]).save(work / "edge" / png(rel))
-    opts = options_for(ckpt.get("alignment"))
-    plain = replace(opts, box=None)  # --align as before the photo box was recorded: the warp alone
-    align_folder(pasted, work / "pasted_aligned", plain, progress=False)  # resumes
-    if opts.box:
-        align_folder(pasted, work / "pasted_aligned_box", opts, progress=False)
+    align_folder(pasted, work / "pasted_aligned", options_for(ckpt.get("alignment")), progress=False)  # resumes
     if args.edge_background:
-        align_folder(work / "edge", work / "edge_aligned", plain, progress=False)
+        align_folder(work / "edge", work / "edge_aligned", options_for(ckpt.get("alignment")), progress=False)
     found = [r for r in rels if (work / "pasted_aligned" / png(r)).is_file()
-             and (not opts.box or (work / "pasted_aligned_box" / png(r)).is_file())
              and (not args.edge_background or (work / "edge_aligned" / png(r)).is_file())]
     print(f"machine: {describe_device('cpu')}; run {args.run}: {len(set(Path(r).parts[0] for r in rels))} held-out "
           f"identities, {len(rels)} images with a detected face; pasted photos with a face found again: "
           f"{len(found)} ({len(found) / len(rels):.1%}); rows below score the same pairs of these {len(found)} images")
     sets = {
         "aligned originals (siamkit align on the tight crops)": (args.aligned, None),
-        **({f"pasted photos, `--align` (beyond the training crops' photo box {opts.box}: edge pixels)":
-            (work / "pasted_aligned_box", png)} if opts.box else {}),
-        "pasted photos, `--align`" + (" without the photo box (the warp alone)" if opts.box else ""):
-            (work / "pasted_aligned", png),
+        "pasted photos, `--align`": (work / "pasted_aligned", png),
+        **({"pasted photos, `--align`, without the fill beyond the photo box": (work / "pasted_aligned", png)}
+           if pre.fill_box else {}),
         **({"same pastes, edge-filled around the face instead of texture, `--align`": (work / "edge_aligned", png)}
            if args.edge_background else {}),
         "pasted photos, unaligned": (pasted, png),
@@ -131,8 +125,10 @@ def main() -> None:
                 t = view / rel
                 t.parent.mkdir(parents=True, exist_ok=True)
                 t.symlink_to((root / (rename(rel) if rename else rel)).resolve())
-            ds = load_source(str(view), pre)
-            r = evaluate(model, pre, ds, score=ckpt.get("score", "cosine"), flip=flip, seed=args.seed).report
+            # the model's own preprocessing, except in the row that shows what the fill does
+            used = replace(pre, fill_box=None) if "without the fill" in name else pre
+            ds = load_source(str(view), used)
+            r = evaluate(model, used, ds, score=ckpt.get("score", "cosine"), flip=flip, seed=args.seed).report
             print(f"| {name}{label} | {100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f} | "
                   f"{r['roc_auc']:.4f} | {100 * r['eer']:.2f} | {r['n_pairs']:,} |", flush=True)
 

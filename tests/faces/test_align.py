@@ -6,8 +6,7 @@ import pytest
 from PIL import Image
 
 from siamkit.errors import SiamkitError
-from siamkit.faces.align import (TEMPLATE_112, align_face, apply, estimate_similarity, fill_beyond, photo_box, pick_face,
-                                 template, warp)
+from siamkit.faces.align import TEMPLATE_112, align_face, apply, estimate_similarity, photo_box, pick_face, template, warp
 from siamkit.faces.detect import Face
 
 
@@ -130,16 +129,3 @@ def test_photo_box_of_a_turned_square_by_hand(degrees):
     # photo_box rounds to 0.01
     np.testing.assert_allclose(photo_box(m, (side, side), 112), [centre - half, centre - half, centre + half, centre + half],
                                atol=0.006)
-
-
-def test_fill_beyond_repeats_the_box_edge():
-    rng = np.random.default_rng(3)
-    for channels in ((), (3,)):
-        arr = rng.integers(0, 256, (7, 9) + channels, dtype=np.uint8)
-        img = Image.fromarray(arr)
-        out = np.asarray(fill_beyond(img, [2.0, 1.0, 6.0, 5.0]))
-        # independent path: every pixel takes the value of the nearest pixel of columns 2..5, rows 1..4
-        ys, xs = np.mgrid[0:7, 0:9]
-        np.testing.assert_array_equal(out, arr[np.clip(ys, 1, 4), np.clip(xs, 2, 5)])
-        assert fill_beyond(img, None) is img
-        np.testing.assert_array_equal(np.asarray(fill_beyond(img, [0.0, 0.0, 9.0, 7.0])), arr)

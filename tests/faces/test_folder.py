@@ -51,19 +51,6 @@ def test_median_box_by_hand():
     assert folder.median_box([None]) is None
 
 
-def test_a_box_fills_beyond_it_as_at_use_time(photos, tmp_path):
-    # --align at use time passes the model's photo box: each crop is the plain crop filled beyond the box.
-    plain, boxed = tmp_path / "plain", tmp_path / "boxed"
-    align_folder(photos, plain, AlignOptions(size=96), workers=1, progress=False)
-    box = [20.0, 10.0, 76.0, 96.0]
-    align_folder(photos, boxed, AlignOptions(size=96, box=box), workers=1, progress=False)
-    from siamkit.faces.align import fill_beyond
-
-    for rel in ("alice/grey.pgm", "bob/two.png"):
-        expected = np.asarray(fill_beyond(Image.open(plain / rel), box))
-        np.testing.assert_array_equal(np.asarray(Image.open(boxed / rel)), expected)
-
-
 def test_two_faces_largest_or_central(photos):
     image = Image.open(photos / "bob" / "two.png")
     faces = detect_faces(image)

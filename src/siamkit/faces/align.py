@@ -112,29 +112,9 @@ def photo_box(m: np.ndarray, photo_size: tuple[int, int], size: int) -> list[flo
     return [round(float(min(max(v, 0.0), size)), 2) for v in box]
 
 
-def fill_beyond(crop: Image.Image, box: list[float] | None) -> Image.Image:
-    """The crop with every pixel outside ``box`` [left, top, right, bottom] replaced by the box's nearest edge
-    pixel: how a crop of a new photo is made to look like training crops that were cut from tight crops (beyond
-    the training photos' edge, `warp` repeated their edge pixels; a textured background there would be new to
-    the model)."""
-    if box is None:
-        return crop
-    size_w, size_h = crop.size
-    left, top = int(round(box[0])), int(round(box[1]))
-    right, bottom = int(round(box[2])), int(round(box[3]))
-    left, top = min(max(left, 0), size_w - 1), min(max(top, 0), size_h - 1)
-    right, bottom = max(min(right, size_w), left + 1), max(min(bottom, size_h), top + 1)
-    if (left, top, right, bottom) == (0, 0, size_w, size_h):
-        return crop
-    arr = np.asarray(crop)[top:bottom, left:right]
-    pad = ((top, size_h - bottom), (left, size_w - right)) + ((0, 0),) * (arr.ndim - 2)
-    return Image.fromarray(np.pad(arr, pad, mode="edge"), mode=crop.mode)
-
-
-def align_face(image: Image.Image, face: Face, size: int = TEMPLATE_SIZE, margin: float = 0.0,
-               box: list[float] | None = None) -> tuple[Image.Image, list[float]]:
+def align_face(image: Image.Image, face: Face, size: int = TEMPLATE_SIZE,
+               margin: float = 0.0) -> tuple[Image.Image, list[float]]:
     """The face cut out and warped so that its landmarks land on the template (same mode as ``image``), and the
-    box of the crop that shows the photo (`photo_box`). With ``box`` (a model's training crops' box), the crop
-    beyond it is filled from its edge (`fill_beyond`)."""
+    box of the crop that shows the photo (`photo_box`)."""
     m = estimate_similarity(face.landmarks, template(size, margin))
-    return fill_beyond(warp(image, m, size), box), photo_box(m, image.size, size)
+    return warp(image, m, size), photo_box(m, image.size, size)

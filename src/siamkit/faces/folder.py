@@ -42,9 +42,6 @@ class AlignOptions:
     margin: float = 0.0
     pick: str = "largest"
     undetected: str = "skip"  # "frame": a photo without a detection is aligned with the whole frame as the face
-    # At use time, the model's training crops' photo box (report "photo_box"): the crop beyond it is filled from
-    # its edge, as it was in training (faces/align.py fill_beyond). None when aligning training data.
-    box: list[float] | None = None
 
     def check(self) -> None:
         template(self.size, self.margin)  # raises on a bad size or margin
@@ -106,11 +103,11 @@ def align_photo(image: Image.Image, opts: AlignOptions) -> tuple[Image.Image | N
     faces = detect_faces(image)
     if faces:
         face = pick_face(faces, image.size, opts.pick)
-        crop, box = align_face(image, face, opts.size, opts.margin, opts.box)
+        crop, box = align_face(image, face, opts.size, opts.margin)
         return crop, AlignResult("", "aligned", "", face.found_by, len(faces), box)
     if opts.undetected == "frame":
         face = landmarks_in_frame(image)
-        crop, box = align_face(image, face, opts.size, opts.margin, opts.box)
+        crop, box = align_face(image, face, opts.size, opts.margin)
         return crop, AlignResult(
             "", "aligned_without_detection", "no face detected; landmarks placed in the whole frame (--undetected frame)",
             face.found_by, box=box)
@@ -155,10 +152,10 @@ def _read_journal(path: Path, opts: AlignOptions) -> dict[str, AlignResult]:
         return {}
     done: dict[str, AlignResult] = {}
     try:
-        theirs = {"box": None, **json.loads(lines[0])["options"]}  # journals of siamkit 0.1 have no box
+        theirs = json.loads(lines[0])["options"]
     except (ValueError, KeyError, TypeError):
         raise SiamkitError(f"{path} is not a journal of `siamkit align`; delete it to start DST over") from None
-    if theirs != json.loads(json.dumps(vars(opts))):
+    if theirs != vars(opts):
         raise SiamkitError(
             f"{path.parent} was aligned with other options ({theirs}); rerun with the same options to finish it, "
             f"or pick a new DST")

@@ -16,13 +16,10 @@ _warned: set[str] = set()
 
 
 def options_for(alignment: dict | None) -> AlignOptions:
-    """Align as the model's training data was (its size, margin, and the box of its crops that showed the photo,
-    beyond which they showed repeated edge pixels); siamkit's defaults for a model without."""
+    """Align as the model's training data was (its size and margin); siamkit's defaults for a model without."""
     if not alignment:
         return AlignOptions()
-    box = alignment.get("photo_box")  # absent in models trained before siamkit recorded it
-    return AlignOptions(size=int(alignment["size"]), margin=float(alignment["margin"]),
-                        box=[float(v) for v in box] if box else None)
+    return AlignOptions(size=int(alignment["size"]), margin=float(alignment["margin"]))
 
 
 def align_one(image: Image.Image, alignment: dict | None, name: str = "the image") -> Image.Image:
@@ -31,7 +28,7 @@ def align_one(image: Image.Image, alignment: dict | None, name: str = "the image
     if not faces:
         raise SiamkitError(f"no face found in {name}; pass a photo showing a face, or a ready crop without --align")
     opts = options_for(alignment)
-    return align_face(image, pick_face(faces, image.size, opts.pick), opts.size, opts.margin, opts.box)[0]
+    return align_face(image, pick_face(faces, image.size, opts.pick), opts.size, opts.margin)[0]
 
 
 def align_data(folder: str | os.PathLike, alignment: dict | None, cache: str | os.PathLike) -> str:

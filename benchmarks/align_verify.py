@@ -6,7 +6,9 @@ their original photos whose face `siamkit align` detected. Each original is past
 (benchmarks/align.py's `paste`: rotated by up to +-30 degrees, scaled 0.5-2x, at a random position, 400-640 px
 a side). Then, on the same images and the same pairs (every genuine pair, as many seeded impostor pairs):
 - the aligned originals (the run's own held-out data);
-- the pasted photos with --align (detect, landmarks, warp: what `siamkit evaluate --align` runs);
+- the pasted photos with --align (detect, landmarks, warp, then the model's preprocessing, which for a run
+  trained on aligned tight crops fills beyond their photo box: what `siamkit evaluate --align` runs), and for
+  such a run the same without that fill;
 - the pasted photos as they are (no alignment), and the raw originals (tight crops, no alignment).
 An image is kept only where the pasted photo's face was detected, so that every row scores the same pairs.
 
@@ -19,6 +21,7 @@ import json
 import shutil
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +103,8 @@ def main() -> None:
     sets = {
         "aligned originals (siamkit align on the tight crops)": (args.aligned, None),
         "pasted photos, `--align`": (work / "pasted_aligned", png),
+        **({"pasted photos, `--align`, without the fill beyond the photo box": (work / "pasted_aligned", png)}
+           if pre.fill_box else {}),
         **({"same pastes, edge-filled around the face instead of texture, `--align`": (work / "edge_aligned", png)}
            if args.edge_background else {}),
         "pasted photos, unaligned": (pasted, png),
@@ -120,8 +125,10 @@ def main() -> None:
                 t = view / rel
                 t.parent.mkdir(parents=True, exist_ok=True)
                 t.symlink_to((root / (rename(rel) if rename else rel)).resolve())
-            ds = load_source(str(view), pre)
-            r = evaluate(model, pre, ds, score=ckpt.get("score", "cosine"), flip=flip, seed=args.seed).report
+            # the model's own preprocessing, except in the row that shows what the fill does
+            used = replace(pre, fill_box=None) if "without the fill" in name else pre
+            ds = load_source(str(view), used)
+            r = evaluate(model, used, ds, score=ckpt.get("score", "cosine"), flip=flip, seed=args.seed).report
             print(f"| {name}{label} | {100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f} | "
                   f"{r['roc_auc']:.4f} | {100 * r['eer']:.2f} | {r['n_pairs']:,} |", flush=True)
 

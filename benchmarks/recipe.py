@@ -56,7 +56,7 @@ def summary(report: dict) -> dict[str, float]:
 def run_one(task: str, options: str, seed: int, work: Path, args) -> dict:
     out = work / f"{task}-{abs(hash(options))}-{seed}"
     if task == "att":
-        cfg = config_from(options, "att-train", out, seed, ["--val-identities", str(args.att_val)])
+        cfg = config_from(options, args.att_train, out, seed, ["--val-identities", str(args.att_val)])
     else:
         cfg = config_from(options, str(args.rof), out, seed, ["--val-identities", "0.2"])
     wall, cpu = time.perf_counter(), time.process_time()
@@ -68,7 +68,7 @@ def run_one(task: str, options: str, seed: int, work: Path, args) -> dict:
     if task == "att":
         model, ckpt = load_model(out, "cpu")
         pre = Preprocess.from_dict(ckpt["preprocess"])
-        test = evaluate(model, pre, load_source("att-test", pre), score=ckpt["score"], flip=cfg.eval_flip).report
+        test = evaluate(model, pre, load_source(args.att_test, pre), score=ckpt["score"], flip=cfg.eval_flip).report
         row["val"] = summary(val) if val else None
     else:
         test = val
@@ -90,6 +90,9 @@ def main() -> None:
     p.add_argument("--candidates", nargs="+", default=[""], help="siamkit train options, one string per candidate")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--att-val", type=int, default=6, help="att: identities of s1-s30 held out for validation")
+    p.add_argument("--att-train", default="att-train",
+                   help="att: the s1-s30 data (default the built-in att-train; e.g. a folder aligned by siamkit align)")
+    p.add_argument("--att-test", default="att-test", help="att: the s31-s40 data, as --att-train")
     p.add_argument("--rof", type=Path, default=default_data / "rof_neutral")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="recipe_"))

@@ -183,6 +183,15 @@ def test_resume_with_other_data_is_refused(earlier_run, att_faces, tmp_path, cap
     assert tree_snapshot(earlier_run) == before
 
 
+def test_resume_with_other_preprocessing_is_refused(earlier_run, capfd):
+    # Other pixels from one step to the next would make the run neither the old one nor a new one.
+    before = tree_snapshot(earlier_run)
+    code, err = run_main([*tiny_args(earlier_run, steps=4, image_size=[24, 24]), "--resume"], capfd)
+    assert_one_error(code, err, f"--resume: the run in {earlier_run} saw its images preprocessed as")
+    assert "pass the run's --image-size, --center-crop, --grayscale and --photo-box" in err[-1]
+    assert tree_snapshot(earlier_run) == before
+
+
 def test_resume_without_a_checkpoint(tmp_path, capfd):
     (tmp_path / "run").mkdir()
     code, err = run_main([*tiny_args(tmp_path / "run", steps=2), "--resume"], capfd)

@@ -62,6 +62,11 @@ class TrainConfig(ModelOptions):
                                           help="input size (default: the source's, 32x32 for digits, 64x64 otherwise)")
     center_crop: float | None = option(None, group="data", help="keep this fraction of the shorter side (lfw: 0.5)")
     grayscale: bool = option(False, group="data", help="train on one channel")
+    photo_box: str = option("auto", group="data", choices=("auto", "off"),
+                            help="auto: on a folder written by `siamkit align` from tight crops (its report's photo box "
+                                 "smaller than the crop), fill every image beyond that box from the box's edge, in "
+                                 "training and at every use of the model, so that faces cut from wider photos look like "
+                                 "the training crops (README, Faces from real photos); off: images as they are")
     augment: str = option("auto", group="data", choices=AUGMENTS,
                           help="auto = the source's default: none for digits, face for the built-in faces, flip-shift "
                                "(mirror + small shifts) otherwise; face = per-image scale, rotation, shift, mirror, "

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from siamkit.errors import SiamkitError
-from siamkit.faces.align import TEMPLATE_112, align_face, apply, estimate_similarity, pick_face, template, warp
+from siamkit.faces.align import TEMPLATE_112, align_face, apply, estimate_similarity, photo_box, pick_face, template, warp
 from siamkit.faces.detect import Face
 
 
@@ -81,7 +81,7 @@ def test_align_face_puts_known_landmarks_on_the_template():
     crop_to_photo = similarity(1.9, -17.0, 120.0, 95.0)
     lm = apply(crop_to_photo, template(112, 0.25))
     face = Face((0, 0, 400, 400), lm, "hog")
-    out = np.asarray(align_face(img, face, size=112, margin=0.25), dtype=np.float64)
+    out = np.asarray(align_face(img, face, size=112, margin=0.25)[0], dtype=np.float64)
     ys, xs = np.mgrid[0:112, 0:112].astype(np.float64)
     src = apply(crop_to_photo, np.stack([xs.ravel(), ys.ravel()], 1))
     np.testing.assert_allclose(out.ravel(), f(src[:, 0], src[:, 1]), atol=5e-3)  # as above
@@ -104,3 +104,28 @@ def test_warp_repeats_the_edge_beyond_the_photo():
     assert (out[:, :20] == 10).all()  # the left edge column, repeated
     assert (out[:, 20:70] == arr[0]).all()  # integer shift: the photo itself, exactly
     assert (out[:, 70:] == 59).all()  # the right edge column, repeated
+
+
+def test_photo_box_of_an_upright_tight_crop_by_hand():
+    # Scale 2, shift (10, -5): the 40x60 photo's pixel edges -0.5 and 39.5 (x), -0.5 and 59.5 (y) land at crop index
+    # coordinates 2 * e + t, i.e. crop pixel edges 2 * e + t + 0.5: x 9.5 .. 89.5, y -5.5 .. 114.5 (clipped to 0, 112).
+    m = similarity(2.0, 0.0, 10.0, -5.0)
+    assert photo_box(m, (40, 60), 112) == [9.5, 0.0, 89.5, 112.0]
+    # A photo reaching past the crop on every side: the whole crop shows the photo.
+    assert photo_box(similarity(4.0, 0.0, -20.0, -20.0), (100, 100), 112) == [0.0, 0.0, 112.0, 112.0]
+
+
+@pytest.mark.parametrize("degrees", [30.0, -30.0, 12.0])
+def test_photo_box_of_a_turned_square_by_hand(degrees):
+    # A square of side L centred at crop point c, turned by theta: its corners' x are c +- (L/2)(cos + sin) and
+    # c +- (L/2)(cos - sin); the inner pair bounds the box, half-width (L/2)(cos|theta| - sin|theta|), same in y.
+    side, centre = 80, 56.0
+    r = np.deg2rad(degrees)
+    rot = np.array([[np.cos(r), -np.sin(r)], [np.sin(r), np.cos(r)]])
+    middle = np.array([side / 2 - 0.5, side / 2 - 0.5])  # the photo's centre in index coordinates
+    t = (centre - 0.5) - rot @ middle  # index coordinates: crop edge coordinate 56 is index 55.5
+    m = np.hstack([rot, t[:, None]])
+    half = side / 2 * (np.cos(abs(r)) - np.sin(abs(r)))
+    # photo_box rounds to 0.01
+    np.testing.assert_allclose(photo_box(m, (side, side), 112), [centre - half, centre - half, centre + half, centre + half],
+                               atol=0.006)

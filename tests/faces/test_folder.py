@@ -39,6 +39,16 @@ def test_align_folder_lists_every_outcome(photos, tmp_path):
     alignment = read_alignment(dst)
     assert alignment["size"] == 96 and alignment["margin"] == 0.0
     np.testing.assert_allclose(alignment["template"], template(96), atol=1e-4)
+    # ... and where, in a typical crop, the photo itself ended: each side's median over the detected faces' boxes.
+    boxes = [json.loads(line)["box"] for line in (dst / JOURNAL).read_text().splitlines()[1:]
+             if json.loads(line)["status"] == "aligned"]
+    assert len(boxes) == 3 and alignment["photo_box"] == folder.median_box(boxes)
+
+
+def test_median_box_by_hand():
+    boxes = [[0.0, 5.0, 90.0, 112.0], [10.0, 1.0, 100.0, 112.0], None, [20.0, 3.0, 80.0, 100.0]]
+    assert folder.median_box(boxes) == [10.0, 3.0, 90.0, 112.0]
+    assert folder.median_box([None]) is None
 
 
 def test_two_faces_largest_or_central(photos):

@@ -74,6 +74,28 @@ def test_train_stores_the_alignment_in_the_checkpoint(aligned_run):
     assert len(ckpt["alignment"]["template"]) == 5
 
 
+def test_a_model_of_aligned_tight_crops_fills_beyond_their_photo_box(aligned_run, att_faces, tmp_path):
+    # AT&T's 92x112 photos are tight around the face: the aligned crops show their repeated edge pixels near the
+    # crop's sides, and the report keeps the median box of the part that showed the photo. The model's
+    # preprocessing fills beyond that box, in training and at every use (--photo-box auto).
+    from siamkit.config import TrainConfig
+    from siamkit.faces.folder import read_alignment
+    from siamkit.train.run import preprocess_for
+
+    box = read_alignment(aligned_run / "aligned")["photo_box"]
+    assert 0 < box[0] < box[2] < 64  # the photos ended inside the crop, left and right
+    pre = load_raw(aligned_run / "run" / "checkpoints" / "last.pt")["preprocess"]
+    np.testing.assert_allclose(pre["fill_box"], [v / 64 for v in box], atol=5e-5)  # rounded to 4 decimals
+    assert preprocess_for(TrainConfig(data=str(aligned_run / "aligned"), photo_box="off")).fill_box is None
+    # So what a wide photo shows beyond the box (background) does not reach the model.
+    v = siamkit.load(aligned_run / "run")
+    crop = np.asarray(use.align_one(att_face(att_faces, 2, 4).convert("RGB"), v.alignment))
+    other = crop.copy()
+    left = int(round(box[0]))
+    other[:, : left - 1] = texture(64, 64, seed=8).crop((0, 0, left - 1, 64))  # inside the fill, short of its edge
+    np.testing.assert_array_equal(v.embed([Image.fromarray(crop)], align=False), v.embed([Image.fromarray(other)], align=False))
+
+
 def test_load_align_embeds_the_aligned_face_of_a_photo(aligned_run, att_faces, caplog):
     v = siamkit.load(aligned_run / "run", align=True)
     photo = texture(360, 300, seed=5)

@@ -34,12 +34,19 @@ class Preprocess:
     channels: int = 3  # 1 = greyscale, 3 = RGB
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    # [left, top, right, bottom] as fractions of the image: beyond this box the image is filled from the box's edge
+    # (`fill_beyond`). Set for models trained on aligned tight crops (train --photo-box auto), None otherwise.
+    fill_box: tuple[float, float, float, float] | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["image_size"] = list(self.image_size)
         d["mean"] = list(self.mean)
         d["std"] = list(self.std)
+        if self.fill_box is None:
+            del d["fill_box"]  # as before the field existed: older decoded caches keep their keys
+        else:
+            d["fill_box"] = list(self.fill_box)
         return d
 
     @classmethod
@@ -50,12 +57,34 @@ class Preprocess:
             channels=int(d["channels"]),
             mean=tuple(d["mean"]),
             std=tuple(d["std"]),
+            fill_box=tuple(float(v) for v in d["fill_box"]) if d.get("fill_box") else None,
         )
+
+
+def fill_beyond(img: Image.Image, box: Sequence[float] | None) -> Image.Image:
+    """The image with every pixel outside ``box`` [left, top, right, bottom] (pixels) replaced by the box's nearest
+    edge pixel. Aligned crops of tight face crops show the crop's repeated edge pixels where the photo ended
+    (faces/align.py warp); a crop of a wider photo shows background there instead, which the model never saw in
+    training. Filling beyond the training crops' photo box, in training and at every use, shows it the same."""
+    if box is None:
+        return img
+    w, h = img.size
+    left, top = min(max(int(round(box[0])), 0), w - 1), min(max(int(round(box[1])), 0), h - 1)
+    right, bottom = max(min(int(round(box[2])), w), left + 1), max(min(int(round(box[3])), h), top + 1)
+    if (left, top, right, bottom) == (0, 0, w, h):
+        return img
+    arr = np.asarray(img)[top:bottom, left:right]
+    pad = ((top, h - bottom), (left, w - right)) + ((0, 0),) * (arr.ndim - 2)
+    return Image.fromarray(np.pad(arr, pad, mode="edge"), mode=img.mode)
 
 
 def image_to_array(img: Image.Image, pre: Preprocess) -> np.ndarray:
     """Centre-crop, resize and convert a PIL image to a uint8 array [C, H, W]."""
     img = img.convert("L" if pre.channels == 1 else "RGB")
+    if pre.fill_box is not None:
+        w, h = img.size
+        left, top, right, bottom = pre.fill_box
+        img = fill_beyond(img, (left * w, top * h, right * w, bottom * h))
     if pre.center_crop < 1.0:
         w, h = img.size
         side = min(w, h) * pre.center_crop

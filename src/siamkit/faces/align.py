@@ -95,6 +95,26 @@ def pick_face(faces: list[Face], image_size: tuple[int, int], pick: str = "large
     raise SiamkitError(f"--pick {pick} is not one of: {', '.join(PICKS)}")
 
 
-def align_face(image: Image.Image, face: Face, size: int = TEMPLATE_SIZE, margin: float = 0.0) -> Image.Image:
-    """The face cut out and warped so that its landmarks land on the template (same mode as ``image``)."""
-    return warp(image, estimate_similarity(face.landmarks, template(size, margin)), size)
+def photo_box(m: np.ndarray, photo_size: tuple[int, int], size: int) -> list[float]:
+    """[left, top, right, bottom] in crop pixels: the upright box of the size x size crop made by ``m`` that shows
+    the photo itself, not the repeated edge pixels beyond it. The photo's outline is turned in the crop; each side
+    of the box is set by that side's inner corner (exact for an upright outline; for a turned one the box's corners
+    may reach a sliver past the outline), and clipped to the crop. A tight crop of a face gives a box smaller than
+    the crop; a photo with room around the face gives the whole crop [0, 0, size, size]."""
+    w, h = photo_size
+    # the photo's outline in crop coordinates, its corners as pixel edges (-0.5 .. w - 0.5 in index coordinates)
+    c = apply(m, [[-0.5, -0.5], [w - 0.5, -0.5], [w - 0.5, h - 0.5], [-0.5, h - 0.5]]) + 0.5
+    xs, ys = c[:, 0], c[:, 1]
+    # for an outline turned by less than 45 degrees, the inner upright box is bounded by the nearer of each side's
+    # two corners; sort to find which corners are left/right and top/bottom whatever the turn
+    xs_sorted, ys_sorted = np.sort(xs), np.sort(ys)
+    box = [xs_sorted[1], ys_sorted[1], xs_sorted[2], ys_sorted[2]]
+    return [round(float(min(max(v, 0.0), size)), 2) for v in box]
+
+
+def align_face(image: Image.Image, face: Face, size: int = TEMPLATE_SIZE,
+               margin: float = 0.0) -> tuple[Image.Image, list[float]]:
+    """The face cut out and warped so that its landmarks land on the template (same mode as ``image``), and the
+    box of the crop that shows the photo (`photo_box`)."""
+    m = estimate_similarity(face.landmarks, template(size, margin))
+    return warp(image, m, size), photo_box(m, image.size, size)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
@@ -49,11 +50,12 @@ class AlignOptions:
         if self.undetected not in UNDETECTED:
             raise SiamkitError(f"--undetected {self.undetected} is not one of: {', '.join(UNDETECTED)}")
 
-    def alignment(self) -> dict:
-        """What a model trained on the output needs to know to align its inputs the same way."""
+    def alignment(self, photo_box: list[float] | None = None) -> dict:
+        """What a model trained on the output needs to know to align its inputs the same way; ``photo_box`` is
+        the median box of the crops that showed the photos themselves (`median_box`)."""
         return {"size": self.size, "margin": self.margin, "landmarks": list(LANDMARK_NAMES),
                 "template": [[round(float(v), 4) for v in p] for p in template(self.size, self.margin)],
-                "detector": DETECTOR}
+                "detector": DETECTOR, "photo_box": photo_box}
 
 
 @dataclass
@@ -65,6 +67,7 @@ class AlignResult:
     reason: str = ""
     found_by: str = ""
     n_faces: int = 0
+    box: list[float] | None = None  # the part of the crop that shows the photo (faces/align.py photo_box)
 
 
 @dataclass
@@ -100,12 +103,14 @@ def align_photo(image: Image.Image, opts: AlignOptions) -> tuple[Image.Image | N
     faces = detect_faces(image)
     if faces:
         face = pick_face(faces, image.size, opts.pick)
-        return align_face(image, face, opts.size, opts.margin), AlignResult("", "aligned", "", face.found_by, len(faces))
+        crop, box = align_face(image, face, opts.size, opts.margin)
+        return crop, AlignResult("", "aligned", "", face.found_by, len(faces), box)
     if opts.undetected == "frame":
         face = landmarks_in_frame(image)
-        return align_face(image, face, opts.size, opts.margin), AlignResult(
+        crop, box = align_face(image, face, opts.size, opts.margin)
+        return crop, AlignResult(
             "", "aligned_without_detection", "no face detected; landmarks placed in the whole frame (--undetected frame)",
-            face.found_by)
+            face.found_by, box=box)
     return None, AlignResult("", "no_face", "no face detected (HOG detector on padded, upsampled and rotated views, then CNN)")
 
 
@@ -220,7 +225,7 @@ def write_report(dst: Path, src: Path, opts: AlignOptions, summary: AlignSummary
     atomic_write_json(dst / REPORT, {
         "siamkit_version": __version__,
         "source": str(src),
-        "alignment": opts.alignment(),
+        "alignment": opts.alignment(median_box([r.box for r in aligned])),
         "options": vars(opts),
         "counts": {"images": len(summary.results), "aligned": len(aligned),
                    **{s: len(v) for s, v in by_status.items()}},
@@ -228,6 +233,15 @@ def write_report(dst: Path, src: Path, opts: AlignOptions, summary: AlignSummary
         "several_faces": sorted(r.path for r in aligned if r.n_faces > 1),
         **by_status,
     })
+
+
+def median_box(boxes: list[list[float] | None]) -> list[float] | None:
+    """Each side's median over the detected faces' photo boxes: where, in a typical crop of this folder, the photo
+    ended and its repeated edge pixels began (the whole crop for photos with room around the face)."""
+    boxes = [b for b in boxes if b is not None]
+    if not boxes:
+        return None
+    return [round(float(v), 2) for v in np.median(np.asarray(boxes, dtype=np.float64), axis=0)]
 
 
 def summary_line(summary: AlignSummary, dst: Path) -> str:

@@ -28,7 +28,7 @@ def align_one(image: Image.Image, alignment: dict | None, name: str = "the image
     if not faces:
         raise SiamkitError(f"no face found in {name}; pass a photo showing a face, or a ready crop without --align")
     opts = options_for(alignment)
-    return align_face(image, pick_face(faces, image.size, opts.pick), opts.size, opts.margin)
+    return align_face(image, pick_face(faces, image.size, opts.pick), opts.size, opts.margin)[0]
 
 
 def align_data(folder: str | os.PathLike, alignment: dict | None, cache: str | os.PathLike) -> str:

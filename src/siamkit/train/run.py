@@ -138,19 +138,29 @@ def augment_mode(cfg: TrainConfig) -> str:
     return source_of(cfg.data).augment if cfg.augment == "auto" else cfg.augment
 
 
+def fill_box_for(cfg: TrainConfig) -> tuple[float, float, float, float] | None:
+    """--photo-box auto: the aligned folder's photo box as fractions of its crop, None when the photos filled the
+    whole crop or the data was not written by `siamkit align`."""
+    alignment = read_alignment(cfg.data) if cfg.photo_box == "auto" else None
+    box, size = (alignment or {}).get("photo_box"), (alignment or {}).get("size")
+    if not box or list(box) == [0.0, 0.0, float(size), float(size)]:
+        return None
+    return tuple(round(float(v) / size, 4) for v in box)
+
+
 def preprocess_for(cfg: TrainConfig) -> Preprocess:
-    pre = default_preprocess(cfg.data, cfg.image_size, cfg.center_crop, cfg.grayscale)
+    pre = replace(default_preprocess(cfg.data, cfg.image_size, cfg.center_crop, cfg.grayscale), fill_box=fill_box_for(cfg))
     run = siamkit_checkpoint(cfg.pretrained)
     if run is not None:
         # Fine-tuning a siamkit run: its normalisation, and its channels (the backbone's first layer has them).
         theirs = Preprocess.from_dict(run["preprocess"])
-        return Preprocess(pre.image_size, pre.center_crop, theirs.channels, theirs.mean, theirs.std)
+        return replace(pre, channels=theirs.channels, mean=theirs.mean, std=theirs.std)
     if cfg.pretrained != "none":
         # ImageNet weights expect ImageNet's statistics.
         c = pre.channels
         mean = IMAGENET_MEAN if c == 3 else (sum(IMAGENET_MEAN) / 3,)
         std = IMAGENET_STD if c == 3 else (sum(IMAGENET_STD) / 3,)
-        pre = Preprocess(pre.image_size, pre.center_crop, c, mean, std)
+        pre = replace(pre, channels=c, mean=mean, std=std)
     return pre
 
 
@@ -275,7 +285,7 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
     if cfg.max_steps and not cfg.steps:
         total = min(total, cfg.max_steps)
     if checkpoint is not None:
-        check_resume(checkpoint, cfg, train_ds, sampler.steps_per_epoch, run_dir)
+        check_resume(checkpoint, cfg, train_ds, sampler.steps_per_epoch, run_dir, pre)
 
     n_classes = train_ds.n_identities if cfg.classification_weight > 0 else 0
     training = build_training(
@@ -293,6 +303,8 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
             + f", {n_train:,} of {n_total:,} parameters train; {total} steps ({sampler.steps_per_epoch} per epoch)"
             + (f"; faces aligned by siamkit align ({alignment['size']}x{alignment['size']}, margin "
                f"{alignment['margin']}): use --align on raw photos" if alignment else "")
+            + (f"; beyond the box {list(pre.fill_box)} of each image, where most of its photos ended, filled from "
+               f"the box's edge (--photo-box auto)" if pre.fill_box else "")
         )
         if training.tuning_note:
             info(training.tuning_note)
@@ -423,8 +435,9 @@ def restore(training: Training, checkpoint: dict[str, Any], run_dir: Path) -> tu
     return int(checkpoint["step"]), float(checkpoint.get("best_accuracy", -1.0))
 
 
-def check_resume(checkpoint: dict, cfg: TrainConfig, train_ds: IdentityDataset, steps_per_epoch: int, run_dir: Path) -> None:
-    """Refuse to continue a run on other data (the draws would differ); warn about changed options."""
+def check_resume(checkpoint: dict, cfg: TrainConfig, train_ds: IdentityDataset, steps_per_epoch: int, run_dir: Path,
+                 pre: Preprocess) -> None:
+    """Refuse to continue a run on other data (the draws would differ) or other pixels; warn about changed options."""
     saved = checkpoint.get("sampler", {})
     if list(checkpoint.get("identities", train_ds.names)) != list(train_ds.names) or saved.get(
         "steps_per_epoch", steps_per_epoch
@@ -433,6 +446,11 @@ def check_resume(checkpoint: dict, cfg: TrainConfig, train_ds: IdentityDataset, 
             f"--resume: the training data differs from the run in {run_dir} "
             f"({train_ds.n_identities} identities, {steps_per_epoch} steps per epoch now); "
             f"pass the same --data, --val-identities, --seed and batch options as the run"
+        )
+    if "preprocess" in checkpoint and Preprocess.from_dict(checkpoint["preprocess"]) != pre:
+        raise SiamkitError(
+            f"--resume: the run in {run_dir} saw its images preprocessed as {checkpoint['preprocess']}, now they would be "
+            f"{pre.to_dict()}; pass the run's --image-size, --center-crop, --grayscale and --photo-box"
         )
     old = checkpoint.get("config", {})
     changed = [

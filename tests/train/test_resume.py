@@ -178,10 +178,22 @@ def test_second_ctrl_c_exits_at_once_without_damage(tmp_path, monkeypatch, capsy
     assert load_raw(ckpts / "last.pt")["step"] == 2
 
 
+def uninterrupted_then_crashed(tmp_path, monkeypatch, options: dict):
+    """Trains ``options`` uninterrupted into tmp_path/ref, then into tmp_path/run crashing after step 2's
+    checkpoint; returns the crashed run's config, for the caller to resume."""
+    from tiny_run import Crash, crash_after_checkpoint
+
+    train(tiny_config(tmp_path / "ref", **options), progress=False)
+    crash_after_checkpoint(monkeypatch, 2)
+    cfg = tiny_config(tmp_path / "run", **options)
+    with pytest.raises(Crash):
+        train(cfg, progress=False)
+    monkeypatch.undo()
+    return cfg
+
+
 def test_resume_on_faces_with_the_face_augmentation_is_bit_identical(att_faces, tmp_path, monkeypatch):
     """The faces recipe's per-sample augmentation draws from (seed, step) alone: a crash and --resume change nothing."""
-    from siamkit.train.loop import train
-    from tiny_run import Crash, crash_after_checkpoint, tiny_config
 
     data = tmp_path / "faces"
     data.mkdir()
@@ -189,14 +201,7 @@ def test_resume_on_faces_with_the_face_augmentation_is_bit_identical(att_faces, 
         (data / f"s{i}").symlink_to(att_faces / f"s{i}")
     options = dict(data=str(data), augment="face", identities_per_batch=4, images_per_identity=2,
                    mining="batch-hard", steps=4, log_every=1, grayscale=True)
-    train(tiny_config(tmp_path / "ref", **options), progress=False)
-
-    crash_after_checkpoint(monkeypatch, 2)
-    cfg = tiny_config(tmp_path / "run", **options)
-    with pytest.raises(Crash):
-        train(cfg, progress=False)
-    monkeypatch.undo()
-    train(cfg, resume=True, progress=False)
+    train(uninterrupted_then_crashed(tmp_path, monkeypatch, options), resume=True, progress=False)
     ref, got = load_raw(tmp_path / "ref" / "checkpoints" / "last.pt"), load_raw(tmp_path / "run" / "checkpoints" / "last.pt")
     for key in COMPARED:
         assert_identical(ref[key], got[key], key)
@@ -208,8 +213,6 @@ def test_resume_with_ema_ends_with_the_same_average_as_the_uninterrupted_run(att
     same trained weights, the same average (its update count included) and the same held-out report."""
     import json
 
-    from tiny_run import Crash, crash_after_checkpoint, tiny_config
-
     data = tmp_path / "faces"
     data.mkdir()
     for i in range(1, 7):
@@ -217,13 +220,7 @@ def test_resume_with_ema_ends_with_the_same_average_as_the_uninterrupted_run(att
     # decay 0.5: the warm-up's 1/10, 2/11, 3/12 and then 0.5 itself (4/13 > 0.5 is false: 0.5 from update 5 on)
     options = dict(data=str(data), augment="face", identities_per_batch=4, images_per_identity=2, mining="batch-hard",
                    steps=6, log_every=1, grayscale=True, ema_decay=0.5, val_identities=2, cpu_tuning="off")
-    train(tiny_config(tmp_path / "ref", **options), progress=False)
-
-    crash_after_checkpoint(monkeypatch, 2)
-    cfg = tiny_config(tmp_path / "run", **options)
-    with pytest.raises(Crash):
-        train(cfg, progress=False)
-    monkeypatch.undo()
+    cfg = uninterrupted_then_crashed(tmp_path, monkeypatch, options)
     assert load_raw(tmp_path / "run" / "checkpoints" / "last.pt")["ema"] == {"decay": 0.5, "updates": 2}
     train(cfg, resume=True, progress=False)
     ref, got = load_raw(tmp_path / "ref" / "checkpoints" / "last.pt"), load_raw(tmp_path / "run" / "checkpoints" / "last.pt")

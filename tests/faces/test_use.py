@@ -96,6 +96,23 @@ def test_a_model_of_aligned_tight_crops_fills_beyond_their_photo_box(aligned_run
     np.testing.assert_array_equal(v.embed([Image.fromarray(crop)], align=False), v.embed([Image.fromarray(other)], align=False))
 
 
+def test_an_exported_model_fills_beyond_the_photo_box_too(aligned_run, att_faces, tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason='the export tests need the export extra: pip install -e ".[test]"')
+    from siamkit.cli import main
+    from siamkit.exported import load_exported
+
+    path = tmp_path / "model.onnx"
+    assert main(["export", str(aligned_run / "run"), "--out", str(path), "--data", str(aligned_run / "aligned")]) == 0
+    exported = load_exported(path)
+    pre = load_raw(aligned_run / "run" / "checkpoints" / "last.pt")["preprocess"]
+    assert exported.preprocess.fill_box is not None and list(exported.preprocess.fill_box) == pre["fill_box"]
+    crop = np.asarray(use.align_one(att_face(att_faces, 3, 2).convert("RGB"), siamkit.load(aligned_run / "run").alignment))
+    other = crop.copy()
+    left = int(round(pre["fill_box"][0] * 64))
+    other[:, : left - 1] = 0  # beyond the box, short of its edge: filled over before the model sees it
+    np.testing.assert_array_equal(exported.embed([Image.fromarray(crop)]), exported.embed([Image.fromarray(other)]))
+
+
 def test_load_align_embeds_the_aligned_face_of_a_photo(aligned_run, att_faces, caplog):
     v = siamkit.load(aligned_run / "run", align=True)
     photo = texture(360, 300, seed=5)

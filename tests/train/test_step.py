@@ -46,3 +46,24 @@ def test_gradients_finite_is_true_exactly_when_every_entry_is_finite(name):
 def test_no_gradients_at_all_is_finite():
     assert bool(gradients_finite(params_with([None, None])))
     assert bool(gradients_finite([]))
+
+
+def test_a_skipped_first_step_moves_the_schedule_without_a_torch_warning(tmp_path):
+    """A NaN first batch is skipped and the schedule still counts it; torch's "scheduler before optimizer" warning
+    is about a misuse that did not happen, so the step keeps it from the user (and only that warning)."""
+    import warnings
+
+    from siamkit.train.run import build_training
+    from siamkit.train.step import optimisation_step
+    from tiny_run import tiny_config
+
+    cfg = tiny_config(tmp_path / "run", cpu_tuning="off")
+    t = build_training(cfg, n_classes=4, in_channels=3, device=torch.device("cpu"), total=4)
+    x = torch.randn(cfg.n_branches * cfg.batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(len(x)) % 4
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = optimisation_step(t, x * float("nan"), y)
+    assert result.skipped
+    assert t.scheduler.last_epoch == 1  # the skipped step counted
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)], [str(w.message) for w in caught]

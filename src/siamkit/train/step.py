@@ -2,6 +2,7 @@
 and ``optimisation_step``, which runs it with the finite check and the BatchNorm rollback."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -135,5 +136,9 @@ def optimisation_step(t: "Training", x: torch.Tensor, y: torch.Tensor, stop_requ
     # With fp16, GradScaler skips exactly the steps whose gradients are not finite, which `bad` includes.
     if t.ema is not None and not bad:
         t.ema.update()
-    t.scheduler.step()
+    with warnings.catch_warnings():
+        # The schedule counts steps taken or skipped; torch warns when it moves before the optimizer's first step,
+        # which is exactly the case of a skipped first step (a user's NaN batch), not a misuse.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        t.scheduler.step()
     return StepResult(out, skipped, stop)

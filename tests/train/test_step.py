@@ -50,7 +50,7 @@ def test_no_gradients_at_all_is_finite():
 
 def test_a_skipped_first_step_moves_the_schedule_without_a_torch_warning(tmp_path):
     """A NaN first batch is skipped and the schedule still counts it; torch's "scheduler before optimizer" warning
-    is about a misuse that did not happen, so the step keeps it from the user (and only that warning)."""
+    is about a misuse that did not happen, so the step filters that one warning out."""
     import warnings
 
     from siamkit.train.run import build_training

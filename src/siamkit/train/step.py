@@ -136,9 +136,13 @@ def optimisation_step(t: "Training", x: torch.Tensor, y: torch.Tensor, stop_requ
     # With fp16, GradScaler skips exactly the steps whose gradients are not finite, which `bad` includes.
     if t.ema is not None and not bad:
         t.ema.update()
-    with warnings.catch_warnings():
-        # The schedule counts steps taken or skipped; torch warns when it moves before the optimizer's first step,
-        # which is exactly the case of a skipped first step (a user's NaN batch), not a misuse.
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+    if not bad:
         t.scheduler.step()
+    else:
+        # The schedule counts skipped steps too; torch warns when it moves before the optimizer's first step, which
+        # is exactly the case of a skipped first step (a user's NaN batch), not a misuse. Filtered on bad steps
+        # only: changing the warning filters makes Python show its once-per-place warnings again.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            t.scheduler.step()
     return StepResult(out, skipped, stop)

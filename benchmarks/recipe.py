@@ -68,7 +68,8 @@ def run_one(task: str, options: str, seed: int, work: Path, args) -> dict:
     if task == "att":
         model, ckpt = load_model(out, "cpu")
         pre = Preprocess.from_dict(ckpt["preprocess"])
-        test = evaluate(model, pre, load_source(args.att_test, pre), score=ckpt["score"], flip=cfg.eval_flip).report
+        test = evaluate(model, pre, load_source(args.att_test, pre), score=ckpt["score"], flip=cfg.eval_flip,
+                        shifts=cfg.eval_shifts).report
         row["val"] = summary(val) if val else None
     else:
         test = val

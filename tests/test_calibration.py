@@ -100,6 +100,10 @@ def test_evaluate_calibrate_then_verify_says_which(held_out_run, att_split, att_
     assert main(["evaluate", str(held_out_run), "--data", str(att_split[1]), "--out", str(tmp_path / "ev2"),
                  "--calibrate", "--score", "euclidean"]) == 2
     assert "drop those options" in capsys.readouterr().err
+    # So would thresholds for other views than the run's (it was evaluated without shifted copies).
+    assert main(["evaluate", str(held_out_run), "--data", str(att_split[1]), "--out", str(tmp_path / "ev2"),
+                 "--calibrate", "--shifts"]) == 2
+    assert "--flip and --shifts; drop those options" in capsys.readouterr().err
     assert (held_out_run / "calibration.json").read_bytes() == before and not (tmp_path / "ev2").exists()
 
 

@@ -199,6 +199,36 @@ def test_a_run_evaluated_with_flips_verifies_with_flips(tmp_path):
     assert np.array_equal(v.embed(list(images), flip=False), plain) and not np.array_equal(flipped, plain)
 
 
+def test_a_run_evaluated_with_shifts_verifies_with_shifts(tmp_path):
+    """Likewise --eval-shifts: load() embeds with the four shifted copies, as the run calibrated its threshold."""
+    import siamkit
+    from siamkit.eval.embed import embed_images
+    from siamkit.train.loop import train
+    from tiny_run import tiny_config
+
+    train(tiny_config(tmp_path / "run", steps=1, val_identities=0, eval_shifts=True), progress=False)
+    v = siamkit.load(tmp_path / "run")
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    batch = torch.stack([v._to_uint8(im) for im in images])
+    shifted = embed_images(v.model, batch, v.preprocess, "cpu", shifts=True)
+    plain = embed_images(v.model, batch, v.preprocess, "cpu")
+    assert v.shifts and not v.flip and np.array_equal(v.embed(list(images)), shifted)
+    assert not np.array_equal(shifted, plain)
+
+
+def test_a_switch_the_recipe_turns_on_can_be_turned_off():
+    """The faces recipe (the built-in faces' default) evaluates with flips and shifts; --no-eval-shifts and
+    --no-eval-flip turn them off, and --eval-shifts turns the switch on under --recipe none."""
+    from siamkit.cli import parse_args
+
+    assert (parse_args(["train"]).eval_flip, parse_args(["train"]).eval_shifts) == (True, True)
+    args = parse_args(["train", "--no-eval-shifts", "--no-eval-flip"])
+    assert (args.eval_flip, args.eval_shifts) == (False, False)
+    args = parse_args(["train", "--recipe", "none", "--eval-shifts"])
+    assert (args.eval_flip, args.eval_shifts) == (False, True)
+    assert parse_args(["train", "--no-channels-last"]).channels_last is False  # a flag of its own stays as it was
+
+
 def test_a_closed_pipe_ends_quietly():
     """`siamkit verify ... | head -1`: the reader leaving is not a file error; no message, SIGPIPE's status."""
     import subprocess

@@ -110,3 +110,30 @@ def test_bad_export_options(trained_run, tmp_path, capsys):
 
         export_run(trained_run, "tflite", tmp_path / "m", np.zeros((1, 3, 32, 32), np.uint8))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_evaluated_with_shifts_and_flips_exports_them_in_the_graph(trained_run, att_faces, tmp_path, capsys):
+    """The views of --eval-flip --eval-shifts (10 per image) are part of the exported graph: the ONNX model
+    reproduces the PyTorch Verifier's embeddings, which differ from one view's."""
+    import shutil
+
+    import torch
+
+    from siamkit.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    for path in (run / "checkpoints").glob("*.pt"):  # the same weights, as if trained with both switches on
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+        ckpt["config"].update(eval_flip=True, eval_shifts=True)
+        torch.save(ckpt, path)
+    assert main(["export", str(run), "--out", str(tmp_path / "m.onnx")]) == 0
+    assert "checked on 60 images" in capsys.readouterr().out
+    torch_v, onnx_v = siamkit.load(run), siamkit.load(tmp_path / "m.onnx")
+    assert torch_v.flip and torch_v.shifts
+    assert onnx_v.metadata["flip_in_graph"] and onnx_v.metadata["shifts_in_graph"]
+    paths = held_out_paths(trained_run, att_faces)[:8]
+    a, b = torch_v.embed(paths), onnx_v.embed(paths)
+    assert np.abs(a - b).max() < PARITY
+    one_view = siamkit.load(trained_run).embed(paths)
+    assert np.abs(a - one_view).max() > 100 * PARITY

@@ -172,3 +172,9 @@ def test_embed_a_folder_with_the_onnx_export_without_torch(trained_run, onnx_fil
     for key in ("labels", "names", "paths"):
         np.testing.assert_array_equal(a[key], b[key])
     assert a["embeddings"].shape == (8, 128) and np.abs(a["embeddings"] - b["embeddings"]).max() < 1e-4
+    # The export's views are in its graph: asking for others is one line, nothing written.
+    for flag in ("--shifts", "--no-flip"):
+        r = run_cli("embed", str(onnx_file), "--data", str(folder), "--out", str(tmp_path / "x.npz"), flag,
+                    env=no_torch)
+        assert r.returncode == 2 and "drop --flip and --shifts" in r.stderr and r.stderr.count("\n") == 1
+        assert not (tmp_path / "x.npz").exists()

@@ -36,14 +36,16 @@ class Verifier(VerifierBase):
 
     def __init__(self, model: SiameseNet, preprocess: Preprocess, threshold: float | None, score: str, device="cpu",
                  flip: bool = False, calibration: dict | None = None, alignment: dict | None = None,
-                 align: bool = False):
+                 align: bool = False, shifts: bool = False):
         self.model, self.preprocess, self.threshold, self.score_name = model, preprocess, threshold, score
         # The thresholds verify chooses from (calibration.py); a bare threshold is a calibration of its own.
         if calibration is None and threshold is not None:
             calibration = {"source": "the threshold given to Verifier", "threshold": threshold, "thresholds_at_far": {}}
         self.calibration = calibration
         self.device = torch.device(device)
-        self.flip = flip  # add mirrored images' embeddings, as the run did when it calibrated the threshold
+        # The views whose embeddings are averaged (eval/embed.py view_embedding), as the run calibrated its threshold:
+        # the mirror image, and four shifted copies.
+        self.flip, self.shifts = flip, shifts
         self.alignment = alignment  # how the training data was aligned (siamkit align), None if it was not
         self.align = align  # detect and align faces in raw photos before embedding them
 
@@ -69,7 +71,8 @@ class Verifier(VerifierBase):
         align: detect and align the face of each raw photo first, as `siamkit align` does; None: the Verifier's)."""
         align = self.align if align is None else align
         batch = torch.stack([self._to_uint8(im, align) for im in images])
-        return embed_images(self.model, batch, self.preprocess, self.device, flip=self.flip if flip is None else flip)
+        return embed_images(self.model, batch, self.preprocess, self.device, flip=self.flip if flip is None else flip,
+                            shifts=self.shifts)
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", align: bool = False) -> VerifierBase:
@@ -89,7 +92,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", align: boo
 
         check_installed()  # the one-line install hint now, not at the first image
     return Verifier(model, Preprocess.from_dict(ckpt["preprocess"]), threshold, ckpt.get("score", "cosine"), device,
-                    flip=run_flip(ckpt), calibration=calibration, alignment=ckpt.get("alignment"), align=align)
+                    flip=run_flip(ckpt), calibration=calibration, alignment=ckpt.get("alignment"), align=align,
+                    shifts=run_shifts(ckpt))
 
 
 def _is_path(image) -> bool:
@@ -113,3 +117,9 @@ def _to_pil(image) -> Image.Image:
 def run_flip(ckpt: dict) -> bool:
     """Whether the run evaluated (and calibrated its threshold) with mirrored images' embeddings added."""
     return bool(ckpt.get("config", {}).get("eval_flip", False))
+
+
+def run_shifts(ckpt: dict) -> bool:
+    """Whether the run evaluated (and calibrated its threshold) with shifted copies' embeddings added (runs from
+    before --eval-shifts did not)."""
+    return bool(ckpt.get("config", {}).get("eval_shifts", False))

@@ -58,7 +58,7 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from .api import load_model, run_flip
+    from .api import load_model, run_flip, run_shifts
     from .data.transforms import Preprocess
     from .eval.protocol import evaluate
     from .eval.report import format_summary, write_report
@@ -71,18 +71,20 @@ def _evaluate(args) -> int:
     run_dir = run_dir_of(resolve_checkpoint(args.run))
     out = Path(args.out) if args.out else run_dir / "eval"
     score = args.score or ckpt.get("score", "cosine")
-    flip = run_flip(ckpt) if args.flip is None else args.flip
+    flip, shifts = _views(args, ckpt)
     if args.protocol == "identification":
         return _evaluate_identification(args, model, ckpt, pre, device, out)
     if args.data is None:
         raise SiamkitError("evaluate needs --data (or --protocol identification with --gallery and --probes)")
-    if args.calibrate and (score != ckpt.get("score", "cosine") or flip != run_flip(ckpt)):
-        # verify scores with the run's own score and flip: thresholds found otherwise would not fit them.
-        raise SiamkitError("--calibrate finds thresholds for the run's own --score and --flip; drop those options")
+    own_views = (flip, shifts) == (run_flip(ckpt), run_shifts(ckpt))
+    if args.calibrate and (score != ckpt.get("score", "cosine") or not own_views):
+        # verify scores with the run's own score and views: thresholds found otherwise would not fit them.
+        raise SiamkitError("--calibrate finds thresholds for the run's own --score, --flip and --shifts; drop those "
+                           "options")
     with _model_data(args, ckpt) as data:
         ds = _load_model_data(data, pre, args)
-    result = evaluate(model, pre, ds, pairs_file=args.pairs, score=score, flip=flip, device=device, seed=args.seed,
-                      max_genuine_pairs=args.max_genuine_pairs or None)
+    result = evaluate(model, pre, ds, pairs_file=args.pairs, score=score, flip=flip, shifts=shifts, device=device,
+                      seed=args.seed, max_genuine_pairs=args.max_genuine_pairs or None)
     report = result.report
     write_report(report, result.scores, result.same, out, result.baseline_scores)
     print(f"{args.data}: {out / 'report.json'}")
@@ -150,7 +152,8 @@ def _embed_dataset(verifier, ds, progress: bool = True):
 
     from .eval.embed import embed_images
 
-    chunks = [embed_images(verifier.model, ds.images[i:i + 256], verifier.preprocess, verifier.device, flip=verifier.flip)
+    chunks = [embed_images(verifier.model, ds.images[i:i + 256], verifier.preprocess, verifier.device,
+                           flip=verifier.flip, shifts=verifier.shifts)
               for i in tqdm(range(0, len(ds), 256), desc="embed", unit="chunk", disable=not progress)]
     return np.concatenate(chunks)
 
@@ -227,15 +230,14 @@ def _evaluate_identification(args, model, ckpt, pre, device, out) -> int:
     from .eval.identification import format_identification, identification_report
     from .fileio import atomic_write_json
     from .gallery import exact_scores
-    from .api import run_flip
 
     if not args.gallery or not args.probes:
         raise SiamkitError("--protocol identification needs --gallery FOLDER and --probes FOLDER")
     gallery, probes = load_source(args.gallery, pre), load_source(args.probes, pre)
     score = args.score or ckpt.get("score", "cosine")
-    flip = run_flip(ckpt) if args.flip is None else args.flip
-    g_emb = embed_images(model, gallery.images, pre, device, flip=flip)
-    p_emb = embed_images(model, probes.images, pre, device, flip=flip)
+    flip, shifts = _views(args, ckpt)
+    g_emb = embed_images(model, gallery.images, pre, device, flip=flip, shifts=shifts)
+    p_emb = embed_images(model, probes.images, pre, device, flip=flip, shifts=shifts)
     index = {name: i for i, name in enumerate(gallery.names)}
     probe_ids = np.array([index.get(probes.names[label], -1) for label in probes.labels])
     if not (probe_ids >= 0).any():
@@ -264,7 +266,7 @@ def _embed(args) -> int:
 
     import numpy as np
 
-    from .api import load_model, run_flip
+    from .api import load_model
     from .data.transforms import Preprocess
     from .eval.embed import embed_images
     from .device import resolve_device
@@ -277,7 +279,8 @@ def _embed(args) -> int:
     pre = Preprocess.from_dict(ckpt["preprocess"])
     with _model_data(args, ckpt) as data:
         ds = _load_model_data(data, pre, args)
-    emb = embed_images(model, ds.images, pre, device, flip=run_flip(ckpt) if args.flip is None else args.flip)
+    flip, shifts = _views(args, ckpt)
+    emb = embed_images(model, ds.images, pre, device, flip=flip, shifts=shifts)
     buf = io.BytesIO()
     np.savez(buf, embeddings=emb, labels=ds.labels, names=np.array(ds.names), paths=np.array(ds.paths))
     atomic_write_bytes(args.out, buf.getvalue())
@@ -286,7 +289,7 @@ def _embed(args) -> int:
 
 
 def _embed_exported(args) -> int:
-    """embed with an exported .onnx model: onnxruntime, no torch; the flip setting is the export's."""
+    """embed with an exported .onnx model: onnxruntime, no torch; the views (flip, shifts) are the export's."""
     import io
 
     import numpy as np
@@ -294,8 +297,9 @@ def _embed_exported(args) -> int:
     from .exported import embed_folder, load_exported
     from .fileio import atomic_write_bytes
 
-    if args.flip is not None:
-        raise SiamkitError("an exported model mirrors images (or not) as its run did; drop --flip")
+    if args.flip is not None or args.shifts is not None:
+        raise SiamkitError("an exported model mirrors and shifts images (or not) as its run did; drop --flip and "
+                           "--shifts")
     out = embed_folder(load_exported(args.run), args.data)
     buf = io.BytesIO()
     np.savez(buf, embeddings=out["embeddings"], labels=out["labels"], names=np.array(out["names"]),
@@ -329,6 +333,22 @@ def _align(args) -> int:
     opts = AlignOptions(size=args.size, margin=args.margin, pick=args.pick, undetected=args.undetected)
     align_folder(args.src, args.dst, opts, workers=args.workers, progress=not args.no_progress)
     return 0
+
+
+def _add_views_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the embedding of the mirrored image (default: as the run was evaluated and calibrated)")
+    p.add_argument("--shifts", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the embeddings of four copies shifted by 1/16 of the side (default: as the run was "
+                        "evaluated and calibrated, --eval-shifts)")
+
+
+def _views(args, ckpt: dict) -> tuple[bool, bool]:
+    """(flip, shifts): the command line's --flip / --shifts, else the run's own."""
+    from .api import run_flip, run_shifts
+
+    return (run_flip(ckpt) if args.flip is None else args.flip,
+            run_shifts(ckpt) if args.shifts is None else args.shifts)
 
 
 def _add_align_flag(p: argparse.ArgumentParser) -> None:
@@ -365,8 +385,7 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--gallery", default=None, help="identification: folder of enrolled identities")
     p.add_argument("--probes", default=None,
                    help="identification: folder of probe images (identities not in --gallery are unknowns)")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="add the embedding of the mirrored image (default: as the run calibrated its threshold)")
+    _add_views_flags(p)
     p.add_argument("--out", default=None, help="report folder (default: RUN/eval)")
     p.add_argument("--score", choices=("cosine", "euclidean"), default=None, help="default: the model's own")
     p.add_argument("--device", default="auto")
@@ -422,8 +441,7 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder, checkpoint file or exported .onnx file (then --data is a folder)")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="FILE.npz")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="add the embedding of the mirrored image (default: as the run was evaluated)")
+    _add_views_flags(p)
     p.add_argument("--device", default="auto")
     _cache_option(p)
     _add_align_flag(p)

@@ -38,6 +38,9 @@ RECIPES: dict[str, dict[str, Any]] = {
         # evaluate and ship the weights' moving average (benchmarks/results/recipe.md section 10: +0.2 points on
         # AT&T validation and on ROF-neutral, within the seeds' spread; at AT&T's 300 steps the warm-up sets the decay)
         "ema_decay": 0.99,
+        # average the embeddings of the image and four 2-pixel shifts, each with its mirror (recipe.md section 13:
+        # +1.1 points on ROF-neutral's held-out people, AT&T validation within its noise)
+        "eval_shifts": True,
     },
 }
 
@@ -144,6 +147,11 @@ class TrainConfig(ModelOptions):
                              help="evaluate held-out identities every N steps and keep best.pt")
     max_bad_steps: int = option(5, group="run", minimum="positive")
     eval_flip: bool = option(False, group="run", help="add mirrored images' embeddings at evaluation")
+    eval_shifts: bool = option(False, group="run",
+                               help="also add the embeddings of four copies of each image shifted by 1/16 of its "
+                                    "side (left, right, up, down; edges repeated; each with its mirror under "
+                                    "--eval-flip) at evaluation and at every later use of the model: 5x the "
+                                    "embedding cost (benchmarks/results/recipe.md section 13)")
     tensorboard: bool = option(False, group="run", help="also log to RUN/tensorboard: the metrics.csv values, "
                                "held-out metrics, the ROC, held-out embeddings (pip install \"siamkit[tensorboard]\")")
     # distributed

@@ -3,7 +3,7 @@
 The exported graph takes the decoded uint8 pixels [N, C, H, W] at the model's size (what
 data/pixels.py makes of an image file: channels, centre crop, resize, done by Pillow outside the graph,
 since ONNX's Resize does not reproduce Pillow's filter) and does the rest inside: scale to [0, 1],
-mean/std, the embedding network in eval mode, the mirrored image's embedding if the run adds it, and
+mean/std, the embedding network in eval mode, the mirrored and shifted views' embeddings if the run adds them, and
 the L2 normalisation. The batch dimension is dynamic. Everything a user needs besides the graph is
 metadata: ONNX metadata_props (key "siamkit", a JSON object), or a JSON sidecar FILE.json beside a
 TorchScript file. Before anything is written, the exported model and the PyTorch model embed the same
@@ -21,16 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ._version import __version__
 from .calibration import run_calibration
 from .checkpoint import resolve_checkpoint, run_dir_of
 from .data.pairs import folder_pairs
 from .data.pixels import Preprocess
+from .data.transforms import shift_pixels
 from .data.sources import IdentityDataset, load_source, split_identities
 from .errors import SiamkitError
-from .eval.embed import embed_images
+from .eval.embed import embed_images, view_embedding
 from .eval.verification import pair_scores
 from .exported import EXPORT_FORMAT
 from .fileio import atomic_write_bytes, atomic_write_json
@@ -43,24 +43,20 @@ OPSET = 18
 class PreprocessedEmbedder(torch.nn.Module):
     """uint8 images [N, C, H, W] at the model's size -> the embeddings siamkit's evaluation computes."""
 
-    def __init__(self, model: torch.nn.Module, pre: Preprocess, flip: bool):
+    def __init__(self, model: torch.nn.Module, pre: Preprocess, flip: bool, shifts: bool = False):
         super().__init__()
         self.model, self.flip = model, flip
-        self.l2 = getattr(getattr(model, "spec", None), "embedding_activation", "l2") == "l2"
+        self.shift = shift_pixels(pre.image_size) if shifts else 0
         self.register_buffer("mean", torch.tensor(pre.mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(pre.std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # The same arithmetic as data/transforms.normalize and eval/embed._embed.
         x = (images.float() / 255.0 - self.mean) / self.std
-        e = self.model.embed(x).float()
-        if self.flip:
-            e = e + self.model.embed(x.flip(-1)).float()
-            e = F.normalize(e, dim=1) if self.l2 else e / 2
-        return e
+        return view_embedding(self.model, x, self.flip, self.shift)
 
 
-def export_metadata(ckpt: dict, pre: Preprocess, flip: bool, calibration: dict | None) -> dict:
+def export_metadata(ckpt: dict, pre: Preprocess, flip: bool, calibration: dict | None, shifts: bool = False) -> dict:
     """What a deployment needs besides the graph (stored in the file, or its sidecar)."""
     return {
         "format": EXPORT_FORMAT,
@@ -72,6 +68,7 @@ def export_metadata(ckpt: dict, pre: Preprocess, flip: bool, calibration: dict |
         # deployment must align its photos the same way before the graph sees them.
         "alignment": ckpt.get("alignment"),
         "flip_in_graph": flip,
+        "shifts_in_graph": shifts,  # four copies shifted by 1/16 of the side, averaged in (--eval-shifts)
         "score": ckpt.get("score", "cosine"),
         "calibration": calibration,
         "model_spec": ckpt.get("model_spec"),
@@ -151,7 +148,7 @@ def export_run(run: str | os.PathLike, fmt: str, out: str | os.PathLike, images:
     Returns {"max_abs_diff", "n_images", "metadata", "exported", "reference"} (the two [N, D] embeddings);
     raises SiamkitError (writing nothing) if the check fails.
     """
-    from .api import load_model, run_flip
+    from .api import load_model, run_flip, run_shifts
 
     if fmt not in FORMATS:
         raise SiamkitError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -159,13 +156,13 @@ def export_run(run: str | os.PathLike, fmt: str, out: str | os.PathLike, images:
     pre = Preprocess.from_dict(ckpt["preprocess"])
     if len(images) == 0:
         raise SiamkitError("no images to check the export on; pass --data FOLDER with images")
-    flip = run_flip(ckpt)
-    metadata = export_metadata(ckpt, pre, flip, run_calibration(run_dir_of(resolve_checkpoint(run)), ckpt))
-    wrapper = PreprocessedEmbedder(model, pre, flip).eval()
+    flip, shifts = run_flip(ckpt), run_shifts(ckpt)
+    metadata = export_metadata(ckpt, pre, flip, run_calibration(run_dir_of(resolve_checkpoint(run)), ckpt), shifts)
+    wrapper = PreprocessedEmbedder(model, pre, flip, shifts).eval()
     example = images[:2] if len(images) >= 2 else images.repeat(2, 1, 1, 1)
     data = _onnx_bytes(wrapper, example, metadata) if fmt == "onnx" else _torchscript_bytes(wrapper, example)
     exported = _embed_exported(fmt, data, images.numpy())
-    reference = embed_images(model, images, pre, "cpu", flip=flip)
+    reference = embed_images(model, images, pre, "cpu", flip=flip, shifts=shifts)
     diff = float(np.abs(exported - reference).max())
     if not diff <= PARITY_TOLERANCE:  # also catches NaN
         raise SiamkitError(f"the {fmt} export differs from the PyTorch model by {diff:.2e} (limit "

@@ -86,8 +86,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, groups: dict[str, 
         default = getattr(defaults, f.name)
         text = meta.get("help")
         kwargs: dict[str, Any] = {"dest": f.name, "help": (text() if callable(text) else text) or None}
-        if isinstance(default, bool):
+        if isinstance(default, bool) and meta.get("flag"):  # a flag of its own names the one way to set it
             kwargs["action"] = "store_false" if default else "store_true"
+        elif isinstance(default, bool):
+            # --x and --no-x both, so that a switch a recipe or --config file turns on can be turned off again
+            kwargs.update(action=argparse.BooleanOptionalAction, default=default)
         else:
             kwargs.update(type=_type_of(f, default), default=default)
             if meta.get("nargs"):

@@ -66,6 +66,7 @@ def evaluate(
     pairs_file: str | None = None,
     score: str = "cosine",
     flip: bool = False,
+    shifts: bool = False,
     device: str | torch.device = "cpu",
     seed: int = 0,
     batch_size: int = 256,
@@ -84,7 +85,8 @@ def evaluate(
     """
     pairs = pairs_for(ds, pairs_file, seed, max_genuine_pairs)
     used = np.unique(np.concatenate([pairs.idx_a, pairs.idx_b]))
-    emb = embed_images(model, ds.images[torch.from_numpy(used)], pre, device, batch_size, flip, sharded=sharded)
+    emb = embed_images(model, ds.images[torch.from_numpy(used)], pre, device, batch_size, flip, sharded=sharded,
+                       shifts=shifts)
     row = np.full(len(ds), -1, dtype=np.int64)
     row[used] = np.arange(len(used))
     scores = np.concatenate([

@@ -179,7 +179,8 @@ def _tensorboard_held_out(tb: TensorBoardLog, run: Run, step: int, report: dict,
     """The final evaluation in TensorBoard: its metrics, the ROC, and the held-out embeddings for the projector."""
     ds = run.val_ds
     with evaluation_weights(run.training.ema):
-        emb = embed_images(run.training.model, ds.images, run.pre, run.device, flip=run.cfg.eval_flip)
+        emb = embed_images(run.training.model, ds.images, run.pre, run.device, flip=run.cfg.eval_flip,
+                           shifts=run.cfg.eval_shifts)
     tb.held_out(step, report)
     tb.roc_and_embeddings(step, report, scores, same, baseline, emb, [ds.names[i] for i in ds.labels], ds.images)
     tb.close()
@@ -191,5 +192,6 @@ def _evaluate_held_out(run: Run):
     with evaluation_weights(run.training.ema):
         return evaluate(
             run.training.model, run.pre, run.val_ds, score=score_for(run.cfg.embedding_activation),
-            flip=run.cfg.eval_flip, device=run.device, seed=run.cfg.seed, sharded=run.ctx.enabled,
+            flip=run.cfg.eval_flip, shifts=run.cfg.eval_shifts, device=run.device, seed=run.cfg.seed,
+            sharded=run.ctx.enabled,
         )

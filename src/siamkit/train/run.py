@@ -29,7 +29,7 @@ from ..data.cache import ImageRows, load_data
 from ..data.prefetch import BatchPrefetcher
 from ..data.samplers import PKSampler, TupleSampler
 from ..data.sources import IdentityDataset, default_preprocess, require_trainable, source_of, split_identities
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, FaceAugment, Preprocess, augment, normalize
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, FaceAugment, Preprocess, augment, normalize, shift_pixels
 from ..device import resolve_device, use_fast_cuda_kernels
 from ..errors import SiamkitError, info, warn
 from ..faces.folder import read_alignment
@@ -115,7 +115,7 @@ class Run:
         if mode == "face":
             x = FaceAugment()(x, gen)
         elif mode != "none":
-            shift = max(1, round(min(self.pre.image_size) / 16)) if mode == "flip-shift" else 0
+            shift = shift_pixels(self.pre.image_size) if mode == "flip-shift" else 0
             x = augment(x, gen, flip=True, shift=shift)
         return normalize(x, self.pre, self.cfg.channels_last), self.labels[idx]
 

@@ -182,38 +182,25 @@ def test_verify_and_evaluate_input_errors(att_run, cli, tmp_path, att_faces):
     assert r.returncode == 2 and "bad_pairs.txt" in r.stderr and not (tmp_path / "ev").exists()
 
 
-def test_a_run_evaluated_with_flips_verifies_with_flips(tmp_path):
-    """The threshold of a run with --eval-flip was calibrated on flip-averaged embeddings: load() embeds the same way."""
+@pytest.mark.parametrize("flip, shifts", [(True, False), (False, True)])
+def test_a_run_evaluated_with_more_views_verifies_with_them(tmp_path, flip, shifts):
+    """The threshold of a run with --eval-flip (--eval-shifts) was calibrated on embeddings averaged with the mirror
+    image's (the four shifted copies'): load() embeds the same way."""
     import siamkit
     from siamkit.eval.embed import embed_images
     from siamkit.train.loop import train
     from tiny_run import tiny_config
 
-    train(tiny_config(tmp_path / "run", steps=1, val_identities=0, eval_flip=True), progress=False)
+    train(tiny_config(tmp_path / "run", steps=1, val_identities=0, eval_flip=flip, eval_shifts=shifts),
+          progress=False)
     v = siamkit.load(tmp_path / "run")
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     batch = torch.stack([v._to_uint8(im) for im in images])
-    flipped = embed_images(v.model, batch, v.preprocess, "cpu", flip=True)
-    plain = embed_images(v.model, batch, v.preprocess, "cpu", flip=False)
-    assert v.flip and np.array_equal(v.embed(list(images)), flipped)
-    assert np.array_equal(v.embed(list(images), flip=False), plain) and not np.array_equal(flipped, plain)
-
-
-def test_a_run_evaluated_with_shifts_verifies_with_shifts(tmp_path):
-    """Likewise --eval-shifts: load() embeds with the four shifted copies, as the run calibrated its threshold."""
-    import siamkit
-    from siamkit.eval.embed import embed_images
-    from siamkit.train.loop import train
-    from tiny_run import tiny_config
-
-    train(tiny_config(tmp_path / "run", steps=1, val_identities=0, eval_shifts=True), progress=False)
-    v = siamkit.load(tmp_path / "run")
-    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    batch = torch.stack([v._to_uint8(im) for im in images])
-    shifted = embed_images(v.model, batch, v.preprocess, "cpu", shifts=True)
-    plain = embed_images(v.model, batch, v.preprocess, "cpu")
-    assert v.shifts and not v.flip and np.array_equal(v.embed(list(images)), shifted)
-    assert not np.array_equal(shifted, plain)
+    views = embed_images(v.model, batch, v.preprocess, "cpu", flip=flip, shifts=shifts)
+    plain = embed_images(v.model, batch, v.preprocess, "cpu", flip=False, shifts=shifts)
+    assert (v.flip, v.shifts) == (flip, shifts) and np.array_equal(v.embed(list(images)), views)
+    assert np.array_equal(v.embed(list(images), flip=False), plain)
+    assert not np.array_equal(views, embed_images(v.model, batch, v.preprocess, "cpu"))
 
 
 def test_a_switch_the_recipe_turns_on_can_be_turned_off():

@@ -102,6 +102,9 @@ def lfw_style(att_faces, tmp_path_factory) -> Path:
         (["--classifier", "softmax", "--subcenters", "3"],
          "--subcenters 3 applies to --classifier arcface or cosface, not softmax"),
         (["--subcenters", "0"], "--subcenters must be a positive number, got 0"),
+        (["--augment", "face", "--face-augment", "erase=2"], "--face-augment: erase takes a value in [0, 1], got 2.0"),
+        (["--face-augment", "erase=0"],  # digits train without augmentation
+         "--face-augment applies to --augment face, and this run's augmentation is none; add --augment face or drop"),
     ],
 )
 def test_options_out_of_range(tmp_path, capfd, options, expected):

@@ -15,6 +15,7 @@ from typing import Any
 from .accel import CPU_TUNINGS
 from .batchnorm import POLICIES, get_policy
 from .data.sources import SOURCES
+from .data.transforms import FaceAugment
 from .errors import SiamkitError
 from .losses import loss_names, metric_loss_class, mining_names, minings_of
 from .models.siamese import ModelOptions
@@ -74,6 +75,11 @@ class TrainConfig(ModelOptions):
                           help="auto = the source's default: none for digits, face for the built-in faces, flip-shift "
                                "(mirror + small shifts) otherwise; face = per-image scale, rotation, shift, mirror, "
                                "brightness/contrast and erasing (data/transforms.py FaceAugment)")
+    face_augment: str = option("", group="data", metavar="FIELD=VALUE,...",
+                               help="with --augment face: change FaceAugment's settings (data/transforms.py), e.g. "
+                                    "erase=0,rotation=15,scale=0.8:1.25; fields: scale (LO:HI), rotation (degrees), "
+                                    "shift (fraction of the side), flip and erase (probabilities), "
+                                    "brightness_contrast, erase_area (LO:HI fraction of the image)")
     cache_dir: str | None = option(None, group="data",
                                    help="folder of decoded caches: a data folder is decoded once into a file there and "
                                         "memory-mapped by later runs (default: $SIAMKIT_CACHE_DIR, else "
@@ -213,6 +219,8 @@ class TrainConfig(ModelOptions):
             raise SiamkitError("--val-identities takes a fraction below 1 or a whole count of identities")
         if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 8):
             raise SiamkitError(f"--image-size takes H W, each at least 8 pixels, got {self.image_size}")
+        if self.face_augment:
+            FaceAugment.from_overrides(self.face_augment)  # its one-line error, before anything is decoded
         if self.center_crop is not None and not 0 < self.center_crop <= 1:
             raise SiamkitError(f"--center-crop takes a fraction in (0, 1], got {self.center_crop}")
         if self.metric_weight == 0 and self.classification_weight == 0:

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -123,3 +124,33 @@ def test_face_augment_erases_one_rectangle_of_the_drawn_area():
         assert m[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
         # 10% of 400 pixels = 40; integer sides (each floored, at least 1) keep it within [40/4, 40]
         assert 10 <= int(m.sum()) <= 40
+
+
+def test_face_augment_overrides_change_only_the_fields_named():
+    assert FaceAugment.from_overrides("") == FaceAugment()
+    got = FaceAugment.from_overrides(" erase=0, rotation=15,scale=0.8:1.25")
+    assert got == FaceAugment(erase=0.0, rotation=15.0, scale=(0.8, 1.25))
+    # The parsed settings are the ones drawn with: everything off but a certain mirror mirrors every image.
+    still = FaceAugment.from_overrides("scale=1:1,rotation=0,shift=0,flip=1,brightness_contrast=0,erase=0")
+    x = faces_batch()
+    assert torch.equal(still(x, torch.Generator().manual_seed(1)), x.flip(-1))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("blur=1", "unknown field 'blur' in 'blur=1'; the fields are scale, rotation, shift, flip, brightness_contrast, "
+               "erase, erase_area"),
+    ("erase=2", "erase takes a value in [0, 1], got 2.0"),
+    ("rotation=-5", "rotation takes a value in [0, 180], got -5.0"),
+    ("scale=1.2", "'scale=1.2' needs LO:HI, two numbers, e.g. scale=0.9:1.15 (the default)"),
+    ("scale=1.3:1.1", "scale takes LO:HI with 0 < LO <= HI <= 10, got 1.3:1.1"),
+    ("scale=1:inf", "scale takes LO:HI with 0 < LO <= HI <= 10, got 1:inf"),
+    ("flip=nan", "flip takes a value in [0, 1], got nan"),
+    ("erase_area=0:0.5", "erase_area takes LO:HI with 0 < LO <= HI <= 1, got 0:0.5"),
+    ("shift=a bit", "'shift=a bit' needs one number, e.g. shift=0.08 (the default)"),
+])
+def test_face_augment_overrides_refuse_bad_fields_in_one_line(text, message):
+    from siamkit.errors import SiamkitError
+
+    with pytest.raises(SiamkitError) as e:
+        FaceAugment.from_overrides(text)
+    assert str(e.value).startswith(f"--face-augment: {message}") and "\n" not in str(e.value)

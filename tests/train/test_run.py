@@ -84,3 +84,27 @@ def test_free_memory_reads_the_host_memory():
     with open("/proc/meminfo") as f:
         total = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
     assert 0 < free <= total
+
+
+def test_face_augment_settings_are_the_ones_each_batch_is_drawn_with(att_faces, tmp_path):
+    """--face-augment reaches the training batches: with every draw off the batch is --augment none's, and a mirror
+    drawn for every image mirrors it, at every step."""
+    from siamkit.config import TrainConfig
+    from siamkit.train.distributed import DistContext
+    from siamkit.train.run import build_run
+
+    def first_batches(name: str, **options) -> list[torch.Tensor]:
+        cfg = TrainConfig(data=str(att_faces), image_size=[32, 32], identities_per_batch=4, images_per_identity=2,
+                          mining="batch-hard", steps=2, val_identities=0, device="cpu", out=str(tmp_path / name),
+                          backbone="resnet18-small-w16-flat", **options)
+        cfg.validate()
+        run = build_run(cfg, DistContext(), resume=False, overwrite=False)
+        return [run.batch(step)[0] for step in (0, 1)]
+
+    still = "scale=1:1,rotation=0,shift=0,brightness_contrast=0,erase=0"
+    plain = first_batches("none", augment="none")
+    unchanged = first_batches("off", augment="face", face_augment=still + ",flip=0")
+    assert all(torch.equal(a, b) for a, b in zip(plain, unchanged))
+    mirrored = first_batches("mirror", augment="face", face_augment=still + ",flip=1")
+    assert all(torch.equal(a.flip(-1), b) for a, b in zip(plain, mirrored))
+    assert not torch.equal(plain[0], first_batches("default", augment="face")[0])

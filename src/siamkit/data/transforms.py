@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..errors import SiamkitError
 from .pixels import IMAGENET_MEAN, IMAGENET_STD, Preprocess, image_to_array  # noqa: F401 (imported from here)
 
 
@@ -72,6 +73,44 @@ class FaceAugment:
     brightness_contrast: float = 0.3  # contrast in [1-b, 1+b] around the image mean, brightness +-b/2
     erase: float = 0.25  # probability of erasing one rectangle
     erase_area: tuple[float, float] = (0.02, 0.2)  # its area, as a fraction of the image
+
+    @classmethod
+    def from_overrides(cls, text: str) -> "FaceAugment":
+        """The defaults with the fields ``text`` names changed (--face-augment): "erase=0,rotation=15,scale=0.8:1.25"
+        (a range as LO:HI). An unknown field or a value outside its range is one SiamkitError naming it."""
+        names = [f.name for f in fields(cls)]
+        changes: dict[str, float | tuple[float, float]] = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            name, _, value = item.partition("=")
+            name = name.strip()
+            if name not in names:
+                raise SiamkitError(f"--face-augment: unknown field {name!r} in {item!r}; the fields are "
+                                   f"{', '.join(names)} (e.g. erase=0,scale=0.8:1.25)")
+            ranged = isinstance(getattr(cls, name), tuple)
+            try:
+                numbers = [float(v) for v in value.split(":")]
+            except ValueError:
+                numbers = []
+            if len(numbers) != (2 if ranged else 1):
+                default = getattr(cls, name)
+                example = f"{default[0]:g}:{default[1]:g}" if ranged else f"{default:g}"
+                wanted = "LO:HI, two numbers" if ranged else "one number"
+                raise SiamkitError(f"--face-augment: {item!r} needs {wanted}, e.g. {name}={example} (the default)")
+            changes[name] = tuple(numbers) if ranged else numbers[0]
+        augment = replace(cls(), **changes)
+        augment._check()
+        return augment
+
+    def _check(self) -> None:
+        """Every field within what the warp and the draws can do (a scale beyond 10x would sample one pixel)."""
+        bounds = {"rotation": (0, 180), "shift": (0, 1), "flip": (0, 1), "brightness_contrast": (0, 1), "erase": (0, 1)}
+        for name, (lo, hi) in bounds.items():
+            if not lo <= getattr(self, name) <= hi:
+                raise SiamkitError(f"--face-augment: {name} takes a value in [{lo}, {hi}], got {getattr(self, name)}")
+        for name, lo, hi in (("scale", 0, 10), ("erase_area", 0, 1)):
+            a, b = getattr(self, name)
+            if not lo < a <= b <= hi:
+                raise SiamkitError(f"--face-augment: {name} takes LO:HI with {lo} < LO <= HI <= {hi}, got {a:g}:{b:g}")
 
     def __call__(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n, c, h, w = batch.shape

@@ -97,6 +97,7 @@ class Run:
     resumed: bool = False  # continued from checkpoints/last.pt
     log_window: dict[str, Any] | None = None  # the resumed checkpoint's loss sums since its last metrics row
     alignment: dict | None = None  # the training folder's alignment (siamkit align's report), kept in checkpoints
+    face_augment: FaceAugment = field(default_factory=FaceAugment)  # --augment face's settings (--face-augment)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -113,7 +114,7 @@ class Run:
         mode = augment_mode(self.cfg)
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
         if mode == "face":
-            x = FaceAugment()(x, gen)
+            x = self.face_augment(x, gen)
         elif mode != "none":
             shift = shift_pixels(self.pre.image_size) if mode == "flip-shift" else 0
             x = augment(x, gen, flip=True, shift=shift)
@@ -275,6 +276,9 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
     torch.manual_seed(cfg.seed)
 
     # Data: decoded once, identities held out for validation.
+    if cfg.face_augment and augment_mode(cfg) != "face":
+        raise SiamkitError(f"--face-augment applies to --augment face, and this run's augmentation is "
+                           f"{augment_mode(cfg)}; add --augment face or drop --face-augment")
     pre = preprocess_for(cfg)
     data = load_data(cfg.data, pre, cfg.cache_dir, cfg.cache_max_gb, progress=ctx.is_main)
     train_ds, val_ds = split_identities(data, cfg.val_identities, cfg.seed)
@@ -317,7 +321,7 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
         total=total, training=training, images=train_ds.images.to(device) if in_memory else None,
         labels=torch.from_numpy(train_ds.labels).to(device), stream=stream, start_step=start_step,
         best_accuracy=best_accuracy, resumed=checkpoint is not None, log_window=(checkpoint or {}).get("log_window"),
-        alignment=alignment,
+        alignment=alignment, face_augment=FaceAugment.from_overrides(cfg.face_augment),
     )
 
 

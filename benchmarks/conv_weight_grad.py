@@ -4,7 +4,8 @@ For every distinct convolution of ResNet18 at the given input sizes, batch 96 (3
 last as siamkit trains: the forward pass, the weight gradient as PyTorch computes it
 (aten.convolution_backward, oneDNN on CPU), and the weight gradient as a forward convolution
 (siamkit.accel.weight_grad_by_forward_conv), in ms and GFLOP/s, fastest of interleaved
-rounds. "used" is what `--cpu-tuning auto` picks on this machine: siamkit.kernel_choice.choose run
+rounds. "used" is what `--cpu-tuning auto` picks on this machine (pytorch, swapped, or a Winograd scheme,
+which computes the whole convolution: benchmarks/conv_kernels.py times those): siamkit.kernel_choice.choose run
 afresh (no cache) on the same shapes, its own measurement, as a training run without a cache does it.
 The totals are per training step (each layer times
 its count); the tuning's own time is given per size.
@@ -104,7 +105,8 @@ def main(argv=None) -> int:
             # Fastest of interleaved rounds, so a slow moment of the machine hits all three alike.
             rounds = [[seconds_per_call(fn, args.reps) for fn in fns] for _ in range(args.rounds)]
             t_fwd, t_nat, t_swp = (min(column) for column in zip(*rounds))
-            used = chosen.kernels[shape] == kernel_choice.SWAPPED
+            picked = chosen.kernels[shape]  # since issue 19 also a Winograd scheme (benchmarks/conv_kernels.py)
+            used = picked == kernel_choice.SWAPPED
             totals["native"] += count * t_nat
             totals["siamkit"] += count * (t_swp if used else t_nat)
             k = "x".join(map(str, conv.kernel_size))
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
                 f"| {size}x{size} | {conv.in_channels}->{conv.out_channels} {k}/{s[0]} | {out_shape[1]}x{out_shape[2]} "
                 f"| {count} | {1e3 * t_fwd:.1f} ms ({flops / t_fwd / 1e9:.0f} GFLOP/s) "
                 f"| {1e3 * t_nat:.1f} ms ({flops / t_nat / 1e9:.0f} GFLOP/s) "
-                f"| {1e3 * t_swp:.1f} ms ({flops / t_swp / 1e9:.0f} GFLOP/s) | {'swapped' if used else 'PyTorch'} |"
+                f"| {1e3 * t_swp:.1f} ms ({flops / t_swp / 1e9:.0f} GFLOP/s) | {picked} |"
             )
         print(
             f"| {size}x{size} | **all weight gradients of one step** | | | | {1e3 * totals['native']:.0f} ms "

@@ -72,6 +72,7 @@ ROWS = {
     "tuningoff": "3c. siamkit --cpu-tuning off",
     "sysalloc": "3d. siamkit, malloc left alone (--cpu-tuning auto without its allocator part)",
     "base": "3e. siamkit defaults at the --base-tree commit (its own row-3 code and src)",
+    "nowinograd": "3f. siamkit, measure-and-pick without the Winograd candidates",
     # The GPU table (benchmarks/gpu.sh): baselines at the precision of the rows they are compared with.
     "naive6bf16": "1b. naive loop: 6 passes, bf16 autocast",
     "naive3bf16": "2b. naive loop: 3 passes, bf16 autocast",
@@ -79,7 +80,7 @@ ROWS = {
     "cudagraphs": "5c. siamkit --amp bf16 --compile --compile-mode reduce-overhead (CUDA graphs)",
 }
 DEFAULT_ROWS = ["naive6", "naive3", "siamkit", "compile", "bf16", "pml"]
-SIAMKIT_ROWS = ("siamkit", "compile", "bf16", "nchw", "tuningoff", "sysalloc", "bf16compile", "cudagraphs")
+SIAMKIT_ROWS = ("siamkit", "compile", "bf16", "nchw", "tuningoff", "sysalloc", "nowinograd", "bf16compile", "cudagraphs")
 BF16_ROWS = ("bf16", "bf16compile", "cudagraphs", "naive6bf16", "naive3bf16")  # MFU against the bf16 matmul rate
 GPU_ROWS = ["naive6", "naive3", "siamkit", "naive6bf16", "bf16compile", "cudagraphs"]
 BASE_TREE_ENV = "SIAMKIT_BENCH_BASE_TREE"  # --base-tree, read by the "base" row's worker process  # the rest are plain loops
@@ -173,6 +174,11 @@ class _Siamkit:
 
         if kind == "sysalloc":  # isolate the allocator's share (benchmarks/cpu_allocator.py); own process
             accel.keep_freed_memory = lambda: False
+        if kind == "nowinograd":  # isolate Winograd's share; own process
+            from siamkit import kernel_choice, winograd
+
+            kernel_choice.KERNELS = tuple(k for k in kernel_choice.KERNELS if k not in winograd.SCHEMES)
+            kernel_choice.cache_file = lambda cache_dir: None  # measure afresh: the cache has chosen among all
         torch.manual_seed(0)
         cfg = TrainConfig(
             image_size=[size, size], classification_weight=1.0, batch_size=TRIPLETS, schedule="constant",
@@ -200,22 +206,23 @@ class _Siamkit:
     def flop_step(self, step: int) -> float:
         """The step under FlopCounterMode (which counts eager ops), with the model's own FLOPs.
 
-        siamkit's swapped weight gradient (accel.py), where --cpu-tuning auto picked it, computes a few
-        unused outputs on some strided layers; that is not the model's work, so the count uses PyTorch's
+        siamkit's other convolution kernels (accel.py), where --cpu-tuning auto picked them, do other
+        arithmetic than the model's (the swap computes a few unused outputs on some strided layers, Winograd
+        fewer multiplications than the convolution); the count is the model's work, so it uses PyTorch's
         convolution path.
         """
         from siamkit.accel import TunedConv2d
 
         tuned = [m for m in self.training.model.modules() if type(m) is TunedConv2d]
-        chosen, step_fn = [m.swapped_shapes for m in tuned], self.training.step_fn
+        chosen, step_fn = [m.kernels for m in tuned], self.training.step_fn
         for m in tuned:
-            m.swapped_shapes = frozenset()
+            m.kernels = {}
         self.training.step_fn = self.training.step_module
         try:
             return self.step(step)
         finally:
-            for m, shapes in zip(tuned, chosen):
-                m.swapped_shapes = shapes
+            for m, kernels in zip(tuned, chosen):
+                m.kernels = kernels
             self.training.step_fn = step_fn
 
 
@@ -466,6 +473,10 @@ def end_to_end(data: Path, size: int, device: str, timed_steps: int, warmup_step
             sys.executable, "-m", "siamkit", "train", "--data", str(data), "--image-size", str(size), str(size),
             "--classification-weight", "1", "--batch-size", str(TRIPLETS), "--steps", str(warmup_steps + timed_steps),
             "--log-every", "1", "--val-identities", "0", "--no-progress", "--device", device, "--out", str(out),
+            # row 3's model and batch (TrainConfig's defaults), not the faces recipe a folder of faces gets by
+            # default (a smaller network on P x K batches of 64 images: another step, whose images/s this
+            # comparison read as row 3's before 2026-11-30 12:40)
+            "--recipe", "none",
         ]
         env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)

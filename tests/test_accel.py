@@ -19,6 +19,7 @@ from torchvision.models import resnet18
 
 from siamkit import accel, kernel_choice
 from siamkit.accel import (
+    SWAPPED,
     ConvShape,
     TunedConv2d,
     conv2d_swapped_weight_grad,
@@ -169,7 +170,7 @@ def test_only_plain_convolutions_with_a_weight_gradient_can_swap():
     shapes = [shape_of(model[0], x), shape_of(model[1], x), ConvShape(4, 4, (5, 5), (1, 1), (0, 0), (2, 8, 8), False, "float32")]
     assert use_swapped_weight_grad(model, shapes) == 2
     assert [type(m) for m in model] == [TunedConv2d, TunedConv2d] + [nn.Conv2d] * 5
-    assert model[0].swapped_shapes == {shapes[0]} and model[1].swapped_shapes == {shapes[1]}
+    assert model[0].kernels == {shapes[0]: SWAPPED} and model[1].kernels == {shapes[1]: SWAPPED}
     assert use_swapped_weight_grad(model, []) == 0  # chosen again, without the swap: plain layers again
     assert all(type(m) is nn.Conv2d for m in model)
 

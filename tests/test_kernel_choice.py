@@ -1,4 +1,4 @@
-"""Measure-and-pick of weight-gradient kernels (siamkit/kernel_choice.py): the choice, its cache, its timing loop.
+"""Measure-and-pick of convolution kernels (siamkit/kernel_choice.py): the candidates, the choice, its cache, its timing loop.
 
 Speeds are faked (a fake clock that each candidate advances, or a fake ``measure``): no test depends on timing.
 """
@@ -12,7 +12,10 @@ from torch import nn
 
 from siamkit import kernel_choice
 from siamkit.accel import ConvShape
-from siamkit.kernel_choice import CLEAR_GAP, MARGIN, PYTORCH, REPS, SWAPPED, cache_file, choose, conv_shapes, pick, time_calls
+from siamkit.kernel_choice import (
+    CLEAR_GAP, MARGIN, PYTORCH, REPS, SWAPPED, WINOGRAD2, WINOGRAD4, cache_file, candidates, choose, conv_shapes, pick,
+    time_calls,
+)
 
 A = ConvShape(256, 256, (3, 3), (1, 1), (1, 1), (96, 4, 4), True, "float32")
 B = ConvShape(64, 64, (3, 3), (1, 1), (1, 1), (96, 16, 16), True, "float32")
@@ -46,6 +49,14 @@ def test_the_faster_candidate_is_picked(pytorch_s, swapped_s, expected):
     assert MARGIN < 0.984375  # what makes the last case a tie (63/64: exact in binary, as the fake clock needs)
 
 
+def test_the_fastest_of_four_is_picked_and_a_near_tie_keeps_pytorchs_own():
+    seconds = {PYTORCH: 1.0, SWAPPED: 0.9, WINOGRAD2: 0.8, WINOGRAD4: 0.7}
+    assert pick(seconds) == WINOGRAD4
+    assert pick({**seconds, WINOGRAD4: 1.5}) == WINOGRAD2
+    assert pick({PYTORCH: 1.0, SWAPPED: 0.984375, WINOGRAD4: 0.99}) == PYTORCH  # every other within MARGIN: a tie
+    assert pick({PYTORCH: 1.0}) == PYTORCH  # a shape only PyTorch's own computes
+
+
 def test_the_fastest_call_counts_and_a_clear_loser_is_not_timed_again():
     clock = FakeClock()
     # The swap's first timed call is slow (the machine was busy), the later ones fast: the fastest call wins.
@@ -57,6 +68,22 @@ def test_the_fastest_call_counts_and_a_clear_loser_is_not_timed_again():
     calls = {PYTORCH: clock.candidate(PYTORCH, 1.0), SWAPPED: clock.candidate(SWAPPED, CLEAR_GAP)}
     time_calls(calls, reps=REPS, timer=clock)
     assert clock.calls == {PYTORCH: 2, SWAPPED: 2}  # warm-up and one timed round: the gap is clear
+    # With more candidates a clear loser drops out and the close ones go on being timed.
+    clock = FakeClock()
+    calls = {PYTORCH: clock.candidate(PYTORCH, 1.0), SWAPPED: clock.candidate(SWAPPED, 0.875),  # exact in binary, as the fake clock needs
+             WINOGRAD4: clock.candidate(WINOGRAD4, 2 * CLEAR_GAP)}
+    assert time_calls(calls, reps=REPS, timer=clock) == {PYTORCH: 1.0, SWAPPED: 0.875, WINOGRAD4: 2 * CLEAR_GAP}
+    assert clock.calls == {PYTORCH: 1 + REPS, SWAPPED: 1 + REPS, WINOGRAD4: 2}
+
+
+def test_winograd_is_a_candidate_for_3x3_stride_1_channels_last_only():
+    assert candidates(A) == [PYTORCH, SWAPPED, WINOGRAD2, WINOGRAD4]  # 3x3, stride 1, padding 1, channels-last
+    strided = ConvShape(256, 512, (3, 3), (2, 2), (1, 1), (96, 4, 4), True, "float32")
+    nchw = ConvShape(256, 256, (3, 3), (1, 1), (1, 1), (96, 4, 4), False, "float32")
+    pointwise = ConvShape(64, 128, (1, 1), (1, 1), (0, 0), (96, 8, 8), True, "float32")
+    unpadded = ConvShape(64, 64, (3, 3), (1, 1), (0, 0), (96, 8, 8), True, "float32")
+    for shape in (strided, nchw, pointwise, unpadded):
+        assert candidates(shape) == [PYTORCH, SWAPPED]
 
 
 class FakeMeasure:
@@ -83,7 +110,7 @@ def test_choices_are_cached_per_machine_and_reused_after_a_restart(tmp_path):
     again = FakeMeasure(PYTORCH)
     got = choose([A, B], cache=cache, machine=MACHINE, measure=again)
     assert again.shapes == [] and got.kernels == {A: SWAPPED, B: SWAPPED} and got.from_cache == 2
-    assert "2 from" in got.summary() and "2 by the swapped" in got.summary()
+    assert "2 from" in got.summary() and "2 with the swapped" in got.summary()
 
     # Another machine (or thread count, or torch version: all in the fingerprint) measures again, beside the first.
     other = FakeMeasure(PYTORCH)
@@ -161,10 +188,18 @@ def test_conv_shapes_are_those_each_convolution_is_called_at():
     assert all(not m._forward_hooks for m in model)
 
 
-def test_real_candidates_compute_the_same_gradient():
-    """measure_shape times these two calls: they must be the two ways to the same weight gradient."""
-    shape = ConvShape(3, 4, (3, 3), (2, 2), (1, 1), (2, 7, 6), True, "float64")
+@pytest.mark.parametrize("shape", [
+    ConvShape(3, 4, (3, 3), (2, 2), (1, 1), (2, 7, 6), True, "float64"),  # strided: PyTorch's own and the swap
+    ConvShape(3, 4, (3, 3), (1, 1), (1, 1), (2, 7, 6), True, "float64"),  # also both Winograd schemes
+])
+def test_real_candidates_compute_the_same_convolution(shape):
+    """measure_shape times these calls: each must be a way to the same output and gradients as PyTorch's own."""
     calls = kernel_choice.candidate_calls(shape)
-    torch.testing.assert_close(calls[SWAPPED](), calls[PYTORCH](), rtol=1e-10, atol=1e-10)  # float64: rounding only
+    assert list(calls) == candidates(shape)
+    ref = calls[PYTORCH]()
+    for name, call in calls.items():
+        # float64: rounding only (the sums differ in order; Winograd's transforms scale terms by up to 8^2):
+        # 1e-10 relative leaves five orders of magnitude above float64's rounding here and catches any real error.
+        torch.testing.assert_close(call(), ref, rtol=1e-10, atol=1e-10, msg=name)
     seconds = kernel_choice.measure_shape(shape)
-    assert set(seconds) == {PYTORCH, SWAPPED} and all(s > 0 for s in seconds.values())
+    assert set(seconds) == set(calls) and all(s > 0 for s in seconds.values())

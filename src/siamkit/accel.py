@@ -7,16 +7,22 @@ own kernels and the C library's malloc as they are (the setting for runs that mu
    threshold (at most 32 MiB) with a fresh mmap and unmaps them on free, so every step would fault
    its large activations in again; with mmap off and trimming made rare the next step reuses them,
    as PyTorch's caching allocator does on GPU. Process-wide and not undone, so only training sets it.
-2. For each convolution shape of the model, the faster of two ways to compute its weight gradient,
-   measured on the machine at hand (kernel_choice.py, like cuDNN's benchmark mode): PyTorch's own
-   (oneDNN's weight-gradient kernel on CPU), or the weight gradient as a forward convolution (input
-   with batch and channels swapped, the output gradient as a dilated kernel), which oneDNN's forward
-   kernel runs faster on some CPUs and shapes (on an AVX2 EPYC, ResNet18's layer3 and layer4: the whole
-   step 1.17-1.28x faster) and slower on others (an AVX-512 EPYC: every ResNet18 shape). Same gradient
-   up to float rounding (tests/test_accel.py).
-   This module holds the kernel and the layer that takes it for the input shapes chosen (`TunedConv2d`).
+2. For each convolution shape of the model, the fastest way to compute it in training (forward, input
+   and weight gradients), measured on the machine at hand (kernel_choice.py, like cuDNN's benchmark
+   mode), among:
+   - PyTorch's own (oneDNN on CPU);
+   - the same, but the weight gradient as a forward convolution (input with batch and channels swapped,
+     the output gradient as a dilated kernel), which oneDNN's forward kernel runs faster on some CPUs and
+     shapes (on an AVX2 EPYC, ResNet18's layer3 and layer4: the whole step 1.17-1.28x faster) and slower
+     on others (an AVX-512 EPYC: every ResNet18 shape);
+   - for 3x3 convolutions of stride 1, Winograd's F(2x2, 3x3) and F(4x4, 3x3) (winograd.py): fewer
+     multiplications, in one large matrix product, plus memory-bound transforms; faster for wide layers
+     on small maps (ResNet18's layer2-layer4 on an AVX-512 EPYC).
+   Same results up to float rounding (tests/test_accel.py, tests/test_winograd.py).
+   This module holds the swap and the layer that takes the chosen kernel for the input shapes chosen
+   (`TunedConv2d`).
 
-What each is worth is measured in benchmarks/conv_weight_grad.py and benchmarks/cpu_allocator.py
+What each is worth is measured in benchmarks/conv_kernels.py, benchmarks/conv_weight_grad.py and benchmarks/cpu_allocator.py
 (results in benchmarks/results/ and the README's Performance section).
 """
 from __future__ import annotations
@@ -25,11 +31,13 @@ import ctypes
 import platform
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import winograd
 
 CPU_TUNINGS = ("auto", "off")
 
@@ -122,15 +130,6 @@ def weight_grad_by_forward_conv(
     return grad_w
 
 
-def weight_grad_by_pytorch(
-    x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int]
-) -> torch.Tensor:
-    """The same gradient as PyTorch's own backward computes it (oneDNN on CPU): the other candidate."""
-    return torch.ops.aten.convolution_backward(
-        grad_out, x, weight, None, stride, padding, (1, 1), False, (0, 0), 1, (False, True, False)
-    )[1]
-
-
 class _WeightGradByForwardConv(torch.autograd.Function):
     """conv2d whose backward computes the weight gradient as a forward convolution."""
 
@@ -162,52 +161,81 @@ def conv2d_swapped_weight_grad(
     return _WeightGradByForwardConv.apply(x, weight, bias, stride, padding)
 
 
-class TunedConv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters and state_dict) that takes the swapped weight gradient for the shapes chosen.
+# The ways to compute a convolution in training that measure-and-pick (kernel_choice.py) chooses between.
+PYTORCH, SWAPPED = "pytorch", "swapped"  # PyTorch's own; its forward and input gradient with the swapped weight gradient
+KERNEL_NAMES = (PYTORCH, SWAPPED, *winograd.SCHEMES)  # + "winograd2", "winograd4": the whole convolution by Winograd
 
-    ``swapped_shapes``: the input shapes (ConvShape) for which the swap measured faster; any other call
-    (another batch shape, evaluation, autocast, torch.compile, CUDA) runs PyTorch's own convolution.
+
+def kernel_applies(kernel: str | None, shape: ConvShape) -> bool:
+    """Whether ``kernel`` can compute a convolution of ``shape`` (PyTorch's own and the swap: every swappable one).
+
+    Winograd: 3x3, stride 1, padding 1, in channels-last memory (its output is channels-last, and in an
+    NCHW network the layout changes around it would cost more than measuring the convolution alone shows).
+    """
+    if kernel in winograd.SCHEMES:
+        return shape.channels_last and winograd.applies(shape.kernel, shape.stride, shape.padding)
+    return kernel in KERNEL_NAMES
+
+
+class TunedConv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters and state_dict) that computes the input shapes chosen by the kernel chosen.
+
+    ``kernels``: {ConvShape: kernel name} for the shapes where another way than PyTorch's own measured
+    faster; any other call (another batch shape, evaluation, autocast, torch.compile, CUDA) runs PyTorch's
+    own convolution.
     """
 
-    swapped_shapes: frozenset[ConvShape] = frozenset()
+    kernels: dict[ConvShape, str] = {}
 
-    def _swaps(self, x: torch.Tensor) -> bool:
+    def _kernel(self, x: torch.Tensor) -> str:
         if not (torch.is_grad_enabled() and self.weight.requires_grad and x.device.type == "cpu" and x.dim() == 4):
-            return False
+            return PYTORCH
         if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
-            return False
-        return shape_of(self, x) in self.swapped_shapes
+            return PYTORCH
+        return self.kernels.get(shape_of(self, x), PYTORCH)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._swaps(x):
+        kernel = self._kernel(x)
+        if kernel == SWAPPED:
             return conv2d_swapped_weight_grad(x, self.weight, self.bias, self.stride, self.padding)
+        if kernel in winograd.SCHEMES:
+            return winograd.conv3x3_winograd(x, self.weight, self.bias, winograd.SCHEMES[kernel])
         return super().forward(x)
 
 
-def use_swapped_weight_grad(model: nn.Module, shapes: Iterable[ConvShape]) -> int:
-    """Give each swappable Conv2d of ``model`` the swapped weight gradient for those of ``shapes`` that are its own.
+def use_kernels(model: nn.Module, kernels: Mapping[ConvShape, str]) -> int:
+    """Give each swappable Conv2d of ``model`` the kernels chosen for those of the shapes that are its own.
 
-    Returns how many layers take it for some shape. Layers without one stay (or become again) plain
-    nn.Conv2d. The modules keep their parameters (the same tensors), so optimizers, checkpoints and
-    state_dicts are unaffected; only the class changes (TunedConv2d is an nn.Conv2d).
+    ``kernels``: {ConvShape: kernel name}; PyTorch's own (``"pytorch"``) needs no entry. Returns how many
+    layers take another kernel for some shape. Layers without one stay (or become again) plain nn.Conv2d.
+    The modules keep their parameters (the same tensors), so optimizers, checkpoints and state_dicts are
+    unaffected; only the class changes (TunedConv2d is an nn.Conv2d).
     """
-    shapes = frozenset(shapes)
+    unknown = sorted({k for k in kernels.values() if k not in KERNEL_NAMES})
+    if unknown:
+        raise ValueError(f"unknown convolution kernel(s) {unknown}; known: {', '.join(KERNEL_NAMES)}")
     changed = 0
     for m in model.modules():
         if not swappable(m):
             continue
-        mine = frozenset(
-            s for s in shapes
-            if (s.in_channels, s.out_channels, s.kernel, s.stride, s.padding)
+        mine = {
+            s: k for s, k in kernels.items()
+            if k != PYTORCH and kernel_applies(k, s)
+            and (s.in_channels, s.out_channels, s.kernel, s.stride, s.padding)
             == (m.in_channels, m.out_channels, tuple(m.kernel_size), tuple(m.stride), tuple(m.padding))
-        )
+        }
         m.__class__ = TunedConv2d if mine else nn.Conv2d
         if mine:
-            m.swapped_shapes = mine
+            m.kernels = mine
             changed += 1
         else:
-            m.__dict__.pop("swapped_shapes", None)
+            m.__dict__.pop("kernels", None)
     return changed
+
+
+def use_swapped_weight_grad(model: nn.Module, shapes: Iterable[ConvShape]) -> int:
+    """``use_kernels`` with the swapped weight gradient for every one of ``shapes``."""
+    return use_kernels(model, {s: SWAPPED for s in shapes})
 
 
 # mallopt(3) parameter numbers from glibc's malloc.h

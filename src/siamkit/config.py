@@ -138,7 +138,8 @@ class TrainConfig(ModelOptions):
     channels_last: bool = option(True, group="speed", flag="--no-channels-last", help="keep the NCHW layout")
     cpu_tuning: str = option("auto", group="speed", choices=CPU_TUNINGS,
                              help="auto: siamkit's CPU speed-ups when training on CPU (src/siamkit/accel.py): each "
-                                  "convolution's weight-gradient kernel measured at the start and the faster kept "
+                                  "convolution's kernel (PyTorch's, a swapped weight gradient, Winograd) measured at the "
+                                  "start and the fastest kept "
                                   "(cached per machine in the --cache-dir folder, stored in checkpoints and reused by "
                                   "--resume), and malloc keeping freed memory; off: PyTorch's own kernels and malloc, "
                                   "for runs that must match across machines")

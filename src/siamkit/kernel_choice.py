@@ -1,10 +1,12 @@
-"""Measure-and-pick of convolution weight-gradient kernels on CPU (`--cpu-tuning auto`), like cuDNN's benchmark mode.
+"""Measure-and-pick of convolution kernels on CPU (`--cpu-tuning auto`), like cuDNN's benchmark mode.
 
 At the start of CPU training every distinct convolution shape of the model, at the shape of the training
-batch (``conv_shapes``: one forward pass under hooks), gets its weight gradient timed both ways, PyTorch's
-own (oneDNN) and the swapped forward convolution (accel.py), a few interleaved calls each; the faster is
-kept. Which one wins depends on the CPU (its ISA, its oneDNN kernels), the thread count and the shape, so
-nothing here is a threshold of one machine.
+batch (``conv_shapes``: one forward pass under hooks), gets the training work of that convolution (its
+forward and the gradients of its input and weight) timed by each candidate that can compute it (accel.py):
+PyTorch's own (oneDNN), PyTorch's with the swapped weight gradient, and, for 3x3 convolutions of stride 1
+in channels-last memory, Winograd's F(2x2, 3x3) and F(4x4, 3x3) (winograd.py); a few interleaved calls
+each, and the fastest is kept. Which one wins depends on the CPU (its ISA, its oneDNN kernels, its memory
+bandwidth), the thread count and the shape, so nothing here is a threshold of one machine.
 
 The choices are cached in ``<cache dir>/cpu-tuning.json`` (the decoded cache's folder: --cache-dir,
 $SIAMKIT_CACHE_DIR, $XDG_CACHE_HOME/siamkit, ~/.cache/siamkit) under a fingerprint of the machine: CPU
@@ -25,26 +27,32 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .accel import ConvShape, shape_of, swappable, weight_grad_by_forward_conv, weight_grad_by_pytorch
+from . import winograd
+from .accel import (
+    KERNEL_NAMES, PYTORCH, SWAPPED, ConvShape, conv2d_swapped_weight_grad, kernel_applies, shape_of, swappable,
+)
 from .data.cache import default_cache_dir
 from .errors import warn
 from .fileio import atomic_write_json
 
-PYTORCH, SWAPPED = "pytorch", "swapped"
-KERNELS = {PYTORCH: weight_grad_by_pytorch, SWAPPED: weight_grad_by_forward_conv}
+WINOGRAD2, WINOGRAD4 = winograd.F2.name, winograd.F4.name
+KERNELS = KERNEL_NAMES  # pytorch, swapped, winograd2, winograd4
 CACHE_FILE = "cpu-tuning.json"
-FORMAT, VERSION = "siamkit-cpu-tuning", 1  # a new VERSION (other candidates) measures everything again
+# A new VERSION (other candidates, other timing) measures everything again. 2: the whole convolution is timed,
+# with the Winograd candidates; version 1 timed the weight gradient alone, between PyTorch's and the swap.
+FORMAT, VERSION = "siamkit-cpu-tuning", 2
 REPS = 3  # timed calls per candidate, interleaved, after one warm-up call each (oneDNN builds its kernel then)
-# The swap is taken only when its fastest call beats PyTorch's by this factor: a near tie keeps PyTorch's own
-# kernel, and a second measurement of a tie (another machine of the same kind) then picks the same.
+# Another kernel is taken only when its fastest call beats PyTorch's by this factor: a near tie keeps PyTorch's
+# own kernel, and a second measurement of a tie (another machine of the same kind) then picks the same.
 MARGIN = 0.97
-# A candidate this many times slower than the other after a timed round has lost (time_calls stops there).
-# This bounds the tuning's time: no shape is skipped unmeasured, but the clear losers (the swap on a
-# 3-channel first layer, 4-8x slower; on strided 1x1 shortcuts, where it computes 4x the outputs it uses)
-# get one timed call instead of REPS.
+# A candidate this many times slower than the fastest after a timed round has lost: it is not timed again,
+# and the timing stops when one candidate is left. This bounds the tuning's time: no shape is skipped
+# unmeasured, but the clear losers (the swap on a 3-channel first layer, 4-8x slower; on strided 1x1
+# shortcuts, where it computes 4x the outputs it uses; F(4x4, 3x3) on 2x2 maps) get one timed call.
 CLEAR_GAP = 2.0
 
 Timer = Callable[[], float]
@@ -84,8 +92,24 @@ def conv_shapes(model: nn.Module, forward: Callable[[], object]) -> dict[ConvSha
     return seen
 
 
-def candidate_calls(shape: ConvShape) -> dict[str, Callable[[], object]]:
-    """One call of each candidate on random tensors of ``shape`` (the input's memory format for all three)."""
+def candidates(shape: ConvShape) -> list[str]:
+    """The kernels that can compute ``shape``, PyTorch's own first."""
+    return [k for k in KERNELS if kernel_applies(k, shape)]
+
+
+_CONV = {
+    PYTORCH: lambda x, w, shape: F.conv2d(x, w, None, shape.stride, shape.padding),
+    SWAPPED: lambda x, w, shape: conv2d_swapped_weight_grad(x, w, None, shape.stride, shape.padding),
+    **{name: (lambda x, w, shape, s=scheme: winograd.conv3x3_winograd(x, w, None, s)) for name, scheme in winograd.SCHEMES.items()},
+}
+
+
+def candidate_calls(shape: ConvShape) -> dict[str, Callable[[], tuple[torch.Tensor, ...]]]:
+    """One training call of each candidate on random tensors of ``shape``: forward, then input and weight gradients.
+
+    Every candidate gets the same input, weight and output gradient (the input's memory format for all three).
+    A call returns (output, input gradient, weight gradient).
+    """
     fmt = torch.channels_last if shape.channels_last else torch.contiguous_format
     dtype = getattr(torch, shape.dtype)
     n, h, w = shape.input
@@ -93,40 +117,54 @@ def candidate_calls(shape: ConvShape) -> dict[str, Callable[[], object]]:
     x = torch.randn(n, shape.in_channels, h, w, generator=g, dtype=dtype).contiguous(memory_format=fmt)
     weight = torch.randn(shape.out_channels, shape.in_channels, *shape.kernel, generator=g, dtype=dtype)
     grad_out = torch.randn(n, shape.out_channels, *shape.output, generator=g, dtype=dtype)
-    weight, grad_out = weight.contiguous(memory_format=fmt), grad_out.contiguous(memory_format=fmt)
-    return {name: (lambda k=kernel: k(x, grad_out, weight, shape.stride, shape.padding)) for name, kernel in KERNELS.items()}
+    x, weight = x.requires_grad_(), weight.contiguous(memory_format=fmt).requires_grad_()
+    grad_out = grad_out.contiguous(memory_format=fmt)
+
+    def call(kernel: str) -> tuple[torch.Tensor, ...]:
+        with torch.enable_grad():
+            y = _CONV[kernel](x, weight, shape)
+            return (y.detach(), *torch.autograd.grad(y, (x, weight), grad_out))
+
+    return {name: (lambda k=name: call(k)) for name in candidates(shape)}
 
 
 def time_calls(calls: Mapping[str, Callable[[], object]], reps: int = REPS, timer: Timer = time.perf_counter) -> dict[str, float]:
     """The fastest of up to ``reps`` timed calls of each, after one warm-up call each.
 
     Interleaved, every other round in reverse order, so a slow moment of the machine hits all candidates
-    alike; the fastest call, since interference only ever adds time. Stops after a round in which the
-    slowest is CLEAR_GAP times the fastest: more calls of a clear loser only cost time.
+    alike; the fastest call, since interference only ever adds time. After each round a candidate
+    CLEAR_GAP times slower than the fastest is not timed again, and the timing stops when one is left:
+    more calls of a clear loser only cost time.
     """
     names = list(calls)
     for name in names:
         calls[name]()
     best = {name: float("inf") for name in names}
+    running = list(names)
     for rep in range(reps):
-        for name in names if rep % 2 == 0 else reversed(names):
+        for name in running if rep % 2 == 0 else reversed(running):
             start = timer()
             calls[name]()
             best[name] = min(best[name], timer() - start)
-        if max(best.values()) >= CLEAR_GAP * min(best.values()):
+        fastest = min(best.values())
+        running = [name for name in running if best[name] < CLEAR_GAP * fastest]
+        if len(running) <= 1:
             break
     return best
 
 
 def measure_shape(shape: ConvShape) -> dict[str, float]:
-    """Seconds per weight gradient of ``shape``, by each candidate, on this machine."""
-    with torch.no_grad():
-        return time_calls(candidate_calls(shape))
+    """Seconds per training call (forward and both gradients) of ``shape``, by each candidate, on this machine."""
+    return time_calls(candidate_calls(shape))
 
 
 def pick(seconds: Mapping[str, float]) -> str:
-    """The faster candidate; PyTorch's own unless the swap wins by more than the noise (MARGIN)."""
-    return SWAPPED if seconds[SWAPPED] < MARGIN * seconds[PYTORCH] else PYTORCH
+    """The fastest candidate; PyTorch's own unless another wins by more than the noise (MARGIN)."""
+    others = {k: v for k, v in seconds.items() if k != PYTORCH}
+    if not others:
+        return PYTORCH
+    best = min(others, key=others.__getitem__)
+    return best if others[best] < MARGIN * seconds[PYTORCH] else PYTORCH
 
 
 @dataclass
@@ -142,15 +180,16 @@ class Choices:
     saved: bool = False
 
     def summary(self) -> str:
-        n_swapped = sum(k == SWAPPED for k in self.kernels.values())
+        counts = {k: sum(v == k for v in self.kernels.values()) for k in KERNEL_NAMES}
         where = [
             f"{self.from_checkpoint} from the checkpoint" if self.from_checkpoint else "",
             f"{self.from_cache} from {self.cache}" if self.from_cache else "",
             f"{self.measured} measured on this machine in {self.seconds:.1f} s" if self.measured else "",
         ]
         return (
-            f"--cpu-tuning auto: convolution weight gradients of {len(self.kernels)} shapes: {n_swapped} by the swapped "
-            f"forward convolution, {len(self.kernels) - n_swapped} by PyTorch's own ({'; '.join(w for w in where if w)})"
+            f"--cpu-tuning auto: convolutions of {len(self.kernels)} shapes: {counts[WINOGRAD4]} by Winograd F(4x4,3x3), "
+            f"{counts[WINOGRAD2]} by Winograd F(2x2,3x3), {counts[SWAPPED]} with the swapped weight gradient, "
+            f"{counts[PYTORCH]} by PyTorch's own ({'; '.join(w for w in where if w)})"
         )
 
     def to_dict(self) -> dict[str, str]:
@@ -214,10 +253,10 @@ def choose(
     todo = []
     for shape in shapes:
         key = shape.key()
-        if known.get(key) in KERNELS:
+        if kernel_applies(known.get(key), shape):
             out.kernels[shape] = known[key]
             out.from_checkpoint += 1
-        elif cached.get(key) in KERNELS:
+        elif kernel_applies(cached.get(key), shape):
             out.kernels[shape] = cached[key]
             out.from_cache += 1
         else:

@@ -65,7 +65,7 @@ class Training:
     sync_bn: bool  # BatchNorm statistics are global already (no averaging of running stats after a step)
     # BatchNorm buffers, put back when a step is skipped (they change in the forward pass).
     buffers: list[torch.Tensor] = field(default_factory=list)
-    # --cpu-tuning auto on CPU: {convolution shape key: weight-gradient kernel} (kernel_choice.py), kept in checkpoints
+    # --cpu-tuning auto on CPU: {convolution shape key: kernel} (kernel_choice.py), kept in checkpoints
     conv_kernels: dict[str, str] = field(default_factory=dict)
     tuning_note: str = ""  # how many shapes took which kernel, and where the choices came from (the run's log)
     ema: WeightEMA | None = None  # --ema-decay: the averaged weights the run evaluates and saves (train/ema.py)
@@ -178,7 +178,7 @@ def choose_conv_kernels(
     cfg: TrainConfig, model: SiameseNet, device: torch.device, in_channels: int, image_size: Sequence[int] | None,
     known: Mapping[str, str] | None, ctx: distributed.DistContext, progress: bool = False,
 ) -> tuple[dict[str, str], str]:
-    """--cpu-tuning auto on CPU: each convolution shape's weight-gradient kernel, measured or reused, and applied.
+    """--cpu-tuning auto on CPU: each convolution shape's kernel, measured or reused, and applied.
 
     -> ({shape key: kernel}, the line for the run's log).
 
@@ -217,8 +217,7 @@ def choose_conv_kernels(
         return choices.to_dict(), choices.summary()
 
     kernels, note = distributed.from_main(ctx, choose)
-    swapped = [accel.ConvShape.from_key(k) for k, v in kernels.items() if v == kernel_choice.SWAPPED]
-    accel.use_swapped_weight_grad(model, swapped)
+    accel.use_kernels(model, {accel.ConvShape.from_key(k): v for k, v in kernels.items()})
     return kernels, note
 
 

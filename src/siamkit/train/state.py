@@ -41,7 +41,7 @@ def training_state(run: Run, step: int, window: LossWindow, **extra: Any) -> dic
         "score": score_for(run.cfg.embedding_activation),
         "best_accuracy": run.best_accuracy,
         "alignment": run.alignment,  # how the training faces were aligned (None: not by siamkit align)
-        # --cpu-tuning auto: each convolution shape's weight-gradient kernel, so that --resume computes alike
+        # --cpu-tuning auto: each convolution shape's kernel, so that --resume computes alike
         "conv_kernels": t.conv_kernels,
         **extra,
     }

@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from conv_weight_grad import seconds_per_call  # noqa: E402
 from machine import describe_device  # noqa: E402
 from siamkit import kernel_choice  # noqa: E402
 from siamkit.accel import keep_freed_memory  # noqa: E402
@@ -47,13 +48,6 @@ def resnet18_shapes(size: int) -> dict:
     with torch.no_grad():
         found = conv_shapes(model.eval(), lambda: model(x))
     return {type(s)(**{**s.__dict__, "input": (BATCH, *s.input[1:])}): n for s, n in found.items()}
-
-
-def seconds_per_call(fn, reps: int) -> float:
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t) / reps
 
 
 def main(argv=None) -> int:

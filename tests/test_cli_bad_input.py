@@ -169,9 +169,9 @@ def test_existing_run_is_refused_and_kept(earlier_run, capfd):
     before = tree_snapshot(earlier_run)
     code, err = run_main(tiny_args(earlier_run, steps=2), capfd)
     assert_one_error(code, err, f"run folder {earlier_run} already exists; pass --resume to continue it, "
-                                f"--overwrite to replace it, or another --out")
+                                f"--force to replace it, or another --out")
     code, err = run_main([*tiny_args(earlier_run, steps=2), "--resume", "--overwrite"], capfd)
-    assert_one_error(code, err, "--resume continues a run and --overwrite replaces it: pass only one of them")
+    assert_one_error(code, err, "--resume continues a run and --force replaces it: pass only one of them")
     assert tree_snapshot(earlier_run) == before
 
 

@@ -173,7 +173,8 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, opts: AlignOpti
                  workers: int | None = None, progress: bool = True, force: bool = False) -> AlignSummary:
     """Align every image under ``src`` into ``dst`` (same relative paths); see the module docstring.
 
-    ``dst`` must not hold ``src``; if it holds files but no earlier alignment, ``force`` is needed to write among them.
+    ``dst`` must neither hold ``src`` nor lie inside it; if it holds files but no earlier alignment, ``force`` is
+    needed to write among them.
     """
     opts.check()
     check_installed()
@@ -184,7 +185,7 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, opts: AlignOpti
         raise SiamkitError(f"DST {dst} is SRC itself; pass another folder for the aligned crops")
     if src_path.resolve().is_relative_to(dst_path.resolve()):  # crops at DST/rel could land on SRC's own photos
         raise SiamkitError(f"DST {dst} holds SRC {src}; pass a folder outside it for the aligned crops")
-    check_output_folder(dst_path, [], force, own=(JOURNAL, REPORT), option="DST")
+    check_output_folder(dst_path, [src_path], force, own=(JOURNAL, REPORT), option="DST")
     rels = list_images(src_path, skip=dst_path.resolve())
     if not rels:
         raise SiamkitError(f"no images in {src} (formats: {', '.join(e[1:] for e in IMAGE_EXTENSIONS)})")

@@ -157,7 +157,7 @@ def cases(ws: Workspace) -> list[tuple[str, str, Case]]:
         last = run / "checkpoints" / "last.pt"
         flip_64_bytes(last)
         code, line = siamkit("verify", run, ws.image("s1"), ws.image("s2"), "--threshold", "0.5")
-        return one_error_line(code, line, f"{last} is damaged: the checksum of its part")
+        return one_error_line(code, line, f"{last} is damaged: its part")
 
     def nan_run():
         out = root / "nan_run"

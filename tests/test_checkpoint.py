@@ -58,8 +58,8 @@ def test_flipped_bytes_in_last_pt_are_refused_by_verify_in_one_line(run, tmp_pat
     flip_bytes(last, offset + size // 2)  # inside the largest weight tensor: torch.load alone reads it happily
     image_a, image_b = att_faces / "s1" / "1.pgm", att_faces / "s2" / "1.pgm"
     code, err = run_main(["verify", copy, image_a, image_b, "--threshold", "0.5"], capfd)
-    assert_one_error(code, err, f"{last} is damaged: the checksum of its part ")
-    assert err[-1].endswith("does not match (a disk or copy error changed it); use another checkpoint, e.g. "
+    assert_one_error(code, err, f"{last} is damaged: its part ")
+    assert err[-1].endswith("fails the zip's checksum or header check (a disk or copy error changed it); use another checkpoint, e.g. "
                             "checkpoints/step-N.pt, or retrain")
 
 
@@ -67,8 +67,13 @@ def test_a_damaged_zip_directory_is_one_line_too(run, tmp_path):
     path = tmp_path / "last.pt"
     shutil.copy(run / "checkpoints" / "last.pt", path)
     with zipfile.ZipFile(path) as z:
-        first = z.infolist()[0]
-    flip_bytes(path, first.header_offset, 4)  # the local header's signature: the zip's index still points there
+        first, directory = z.infolist()[0], z.start_dir
+    flip_bytes(path, first.header_offset, 4)  # a part's own header: the zip's index still points there
+    with pytest.raises(SiamkitError, match=rf"^{path} is damaged: its part '{first.filename}' fails the zip's "
+                                           r"checksum or header check"):
+        load_checkpoint(path)
+    shutil.copy(run / "checkpoints" / "last.pt", path)
+    flip_bytes(path, directory, 4)  # the index itself (its end record, which finds it, intact)
     with pytest.raises(SiamkitError, match=rf"^{path} is damaged \(its zip structure is broken\)"):
         load_checkpoint(path)
 

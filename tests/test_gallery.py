@@ -247,8 +247,8 @@ def test_a_gallery_with_flipped_bytes_is_refused_in_one_line(tmp_path):
     at = data.index(np.ones(8, np.float32).tobytes())  # inside the embeddings' bytes
     data[at:at + 16] = bytes(b ^ 0xFF for b in data[at:at + 16])
     path.write_bytes(bytes(data))
-    with pytest.raises(SiamkitError, match=rf"^{path} is damaged: the checksum of its part 'embeddings.npy' does not "
-                                           r"match"):
+    with pytest.raises(SiamkitError, match=rf"^{path} is damaged: its part 'embeddings.npy' fails the zip's "
+                                           r"checksum"):
         load_gallery(tmp_path)
 
 

@@ -22,13 +22,14 @@ from tiny_run import load_raw, one_torch_thread, tiny_config  # noqa: F401
 
 @pytest.fixture(scope="module")
 def overflowing(tmp_path_factory, one_torch_thread) -> Path:
-    """A tiny run's checkpoint with the embedding layer's weights set to 3e38: finite, but any input overflows."""
+    """A tiny run's checkpoint with its first convolution's weights set to 3e38: finite, but any image overflows."""
     from siamkit.train.loop import train
 
     run = tmp_path_factory.mktemp("verifier") / "run"
     train(tiny_config(run, steps=1), progress=False)
     state = load_raw(run / "checkpoints" / "last.pt")
-    state["model"]["embedding.fc.weight"].fill_(3e38)
+    first_conv = next(name for name, w in state["model"].items() if w.ndim == 4)
+    state["model"][first_conv].fill_(3e38)  # every non-zero pixel overflows it; inf - inf downstream is NaN
     assert non_finite(state["model"]) == []
     path = run.parent / "overflowing.pt"
     torch.save(state, path)

@@ -188,7 +188,7 @@ def check_export_out(fmt: str, out: str | os.PathLike, inputs: list[Path], force
     if fmt not in FORMATS:
         raise SiamkitError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     if not str(out).lower().endswith(EXTENSIONS[fmt]):
-        raise SiamkitError(f"--out {out}: a {fmt} export's file name ends in {' or '.join(EXTENSIONS[fmt])} (the "
+        raise SiamkitError(f"--out {out}: {'an' if fmt[0] in 'aeiou' else 'a'} {fmt} export's file name ends in {' or '.join(EXTENSIONS[fmt])} (the "
                            f"name says what the file holds); pass --format {fmt} with such a name")
     check_output_file(out, inputs, force)
     if fmt == "torchscript":

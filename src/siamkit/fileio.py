@@ -146,8 +146,8 @@ def check_zip(path: Path, fix: str) -> None:
     except Exception as e:  # zlib errors of a damaged compressed member
         raise SiamkitError(f"{path} is damaged ({type(e).__name__} while checking it); {fix}") from None
     if bad is not None:
-        raise SiamkitError(f"{path} is damaged: the checksum of its part {bad!r} does not match (a disk or copy "
-                           f"error changed it); {fix}")
+        raise SiamkitError(f"{path} is damaged: its part {bad!r} fails the zip's checksum or header check (a disk "
+                           f"or copy error changed it); {fix}")
 
 
 class Busy(SiamkitError):

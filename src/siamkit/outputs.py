@@ -109,15 +109,15 @@ def check_replace_run(run_dir: Path, inputs: Iterable[Path]) -> None:
 def check_not_input(out: Path, inputs: Iterable[Path], option: str = "--out") -> None:
     """Refuse an output that is an input, lies inside an input folder, or lies in a run's checkpoints/ folder."""
     here = _resolved(out)
+    for folder in here.parents:
+        if folder.name == CHECKPOINTS and (is_run_folder(folder.parent) or any(folder.glob("*.pt"))):
+            raise SiamkitError(f"{option} {out} lies in {folder}, a run's checkpoints folder, which holds only "
+                               f"checkpoints that training writes; pass another {option}")
     for source in inputs:
         if _inside(here, _resolved(source)):
             where = "is" if here == _resolved(source) else "lies inside"
             raise SiamkitError(f"{option} {out} {where} {source}, an input of this command; siamkit never writes "
                                f"over what it reads: pass another {option}")
-    for folder in here.parents:
-        if folder.name == CHECKPOINTS and (is_run_folder(folder.parent) or any(folder.glob("*.pt"))):
-            raise SiamkitError(f"{option} {out} lies in {folder}, a run's checkpoints folder, which holds only "
-                               f"checkpoints that training writes; pass another {option}")
 
 
 def check_output_file(out: str | os.PathLike, inputs: Iterable[Path], force: bool, option: str = "--out") -> None:

@@ -387,10 +387,10 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, inputs: Sequence
     nothing is left behind here."""
     if resume and overwrite:
         raise SiamkitError("--resume continues a run and --force replaces it: pass only one of them")
-    if not resume:
-        check_not_input(run_dir, inputs)
     if overwrite:
         check_replace_run(run_dir, inputs)
+    if not resume:
+        check_not_input(run_dir, inputs)
     if resume:
         if not (run_dir / "checkpoints" / "last.pt").is_file():
             raise SiamkitError(f"--resume: {run_dir}/checkpoints/last.pt does not exist; pass the --out of an earlier run")

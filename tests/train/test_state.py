@@ -21,7 +21,8 @@ def test_weights_that_overflow_stop_the_run_and_keep_the_last_finite_checkpoint(
         steps["done"] += 1
         if steps["done"] == 3:  # step 3's update overflows a weight (a finite loss and gradient, a huge --lr)
             with torch.no_grad():
-                next(training.model.parameters()).view(-1)[0] = float("inf")
+                weight = next(training.model.parameters())
+                weight[(0,) * weight.ndim] = float("inf")
         return result
 
     monkeypatch.setattr(loop, "optimisation_step", step_then_overflow)

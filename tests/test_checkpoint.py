@@ -6,7 +6,6 @@ model scored "nan"; a full disk ended in PyTorch's inline_container.cc traceback
 """
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import struct
@@ -21,7 +20,7 @@ from siamkit.checkpoint import load_checkpoint, save_checkpoint
 from siamkit.errors import SiamkitError
 from siamkit.fileio import WriteError
 from test_cli_bad_input import assert_one_error, run_main
-from tiny_run import load_raw, one_torch_thread, tiny_args, tiny_config  # noqa: F401
+from tiny_run import DiskFillsUp, load_raw, one_torch_thread, tiny_args, tiny_config  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -94,40 +93,13 @@ def test_a_model_with_non_finite_weights_is_refused(run, tmp_path, att_faces, ca
     assert not (tmp_path / "e.npz").exists() and not (tmp_path / "gallery").exists()
 
 
-class _DiskFillsUp:
-    """A file on a disk with ``room`` bytes left: writes succeed until it is full, then fail with ENOSPC, as a real
-    one does (torch's zip writer turns such a late failure into a RuntimeError about positions)."""
-
-    def __init__(self, f, room: int):
-        self._f, self.room = f, room
-
-    def write(self, data):
-        data = memoryview(data).cast("B")
-        if len(data) > self.room:
-            self._f.write(data[:self.room])
-            self.room = 0
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.room -= len(data)
-        return self._f.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._f.close()
-        return False
-
-
 def fill_disk_after(monkeypatch, room: int, when=lambda: True) -> None:
     """From when ``when()`` holds, every file atomic_write opens has ``room`` bytes of disk left."""
     real_fdopen = os.fdopen
 
     def fdopen(fd, mode="r", *args, **kwargs):
         f = real_fdopen(fd, mode, *args, **kwargs)
-        return _DiskFillsUp(f, room) if "w" in mode and when() else f
+        return DiskFillsUp(f, room) if "w" in mode and when() else f
 
     monkeypatch.setattr(fileio.os, "fdopen", fdopen)
 

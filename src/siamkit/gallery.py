@@ -83,9 +83,11 @@ class Gallery:
 
     def check_model(self, probe_embedding: np.ndarray, model: str) -> None:
         stored = np.asarray(self.meta["model_probe"], dtype=np.float32)
-        # Another dimension is another model too (checked before any product of mismatched shapes).
-        if (stored.shape != probe_embedding.shape or self.embeddings.shape[1:] != probe_embedding.shape
-                or not np.abs(stored - probe_embedding).max() <= PROBE_TOLERANCE):
+        if self.embeddings.shape[1:] != probe_embedding.shape:  # before any product of mismatched shapes
+            raise SiamkitError(f"this gallery holds embeddings of dimension {self.embeddings.shape[1]}, and {model} "
+                               f"makes embeddings of dimension {probe_embedding.shape[-1]}; enroll the gallery again "
+                               f"with this model, or use the one it was enrolled with ({self.meta['model']})")
+        if stored.shape != probe_embedding.shape or not np.abs(stored - probe_embedding).max() <= PROBE_TOLERANCE:
             raise SiamkitError(f"this gallery was enrolled with another model ({self.meta['model']}), not {model}; "
                                f"enroll the gallery again with this model, or use the one it was enrolled with")
 

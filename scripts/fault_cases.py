@@ -166,8 +166,11 @@ def cases(ws: Workspace) -> list[tuple[str, str, Case]]:
         ok, detail = one_error_line(code, line, "the model's weights are not finite")
         if not (out / "checkpoints" / "last.pt").exists():
             return ok and "no checkpoint had been written yet" in line, detail
+        # The kept checkpoint's weights are finite; they may still be so large that every embedding overflows,
+        # and then verify refuses to score rather than print NaN.
         code2, line2 = siamkit("verify", out, ws.image(), ws.image(), "--threshold", "0.5")
-        return ok and "is intact" in line and code2 == 0, detail
+        scored_or_refused = code2 == 0 or one_error_line(code2, line2, "is not finite (NaN or infinity)")[0]
+        return ok and "is intact" in line and scored_or_refused, f"{detail}; verify of it: exit {code2} {line2[:80]}"
 
     def nan_model_refused():
         import torch

@@ -131,6 +131,8 @@ def test_what_counts_as_a_run_folder(run, tmp_path):
     with pytest.raises(SiamkitError, match="is not one"):
         check_replace_run(app, [])
     check_replace_run(tmp_path / "missing", [])  # nothing there: nothing to refuse
+    (tmp_path / "empty").mkdir()
+    check_replace_run(tmp_path / "empty", [])  # an empty folder: nothing to remove
 
 
 # --- files written by the other commands --------------------------------------------------------------------------

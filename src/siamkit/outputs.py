@@ -96,6 +96,8 @@ def check_replace_run(run_dir: Path, inputs: Iterable[Path]) -> None:
         if _inside(_resolved(kept), here):
             what = "the working directory" if kept == Path.cwd() else f"the input {kept}"
             raise SiamkitError(f"--force would remove {run_dir}, which is or holds {what}; pass another --out")
+    if not any(run_dir.iterdir()):
+        return  # an empty folder: nothing to remove
     if not is_run_folder(run_dir):
         raise SiamkitError(f"--force replaces only a run folder that siamkit made, and {run_dir} is not one (no "
                            f"{RUN_MARKER} marker, no config.json of siamkit); pass another --out")

@@ -418,7 +418,7 @@ def make_run_folder(run_dir: Path, cfg: TrainConfig, world: int, *, resume: bool
     """The run folder with siamkit's marker, checkpoints/ and config.json (a run replaced with --force, which
     check_run_dir allowed, is removed first)."""
     ckpt_dir = run_dir / "checkpoints"
-    if overwrite and run_dir.exists() and not resume:
+    if overwrite and run_dir.is_dir() and any(run_dir.iterdir()) and not resume:
         shutil.rmtree(run_dir)
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)

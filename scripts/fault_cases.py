@@ -113,7 +113,9 @@ def cases(ws: Workspace) -> list[tuple[str, str, Case]]:
         return refused_and_kept(ws, photos, "is not one (no .siamkit-run marker")
 
     def overwrite_data():
-        return refused_and_kept(ws, ws.data, "which is or holds the input")
+        data = root / "faces_to_keep"  # a copy of its own: the other cases keep theirs whatever happens here
+        shutil.copytree(ws.data, data)
+        return refused_and_kept(ws, data, "which is or holds the input", "--data", data)
 
     def overwrite_file():
         precious = root / "precious.pgm"
@@ -160,9 +162,11 @@ def cases(ws: Workspace) -> list[tuple[str, str, Case]]:
 
     def nan_run():
         out = root / "nan_run"
-        code, line = siamkit("train", "--data", "att", "--out", out, "--lr", "1e6", "--steps", "20", "--image-size",
+        # The weights overflow at step 4 with a finite loss; steps 5-8 are skipped as non-finite, under the limit
+        # of 5 in a row: on main 935a11e this run ended with exit code 0 and NaN weights in last.pt.
+        code, line = siamkit("train", "--data", "att", "--out", out, "--lr", "1e6", "--steps", "8", "--image-size",
                              "32", "32", "--val-identities", "0", "--device", "cpu", "--no-progress",
-                             "--cpu-tuning", "off", "--checkpoint-every", "2")
+                             "--cpu-tuning", "off", "--checkpoint-every", "3")
         ok, detail = one_error_line(code, line, "the model's weights are not finite")
         if not (out / "checkpoints" / "last.pt").exists():
             return ok and "no checkpoint had been written yet" in line, detail

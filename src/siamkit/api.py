@@ -78,7 +78,7 @@ class Verifier(VerifierBase):
                            shifts=self.shifts)
         return require_finite(emb, image_names(images))
 
-    def embed_pixels(self, pixels, progress: bool = False) -> np.ndarray:
+    def embed_pixels(self, pixels: np.ndarray | torch.Tensor, progress: bool = False) -> np.ndarray:
         """Embeddings [N, D] of uint8 pixels [N, C, H, W] at the model's size, with the run's views (flip, shifts),
         in chunks behind a progress bar (as ExportedVerifier.embed_pixels)."""
         pixels = torch.as_tensor(pixels)

@@ -37,8 +37,9 @@ def test_weights_that_overflow_stop_the_run_and_keep_the_last_finite_checkpoint(
 
 @pytest.mark.parametrize("ema", [False, True])
 def test_a_huge_learning_rate_fails_instead_of_saving_nan_weights(tmp_path, capfd, ema):
-    # The case of the issue: with --lr 1e6, step 6 updates the weights to infinity with a finite loss; the skipped
-    # steps after it stayed under --max-bad-steps, and the run ended with exit code 0 and NaN in last.pt.
+    # The case of the issue: with --lr 1e6 a step (step 4 here) updates the weights to infinity with a finite loss;
+    # the non-finite steps after it stayed under --max-bad-steps, and on main 935a11e the run ended with exit code 0
+    # and NaN in last.pt. Now the step-6 checkpoint is refused and the step-3 one kept.
     out = tmp_path / "run"
     args = ["train", "--data", "att", "--out", out, "--lr", "1e6", "--steps", "8", "--image-size", "32", "32",
             "--val-identities", "0", "--device", "cpu", "--no-progress", "--cpu-tuning", "off",

@@ -148,6 +148,19 @@ def test_export_never_writes_into_a_runs_checkpoints(run, tmp_path, capfd):
     assert tree_snapshot(copy) == before
 
 
+def test_no_folder_output_lands_in_a_runs_checkpoints(run, faces, tmp_path, capfd):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = tree_snapshot(copy)
+    ckpts = copy / "checkpoints"
+    for args in (["align", faces, ckpts, "--force", "--workers", "1", "--no-progress"],
+                 ["evaluate", copy, "--data", "digits", "--device", "cpu", "--out", ckpts, "--force"],
+                 ["enroll", copy, "--data", faces, "--out", ckpts, "--force", "--no-progress"]):
+        code, err = run_main(args, capfd)
+        assert_one_error(code, err, f"lies in {ckpts}, a run's checkpoints folder")
+    assert tree_snapshot(copy) == before
+
+
 @pytest.mark.parametrize("fmt, name, expected", [
     ("torchscript", "m.onnx", "a torchscript export's file name ends in .pt or .ts or .torchscript"),
     ("onnx", "m.pt", "an onnx export's file name ends in .onnx"),

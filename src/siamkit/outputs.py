@@ -111,7 +111,7 @@ def check_replace_run(run_dir: Path, inputs: Iterable[Path]) -> None:
 def check_not_input(out: Path, inputs: Iterable[Path], option: str = "--out") -> None:
     """Refuse an output that is an input, lies inside an input folder, or lies in a run's checkpoints/ folder."""
     here = _resolved(out)
-    for folder in here.parents:
+    for folder in (here, *here.parents):  # the output itself may be a folder (align's DST, evaluate's --out)
         if folder.name == CHECKPOINTS and (is_run_folder(folder.parent) or any(folder.glob("*.pt"))):
             raise SiamkitError(f"{option} {out} lies in {folder}, a run's checkpoints folder, which holds only "
                                f"checkpoints that training writes; pass another {option}")

@@ -6,9 +6,9 @@ since ONNX's Resize does not reproduce Pillow's filter) and does the rest inside
 mean/std, the embedding network in eval mode, the mirrored and shifted views' embeddings if the run adds them, and
 the L2 normalisation. The batch dimension is dynamic. Everything a user needs besides the graph is
 metadata: ONNX metadata_props (key "siamkit", a JSON object, with the file's own sha256 that loading checks), or a
-JSON sidecar FILE.json beside a TorchScript file (with the sha256 of the TorchScript file). Before anything is written, the exported model and the PyTorch model embed the same
-images (the run's held-out images, or --data) and the export fails in one line if they differ by more
-than PARITY_TOLERANCE.
+JSON sidecar FILE.json beside a TorchScript file (with the sha256 of the TorchScript file). Before anything is
+written, the exported model and the PyTorch model embed the same images (the run's held-out images, or --data)
+and the export fails in one line if they differ by more than PARITY_TOLERANCE.
 """
 from __future__ import annotations
 

@@ -8,21 +8,24 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from .calibration import run_calibration
-from .checkpoint import load_checkpoint, resolve_checkpoint, run_dir_of
+from .checkpoint import load_checkpoint, require_finite_model, resolve_checkpoint, run_dir_of
 from .data.transforms import Preprocess
 from .errors import SiamkitError
 from .eval.embed import embed_images
 from .exported import is_exported, load_exported
 from .models.siamese import ModelSpec, SiameseNet
-from .verifier import VerifierBase, as_pil, image_pixels
+from .verifier import VerifierBase, as_pil, image_names, image_pixels, require_finite
+
+EMBED_CHUNK = 256  # images per call in embed_pixels: the progress bar moves, and memory stays bounded
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[SiameseNet, dict]:
     """Rebuild the network from a checkpoint alone; returns (model in eval mode, checkpoint)."""
     ckpt_path = resolve_checkpoint(path)
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = require_finite_model(load_checkpoint(ckpt_path), ckpt_path)
     try:
         model = SiameseNet(ModelSpec(**ckpt["model_spec"]))
         model.load_state_dict(ckpt["model"])
@@ -71,8 +74,18 @@ class Verifier(VerifierBase):
         align: detect and align the face of each raw photo first, as `siamkit align` does; None: the Verifier's)."""
         align = self.align if align is None else align
         batch = torch.stack([self._to_uint8(im, align) for im in images])
-        return embed_images(self.model, batch, self.preprocess, self.device, flip=self.flip if flip is None else flip,
-                            shifts=self.shifts)
+        emb = embed_images(self.model, batch, self.preprocess, self.device, flip=self.flip if flip is None else flip,
+                           shifts=self.shifts)
+        return require_finite(emb, image_names(images))
+
+    def embed_pixels(self, pixels: np.ndarray | torch.Tensor, progress: bool = False) -> np.ndarray:
+        """Embeddings [N, D] of uint8 pixels [N, C, H, W] at the model's size, with the run's views (flip, shifts),
+        in chunks behind a progress bar (as ExportedVerifier.embed_pixels)."""
+        pixels = torch.as_tensor(pixels)
+        return np.concatenate([
+            embed_images(self.model, pixels[i:i + EMBED_CHUNK], self.preprocess, self.device, flip=self.flip,
+                         shifts=self.shifts)
+            for i in tqdm(range(0, len(pixels), EMBED_CHUNK), desc="embed", unit="chunk", disable=not progress)])
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", align: bool = False) -> VerifierBase:

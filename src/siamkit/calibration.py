@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import SiamkitError
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, file_lock, lock_path
 
 CALIBRATION_FILE = "calibration.json"
 TRAINING_SOURCE = "held-out identities at the end of training"
@@ -52,12 +52,14 @@ def record_calibration(run_dir: str | os.PathLike, entry: dict, previous: dict |
     first entry of the history.
     """
     path = Path(run_dir) / CALIBRATION_FILE
-    if path.exists():
-        old = _read(path)
-        history = [*old.get("history", []), old["current"]]
-    else:
-        history = [] if previous is None else [previous]
-    atomic_write_json(path, {"current": entry, "history": history})
+    # Read and replaced under a lock: two calibrations at once both end up in the file, neither history lost.
+    with file_lock(lock_path(path), f"the calibration {path}"):
+        if path.exists():
+            old = _read(path)
+            history = [*old.get("history", []), old["current"]]
+        else:
+            history = [] if previous is None else [previous]
+        atomic_write_json(path, {"current": entry, "history": history})
     return path
 
 

@@ -43,7 +43,9 @@ def _train_parser(sub) -> argparse.ArgumentParser:
                         "auto = the data's: faces for face folders and the built-in faces, none for digits; "
                         "options given here override it")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    g.add_argument("--force", "--overwrite", dest="overwrite", action="store_true",
+                   help="replace the run folder in --out, if siamkit made it and it holds nothing else "
+                        "(--overwrite is the same flag)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -53,7 +55,8 @@ def _train(args) -> int:
     from .train.loop import train
 
     cfg = TrainConfig.from_dict(vars(args))  # the parser's other options (--resume, ...) are not config
-    train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+          inputs=[args.config] if args.config else [])
     return 0
 
 
@@ -61,15 +64,20 @@ def _evaluate(args) -> int:
     from .api import load_model, run_flip, run_shifts
     from .data.transforms import Preprocess
     from .eval.protocol import evaluate
-    from .eval.report import format_summary, write_report
+    from .eval.report import REPORT_FILES, format_summary, write_report
     from .checkpoint import resolve_checkpoint, run_dir_of
     from .device import resolve_device
+    from .outputs import check_report_files, existing_inputs, is_run_folder, run_inputs
 
+    run_dir = run_dir_of(resolve_checkpoint(args.run))
+    out = Path(args.out) if args.out else run_dir / "eval"
+    # A run's own eval/ is the report evaluate replaces; any other folder's reports are replaced only when asked.
+    check_report_files(out, ("identification.json",) if args.protocol == "identification" else REPORT_FILES,
+                       [*run_inputs(args.run), *existing_inputs([args.data, args.pairs, args.gallery, args.probes])],
+                       force=args.force or (args.out is None and is_run_folder(run_dir)))
     device = resolve_device(args.device)
     model, ckpt = load_model(args.run, device)
     pre = Preprocess.from_dict(ckpt["preprocess"])
-    run_dir = run_dir_of(resolve_checkpoint(args.run))
-    out = Path(args.out) if args.out else run_dir / "eval"
     score = args.score or ckpt.get("score", "cosine")
     flip, shifts = _views(args, ckpt)
     if args.protocol == "identification":
@@ -109,6 +117,10 @@ def _verify(args) -> int:
         raise SiamkitError("give two images, or --pairs PAIRS.csv --out DECISIONS.csv (not both)")
     if args.pairs is not None and (args.out is None or args.image1 is not None):
         raise SiamkitError("--pairs takes no image arguments and needs --out DECISIONS.csv")
+    if args.pairs is not None:
+        from .outputs import check_output_file, existing_inputs, run_inputs
+
+        check_output_file(args.out, [*run_inputs(args.run), *existing_inputs([args.pairs])], args.force)
     verifier = load(args.run, align=args.align)
     if args.threshold is not None:
         threshold, what = args.threshold, "given with --threshold"
@@ -126,11 +138,11 @@ def _verify(args) -> int:
 
 
 def _export(args) -> int:
-    from .export import check_images, export_run, same_decisions
+    from .export import check_export_out, check_images, export_run, same_decisions
     from .api import load_model
+    from .outputs import existing_inputs, run_inputs
 
-    if args.format == "onnx" and not args.out.lower().endswith(".onnx"):
-        raise SiamkitError(f"--out {args.out} must end in .onnx (siamkit.load and verify recognise the file by it)")
+    check_export_out(args.format, args.out, [*run_inputs(args.run), *existing_inputs([args.data])], args.force)
     _, ckpt = load_model(args.run)
     ds, what = check_images(ckpt, args.data)
     result = export_run(args.run, args.format, args.out, ds.images)
@@ -145,55 +157,50 @@ def _export(args) -> int:
     return 0
 
 
-def _embed_dataset(verifier, ds, progress: bool = True):
-    """Embeddings of an IdentityDataset with a run's Verifier, in chunks behind a progress bar."""
-    import numpy as np
-    from tqdm import tqdm
-
-    from .eval.embed import embed_images
-
-    chunks = [embed_images(verifier.model, ds.images[i:i + 256], verifier.preprocess, verifier.device,
-                           flip=verifier.flip, shifts=verifier.shifts)
-              for i in tqdm(range(0, len(ds), 256), desc="embed", unit="chunk", disable=not progress)]
-    return np.concatenate(chunks)
-
-
 def _enroll(args) -> int:
-    from pathlib import Path as _Path
+    from .gallery import GALLERY_FILE, load_gallery, update_gallery
 
-    from .gallery import GALLERY_FILE, load_gallery, model_probe, new_gallery, save_gallery
-
-    out = _Path(args.out)
+    out = Path(args.out)
     if args.remove:
-        gallery = load_gallery(out)
-        for name in args.remove:
-            gallery = gallery.remove(name)
-        save_gallery(gallery, out)
+        load_gallery(out)  # one line if there is none, before anything is created
+        gallery = update_gallery(out, lambda g: _remove_people(g, args.remove))
         print(f"removed {', '.join(args.remove)}: {len(gallery.names)} identities ({len(gallery.labels)} images) "
               f"in {out / GALLERY_FILE}")
         return 0
     if args.run is None or args.data is None:
         raise SiamkitError("enroll needs RUN and --data GALLERY_FOLDER (or --remove NAME)")
-    if (out / GALLERY_FILE).exists() and not args.add:
-        raise SiamkitError(f"{out / GALLERY_FILE} exists; pass --add to add people to it, or another --out")
+    if args.add and args.force:
+        raise SiamkitError("--add adds people to the gallery and --force replaces it: pass only one of them")
     from .api import load
     from .data.sources import load_source
+    from .gallery import enroll_change, model_probe, new_gallery
+    from .outputs import check_not_input, existing_inputs, run_inputs
+    from .verifier import require_finite
 
+    check_not_input(out / GALLERY_FILE, [*run_inputs(args.run), *existing_inputs([args.data])])
+    if (out / GALLERY_FILE).exists() and not (args.add or args.force):
+        raise SiamkitError(f"{out / GALLERY_FILE} exists; pass --add to add people to it, --force to replace it, or "
+                           f"another --out")
     verifier = load(args.run)
     probe = model_probe(verifier)
     if args.add:
-        gallery = load_gallery(out)
-        gallery.check_model(probe, args.run)  # before embedding anything
+        load_gallery(out).check_model(probe, args.run)  # before embedding anything
     ds = load_source(args.data, verifier.preprocess)
-    new = new_gallery(_embed_dataset(verifier, ds, not args.no_progress), ds.labels, ds.names,
-                      [str(_Path(ds.root) / p) if ds.root else p for p in ds.paths], score=verifier.score_name,
-                      model=str(_Path(args.run).resolve()), probe_embedding=probe,
+    paths = [str(Path(ds.root) / p) if ds.root else p for p in ds.paths]
+    embeddings = require_finite(verifier.embed_pixels(ds.images, progress=not args.no_progress), paths)
+    new = new_gallery(embeddings, ds.labels, ds.names, paths, score=verifier.score_name,
+                      model=str(Path(args.run).resolve()), probe_embedding=probe,
                       preprocess=verifier.preprocess.to_dict(), calibration=verifier.calibration)
-    gallery = gallery.add(new) if args.add else new
-    save_gallery(gallery, out)
+    gallery = update_gallery(out, enroll_change(new, probe, args.run, add=args.add, replace=args.force))
     print(f"enrolled {len(ds.names)} identities ({len(ds)} images) from {args.data}: {len(gallery.names)} identities "
           f"({len(gallery.labels)} images) in {out / GALLERY_FILE}")
     return 0
+
+
+def _remove_people(gallery, names: list[str]):
+    for name in names:
+        gallery = gallery.remove(name)
+    return gallery
 
 
 def _identify(args) -> int:
@@ -257,10 +264,12 @@ def _evaluate_identification(args, model, ckpt, pre, device, out) -> int:
 
 def _embed(args) -> int:
     from .exported import is_exported
+    from .outputs import check_output_file, existing_inputs, run_inputs
 
+    if not args.out.endswith(".npz"):
+        raise SiamkitError(f"--out {args.out} must end in .npz")
+    check_output_file(args.out, [*run_inputs(args.run), *existing_inputs([args.data])], args.force)
     if is_exported(args.run):  # before anything imports torch
-        if not args.out.endswith(".npz"):
-            raise SiamkitError(f"--out {args.out} must end in .npz")
         return _embed_exported(args)
     import io
 
@@ -271,9 +280,8 @@ def _embed(args) -> int:
     from .eval.embed import embed_images
     from .device import resolve_device
     from .fileio import atomic_write_bytes
+    from .verifier import require_finite
 
-    if not args.out.endswith(".npz"):
-        raise SiamkitError(f"--out {args.out} must end in .npz")
     device = resolve_device(args.device)
     model, ckpt = load_model(args.run, device)
     pre = Preprocess.from_dict(ckpt["preprocess"])
@@ -281,6 +289,7 @@ def _embed(args) -> int:
         ds = _load_model_data(data, pre, args)
     flip, shifts = _views(args, ckpt)
     emb = embed_images(model, ds.images, pre, device, flip=flip, shifts=shifts)
+    require_finite(emb, [os.path.join(ds.root, p) if ds.root else p for p in ds.paths])
     buf = io.BytesIO()
     np.savez(buf, embeddings=emb, labels=ds.labels, names=np.array(ds.names), paths=np.array(ds.paths))
     atomic_write_bytes(args.out, buf.getvalue())
@@ -331,7 +340,7 @@ def _align(args) -> int:
     from .faces.folder import AlignOptions, align_folder
 
     opts = AlignOptions(size=args.size, margin=args.margin, pick=args.pick, undetected=args.undetected)
-    align_folder(args.src, args.dst, opts, workers=args.workers, progress=not args.no_progress)
+    align_folder(args.src, args.dst, opts, workers=args.workers, progress=not args.no_progress, force=args.force)
     return 0
 
 
@@ -395,6 +404,7 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
                         "in its history): verify then uses them")
     p.add_argument("--max-genuine-pairs", type=int, default=MAX_GENUINE_PAIRS,
                    help="no --pairs: draw at most this many genuine pairs (seeded; 0 = every one)")
+    _add_force_flag(p, "replace the report files in --out (a run's own eval/ is replaced without it)")
     _cache_option(p)
     _add_align_flag(p)
 
@@ -409,6 +419,7 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--pairs", default=None, metavar="PAIRS_CSV",
                    help="verify many pairs: a CSV file of two image paths per row (relative to its folder)")
     p.add_argument("--out", default=None, metavar="DECISIONS_CSV", help="with --pairs: score, threshold, decision")
+    _add_force_flag(p, "replace the file in --out")
     _add_align_flag(p)
 
     p = sub.add_parser("export", help="export the embedding network (ONNX or TorchScript) with its preprocessing "
@@ -417,6 +428,7 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     p.add_argument("--out", required=True, help="FILE.onnx, or FILE.pt for TorchScript (metadata in FILE.pt.json)")
     p.add_argument("--data", default=None, help="images to check the export on (default: the run's held-out identities)")
+    _add_force_flag(p, "replace the file in --out (and its sidecar)")
 
     p = sub.add_parser("enroll", help="embed a folder-per-identity gallery into an index on disk, for identify")
     p.add_argument("run", nargs="?", help="run folder or checkpoint file")
@@ -424,6 +436,7 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="GALLERY_DIR", help="where the gallery lives (gallery.npz)")
     p.add_argument("--add", action="store_true", help="add --data's people to the gallery in --out")
     p.add_argument("--remove", action="append", default=None, metavar="NAME", help="take a person out (repeatable)")
+    _add_force_flag(p, "replace the gallery in --out with a new one")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("identify", help="who, of an enrolled gallery, is in each image? (top-k, or unknown)")
@@ -441,6 +454,7 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder, checkpoint file or exported .onnx file (then --data is a folder)")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="FILE.npz")
+    _add_force_flag(p, "replace the file in --out")
     _add_views_flags(p)
     p.add_argument("--device", default="auto")
     _cache_option(p)
@@ -458,8 +472,14 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
                    help="photos without a detected face: skip them, or align them with the whole frame as the face "
                         "(for tight crops; listed apart in the report)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per CPU core)")
+    _add_force_flag(p, "write into a DST that holds other files (crops of the same name are replaced)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _add_force_flag(p: argparse.ArgumentParser, what: str) -> None:
+    """--force: the one spelling, in every command, for "replace what exists" (outputs.py says what never is)."""
+    p.add_argument("--force", action="store_true", help=what)
 
 
 def _cache_option(p: argparse.ArgumentParser) -> None:

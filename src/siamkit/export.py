@@ -5,13 +5,14 @@ data/pixels.py makes of an image file: channels, centre crop, resize, done by Pi
 since ONNX's Resize does not reproduce Pillow's filter) and does the rest inside: scale to [0, 1],
 mean/std, the embedding network in eval mode, the mirrored and shifted views' embeddings if the run adds them, and
 the L2 normalisation. The batch dimension is dynamic. Everything a user needs besides the graph is
-metadata: ONNX metadata_props (key "siamkit", a JSON object), or a JSON sidecar FILE.json beside a
-TorchScript file. Before anything is written, the exported model and the PyTorch model embed the same
-images (the run's held-out images, or --data) and the export fails in one line if they differ by more
-than PARITY_TOLERANCE.
+metadata: ONNX metadata_props (key "siamkit", a JSON object, with the file's own sha256 that loading checks), or a
+JSON sidecar FILE.json beside a TorchScript file (with the sha256 of the TorchScript file). Before anything is
+written, the exported model and the PyTorch model embed the same images (the run's held-out images, or --data)
+and the export fails in one line if they differ by more than PARITY_TOLERANCE.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -32,10 +33,13 @@ from .data.sources import IdentityDataset, load_source, split_identities
 from .errors import SiamkitError
 from .eval.embed import embed_images, view_embedding
 from .eval.verification import pair_scores
-from .exported import EXPORT_FORMAT
+from .exported import EXPORT_FORMAT, HASH_PLACEHOLDER, hash_field
 from .fileio import atomic_write_bytes, atomic_write_json
+from .outputs import check_output_file
 
 FORMATS = ("onnx", "torchscript")
+# The file names each format is written to: siamkit.load and verify recognise an ONNX file by its name.
+EXTENSIONS = {"onnx": (".onnx",), "torchscript": (".pt", ".ts", ".torchscript")}
 PARITY_TOLERANCE = 1e-4  # max abs difference of embeddings between the export and PyTorch (issue 16)
 OPSET = 18
 
@@ -91,8 +95,11 @@ def _onnx_bytes(wrapper: torch.nn.Module, example: torch.Tensor, metadata: dict)
         )
     proto = program.model_proto
     entry = proto.metadata_props.add()
-    entry.key, entry.value = "siamkit", json.dumps(metadata)
-    return proto.SerializeToString()
+    # The file's own sha256 goes into its metadata: hashed with a placeholder of the same length in its place,
+    # then the placeholder replaced (exported.check_export_hash undoes that to check the file before use).
+    entry.key, entry.value = "siamkit", json.dumps({**metadata, "sha256": HASH_PLACEHOLDER})
+    data = proto.SerializeToString()
+    return data.replace(hash_field(HASH_PLACEHOLDER), hash_field(hashlib.sha256(data).hexdigest()), 1)
 
 
 def _torchscript_bytes(wrapper: torch.nn.Module, example: torch.Tensor) -> bytes:
@@ -171,9 +178,21 @@ def export_run(run: str | os.PathLike, fmt: str, out: str | os.PathLike, images:
     out = Path(out)
     atomic_write_bytes(out, data)
     if fmt == "torchscript":
-        atomic_write_json(sidecar_of(out), metadata)
+        atomic_write_json(sidecar_of(out), {**metadata, "sha256": hashlib.sha256(data).hexdigest()})
     return {"max_abs_diff": diff, "n_images": len(images), "metadata": metadata, "exported": exported,
             "reference": reference}
+
+
+def check_export_out(fmt: str, out: str | os.PathLike, inputs: list[Path], force: bool) -> None:
+    """Refuse (one line) an --out whose name does not say its format, and one that outputs.py would not write."""
+    if fmt not in FORMATS:
+        raise SiamkitError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if not str(out).lower().endswith(EXTENSIONS[fmt]):
+        raise SiamkitError(f"--out {out}: {'an' if fmt[0] in 'aeiou' else 'a'} {fmt} export's file name ends in {' or '.join(EXTENSIONS[fmt])} (the "
+                           f"name says what the file holds); pass --format {fmt} with such a name")
+    check_output_file(out, inputs, force)
+    if fmt == "torchscript":
+        check_output_file(sidecar_of(out), inputs, force)
 
 
 def sidecar_of(path: str | os.PathLike) -> Path:

@@ -6,6 +6,7 @@ score and calibrated thresholds come from the file's metadata.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,10 +18,24 @@ from tqdm import tqdm
 
 from .data.pixels import Preprocess, list_image_folder
 from .errors import SiamkitError, warn
-from .verifier import VerifierBase, image_pixels
+from .verifier import VerifierBase, image_names, image_pixels, require_finite
 
 EXPORT_FORMAT = "siamkit-export-v1"  # export.py writes it; kept here too so that this module needs no torch
 BATCH = 256
+HASH_PLACEHOLDER = "0" * 64  # where the file's sha256 stands while it is hashed (export.py)
+
+
+def hash_field(digest: str) -> bytes:
+    """The bytes of the metadata's sha256 entry as json.dumps writes it inside the file."""
+    return f'"sha256": "{digest}"'.encode()
+
+
+def check_export_hash(data: bytes, digest: str, path: Path) -> None:
+    """Refuse an exported file whose bytes do not hash to the sha256 stored in its metadata."""
+    unhashed = data.replace(hash_field(digest), hash_field(HASH_PLACEHOLDER), 1)
+    if hashlib.sha256(unhashed).hexdigest() != digest:
+        raise SiamkitError(f"{path} is damaged: its bytes do not match the sha256 stored in it at export (a disk or "
+                           f"copy error changed it); export the run again with siamkit export")
 
 
 def is_exported(path: str | os.PathLike) -> bool:
@@ -47,7 +62,8 @@ class ExportedVerifier(VerifierBase):
         if not path.is_file():
             raise SiamkitError(f"{path} does not exist; pass a file written by siamkit export")
         try:
-            self.session = onnx_session(path)
+            data = path.read_bytes()
+            self.session = onnx_session(data)
         except SiamkitError:
             raise
         except Exception as e:  # onnxruntime raises its own types for a damaged or foreign file
@@ -61,6 +77,8 @@ class ExportedVerifier(VerifierBase):
         except (TypeError, ValueError, AttributeError):
             raise SiamkitError(f"{path} is an ONNX model but not one siamkit exported (no '{EXPORT_FORMAT}' "
                                f"metadata); export a run with siamkit export RUN --format onnx") from None
+        if self.metadata.get("sha256"):  # exports from before the hash have none
+            check_export_hash(data, self.metadata["sha256"], path)
         self.path = path
         self.preprocess = Preprocess.from_dict(self.metadata["preprocess"])
         self.score_name = self.metadata["score"]
@@ -69,10 +87,12 @@ class ExportedVerifier(VerifierBase):
 
     def embed(self, images: Sequence) -> np.ndarray:
         """Embeddings [N, D] of image paths, PIL images, HxW(xC) arrays or CxHxW tensors."""
-        return self.embed_pixels(np.stack([image_pixels(im, self.preprocess) for im in images]))
+        emb = self.embed_pixels(np.stack([image_pixels(im, self.preprocess) for im in images]))
+        return require_finite(emb, image_names(images))
 
     def embed_pixels(self, pixels: np.ndarray, progress: bool = False) -> np.ndarray:
         """Embeddings [N, D] of uint8 pixels [N, C, H, W] at the model's size."""
+        pixels = np.asarray(pixels)
         starts = range(0, len(pixels), BATCH)
         out = [self.session.run(None, {"images": pixels[i:i + BATCH]})[0]
                for i in tqdm(starts, desc="embed", unit="batch", disable=not progress)]
@@ -101,7 +121,8 @@ def embed_folder(verifier: ExportedVerifier, root: str | os.PathLike, progress: 
         raise SiamkitError(f"no readable images in {root}; check the files are images Pillow can open")
     used = sorted(set(labels))  # identities whose every image was unreadable drop out, labels stay 0..K-1
     remap = {old: new for new, old in enumerate(used)}
-    return {"embeddings": verifier.embed_pixels(np.stack(pixels), progress),
+    embeddings = require_finite(verifier.embed_pixels(np.stack(pixels), progress), paths)
+    return {"embeddings": embeddings,
             "labels": np.array([remap[label] for label in labels]), "names": [names[i] for i in used],
             "paths": paths}
 

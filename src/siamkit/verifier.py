@@ -29,6 +29,26 @@ def image_pixels(image, pre: Preprocess) -> np.ndarray:
     return image_to_array(as_pil(image), pre)
 
 
+def image_names(images: Sequence) -> list[str]:
+    """How error lines name each of ``images``: a path as given, anything else by its position."""
+    return [str(im) if isinstance(im, (str, os.PathLike)) else f"image {i} of the batch" for i, im in enumerate(images)]
+
+
+def require_finite(embeddings: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """``embeddings`` [N, D], if every row is finite; else one line naming the first image whose row is not.
+
+    A NaN or infinite embedding scores as nothing at all (every comparison with NaN is false), so it is never
+    written, enrolled or scored.
+    """
+    bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1)) if embeddings.size else []
+    if len(bad):
+        more = f" (and of {len(bad) - 1} other image(s))" if len(bad) > 1 else ""
+        raise SiamkitError(f"the embedding of {names[bad[0]]} is not finite (NaN or infinity){more}: the model "
+                           f"overflows on it, so nothing is scored or written; check the image, and evaluate the "
+                           f"model on a data set")
+    return embeddings
+
+
 def as_pil(image) -> Image.Image:
     """A PIL image of a PIL image, an HxW(xC) array (uint8, or floats in [0, 1]) or a CxHxW tensor."""
     if hasattr(image, "detach") and hasattr(image, "numpy"):  # a torch tensor, recognised without importing torch

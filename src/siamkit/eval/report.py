@@ -71,6 +71,9 @@ def _scores_png(report: dict, scores: np.ndarray, same: np.ndarray) -> bytes:
     return _png(fig)
 
 
+REPORT_FILES = ("report.json", "roc.png", "scores.png")  # what write_report writes into its folder
+
+
 def write_report(report: dict, scores, same, out_dir: str | os.PathLike, baseline_scores=None) -> None:
     """Write report.json, roc.png (with the raw-pixel baseline's curve, if given) and scores.png, each atomically."""
     scores = np.asarray(scores, dtype=np.float64)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from .._version import __version__
 from ..errors import SiamkitError, info
 from ..fileio import atomic_write, atomic_write_json
+from ..outputs import check_output_folder
 from .align import PICKS, align_face, pick_face, template
 from .detect import LANDMARK_NAMES, check_installed, detect_faces, landmarks_in_frame
 
@@ -169,8 +170,12 @@ def _read_journal(path: Path, opts: AlignOptions) -> dict[str, AlignResult]:
 
 
 def align_folder(src: str | os.PathLike, dst: str | os.PathLike, opts: AlignOptions = AlignOptions(),
-                 workers: int | None = None, progress: bool = True) -> AlignSummary:
-    """Align every image under ``src`` into ``dst`` (same relative paths); see the module docstring."""
+                 workers: int | None = None, progress: bool = True, force: bool = False) -> AlignSummary:
+    """Align every image under ``src`` into ``dst`` (same relative paths); see the module docstring.
+
+    ``dst`` must neither hold ``src`` nor lie inside it; if it holds files but no earlier alignment, ``force`` is
+    needed to write among them.
+    """
     opts.check()
     check_installed()
     src_path, dst_path = Path(src), Path(dst)
@@ -178,8 +183,9 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, opts: AlignOpti
         raise SiamkitError(f"{src} is not a folder; pass a folder of photos (one sub-folder per identity, or flat)")
     if dst_path.resolve() == src_path.resolve():
         raise SiamkitError(f"DST {dst} is SRC itself; pass another folder for the aligned crops")
-    if dst_path.exists() and not dst_path.is_dir():
-        raise SiamkitError(f"DST {dst} is a file; pass a folder")
+    if src_path.resolve().is_relative_to(dst_path.resolve()):  # crops at DST/rel could land on SRC's own photos
+        raise SiamkitError(f"DST {dst} holds SRC {src}; pass a folder outside it for the aligned crops")
+    check_output_folder(dst_path, [src_path], force, own=(JOURNAL, REPORT), option="DST")
     rels = list_images(src_path, skip=dst_path.resolve())
     if not rels:
         raise SiamkitError(f"no images in {src} (formats: {', '.join(e[1:] for e in IMAGE_EXTENSIONS)})")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-from ..checkpoint import load_checkpoint, resolve_checkpoint
+from ..checkpoint import load_checkpoint, require_finite_model, resolve_checkpoint
 from ..errors import SiamkitError
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def siamkit_checkpoint(pretrained: str | None) -> dict | None:
         return None
     path = Path(pretrained)
     if path.is_dir():
-        return load_checkpoint(resolve_checkpoint(path))
+        return require_finite_model(load_checkpoint(resolve_checkpoint(path)), path)
     if path.is_file() and path.suffix == ".pt":
         try:
             with open(path, "rb") as f:
@@ -140,7 +140,8 @@ def siamkit_checkpoint(pretrained: str | None) -> dict | None:
         except Exception:
             return None  # not readable as a checkpoint: the state-dict path reports it
         if isinstance(state, dict) and str(state.get("format", "")).startswith("siamkit-checkpoint"):
-            return load_checkpoint(path)  # the checks of a siamkit checkpoint (format version)
+            # the checks of a siamkit checkpoint (integrity, format version, finite weights)
+            return require_finite_model(load_checkpoint(path), path)
     return None
 
 

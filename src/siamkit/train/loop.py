@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
+from typing import Sequence
 
 from tqdm import tqdm
 
@@ -46,13 +47,18 @@ class StopRequested:
         return False
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
-    """Train a run to completion (or to a stop signal) and evaluate its held-out identities."""
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          inputs: Sequence[str] = ()) -> Path:
+    """Train a run to completion (or to a stop signal) and evaluate its held-out identities.
+
+    ``overwrite``: replace the run folder cfg.out if siamkit made it (outputs.py); ``inputs``: files the run is made
+    from besides cfg.data and cfg.pretrained (the --config file), never removed by ``overwrite``.
+    """
     cfg.validate()
     ctx = distributed.setup(cfg.device)
     log_file = RunLogFile(enabled=ctx.is_main)
     try:
-        return _train(cfg, ctx, log_file, resume=resume, overwrite=overwrite, progress=progress)
+        return _train(cfg, ctx, log_file, resume=resume, overwrite=overwrite, progress=progress, inputs=inputs)
     except Exception as e:
         if ctx.enabled and distributed.is_comm_failure(e):
             raise SiamkitError(distributed.comm_failure_message(ctx, e)) from None
@@ -62,10 +68,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         distributed.teardown(ctx)
 
 
-def _train(cfg: TrainConfig, ctx, log_file: RunLogFile, *, resume: bool, overwrite: bool, progress: bool) -> Path:
+def _train(cfg: TrainConfig, ctx, log_file: RunLogFile, *, resume: bool, overwrite: bool, progress: bool,
+           inputs: Sequence[str]) -> Path:
     if cfg.tensorboard:
         require_tensorboard()  # before the run folder exists
-    run = build_run(cfg, ctx, resume=resume, overwrite=overwrite)
+    run = build_run(cfg, ctx, resume=resume, overwrite=overwrite, inputs=inputs)
     try:
         return _run(run, log_file, resume=resume, progress=progress)
     finally:

@@ -37,6 +37,7 @@ from ..fileio import atomic_write_json, write_error
 from ..losses import JointLoss, build_metric_loss
 from ..models.backbones import siamkit_checkpoint
 from ..models.siamese import ModelSpec, SiameseNet
+from ..outputs import RUN_MARKER, check_not_input, check_replace_run, existing_inputs, write_run_marker
 from . import distributed
 from .ema import WeightEMA
 from .step import TrainStep, build_optimizer
@@ -263,12 +264,18 @@ def build_training(
     )
 
 
-def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, overwrite: bool) -> Run:
-    """Everything a run needs, checked before anything is written; then its folder, created."""
+def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, overwrite: bool,
+              inputs: Sequence[str | os.PathLike] = ()) -> Run:
+    """Everything a run needs, checked before anything is written; then its folder, created.
+
+    ``inputs``: files the run was made from besides its data and --pretrained (the --config file), which --overwrite
+    must never remove.
+    """
     device = resolve_device(cfg.device, ctx.local_rank, ctx.enabled)
     run_dir = Path(cfg.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     # Every process checks before rank 0 creates anything, and all stop if any check fails.
-    distributed.agree(ctx, lambda: check_run_dir(run_dir, resume, overwrite))
+    sources = existing_inputs([cfg.data, cfg.pretrained, *inputs])
+    distributed.agree(ctx, lambda: check_run_dir(run_dir, resume, overwrite, sources))
     checkpoint = distributed.agree(ctx, lambda: load_checkpoint(run_dir / "checkpoints" / "last.pt")) if resume else None
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -375,10 +382,15 @@ def build_sampler(cfg: TrainConfig, train_ds: IdentityDataset, ctx: distributed.
     return PKSampler(train_ds.labels, cfg.identities_per_batch, cfg.images_per_identity, cfg.seed, ctx.rank, ctx.world)
 
 
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to touch an earlier run unless asked; nothing is left behind here."""
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
+    """Refuse to touch an earlier run unless asked, and anything but a run siamkit made even then (outputs.py);
+    nothing is left behind here."""
     if resume and overwrite:
-        raise SiamkitError("--resume continues a run and --overwrite replaces it: pass only one of them")
+        raise SiamkitError("--resume continues a run and --force replaces it: pass only one of them")
+    if overwrite:
+        check_replace_run(run_dir, inputs)
+    if not resume:
+        check_not_input(run_dir, inputs)
     if resume:
         if not (run_dir / "checkpoints" / "last.pt").is_file():
             raise SiamkitError(f"--resume: {run_dir}/checkpoints/last.pt does not exist; pass the --out of an earlier run")
@@ -386,7 +398,7 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     else:
         if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not overwrite:
             raise SiamkitError(
-                f"run folder {run_dir} already exists; pass --resume to continue it, --overwrite to replace it, "
+                f"run folder {run_dir} already exists; pass --resume to continue it, --force to replace it, "
                 f"or another --out"
             )
         probe = run_dir if run_dir.is_dir() else next((p for p in run_dir.parents if p.exists()), Path("."))
@@ -403,15 +415,18 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 
 def make_run_folder(run_dir: Path, cfg: TrainConfig, world: int, *, resume: bool, overwrite: bool) -> None:
-    """The run folder with its checkpoints/ and config.json (an --overwrite'n run is removed first)."""
+    """The run folder with siamkit's marker, checkpoints/ and config.json (a run replaced with --force, which
+    check_run_dir allowed, is removed first)."""
     ckpt_dir = run_dir / "checkpoints"
-    if overwrite and run_dir.exists() and not resume:
-        shutil.rmtree(run_dir) if run_dir.is_dir() else run_dir.unlink()
+    if overwrite and run_dir.is_dir() and any(run_dir.iterdir()) and not resume:
+        shutil.rmtree(run_dir)
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise write_error(ckpt_dir, e) from e
     remove_stale_temp_files(ckpt_dir)
+    if not resume or not (run_dir / RUN_MARKER).exists():
+        write_run_marker(run_dir)
     atomic_write_json(run_dir / "config.json", {**cfg.to_dict(), "siamkit_version": __version__, "world_size": world})
 
 

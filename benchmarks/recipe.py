@@ -45,6 +45,8 @@ from siamkit.config import TrainConfig  # noqa: E402
 from siamkit.data.sources import load_source, split_identities  # noqa: E402
 from siamkit.data.transforms import Preprocess  # noqa: E402
 from siamkit.eval.protocol import evaluate  # noqa: E402
+from siamkit.faces.chip_data import chip_folder  # noqa: E402
+from siamkit.faces.chips import is_dlib_chip  # noqa: E402
 from siamkit.train.loop import train  # noqa: E402
 
 METRICS = ("accuracy_mean", "roc_auc", "tar_1e-2", "pixels")
@@ -75,6 +77,8 @@ def rof_split(rof: Path, seed: int, work: Path) -> tuple[Path, Path]:
             folder.mkdir(parents=True)
             for name in part.names:
                 (folder / name).symlink_to((rof / name).resolve())
+            if (rof / "align_report.json").is_file():  # a folder of chips (siamkit align) stays one
+                (folder / "align_report.json").symlink_to((rof / "align_report.json").resolve())
         folders.append(folder)
     return folders[0], folders[1]
 
@@ -100,17 +104,21 @@ def measured(model_path: str | Path, task: str, seed: int, work: Path, args) -> 
     pre = Preprocess.from_dict(ckpt["preprocess"])
     flip, shifts = run_flip(ckpt), run_shifts(ckpt)
 
+    def data(source: str | Path):
+        """The source as the model reads it (dlib's face chips, cut once into the cache, for dlib's models)."""
+        return load_source(chip_folder(str(source)) if is_dlib_chip(ckpt.get("alignment")) else str(source), pre)
+
     def report(ds) -> dict:
         return summary(evaluate(model, pre, ds, score=ckpt["score"], flip=flip, shifts=shifts, seed=seed).report)
 
     if task == "att":
-        val_ds = split_identities(load_source(args.att_train, pre), args.att_val, seed)[1]
-        return {"val": report(val_ds), "test": report(load_source(args.att_test, pre))}
+        val_ds = split_identities(data(args.att_train), args.att_val, seed)[1]
+        return {"val": report(val_ds), "test": report(data(args.att_test))}
     if args.rof_val:
         train_folder, test_folder = rof_split(args.rof, seed, work)
-        val_ds = split_identities(load_source(str(train_folder), pre), args.rof_val, seed)[1]
-        return {"val": report(val_ds), "test": report(load_source(str(test_folder), pre))}
-    test_ds = split_identities(load_source(str(args.rof), pre), 0.2, seed)[1]
+        val_ds = split_identities(data(train_folder), args.rof_val, seed)[1]
+        return {"val": report(val_ds), "test": report(data(test_folder))}
+    test_ds = split_identities(data(args.rof), 0.2, seed)[1]
     return {"val": None, "test": report(test_ds)}
 
 

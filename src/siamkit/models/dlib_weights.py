@@ -266,11 +266,17 @@ _READERS = {"con": _con, "affine": _affine, "relu": _relu, "max_pool": _pool, "a
 # ---------------------------------------------------------------- the file
 
 
-def _check_hash(data: bytes, path: Path, sha256: str) -> None:
+def _read_checked(path: Path, sha256: str) -> bytes:
+    """The file's bytes, refused in one line unless their sha256 is the expected one."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SiamkitError(f"could not read {path}: {e.strerror}; {REINSTALL_HINT}") from None
     found = hashlib.sha256(data).hexdigest()
     if found != sha256:
         raise SiamkitError(f"{path} is not the dlib face model siamkit reads (its sha256 is {found[:16]}..., "
                            f"expected {sha256[:16]}...): the file was altered or replaced; {REINSTALL_HINT}")
+    return data
 
 
 def _read_head(f: _Bytes, records: list[Layer], chip_size: int) -> None:
@@ -311,15 +317,67 @@ def read_dlib_network(path: str | Path, sha256: str = DLIB_MODEL_SHA256, stem_ch
     The other arguments describe the file of a smaller network of the same structure (the reader's tests).
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise SiamkitError(f"could not read {path}: {e.strerror}; {REINSTALL_HINT}") from None
-    _check_hash(data, path, sha256)
+    data = _read_checked(path, sha256)
     f = _Bytes(data, path)
     records = network_layers(stem_channels, stages, descriptor_size)
     _read_head(f, records, chip_size)
     state = _read_layer_records(f, records)
     if f.pos != len(data):
         raise f.fail(f"{len(data) - f.pos} bytes after the last record")
+    return state
+
+
+# ---------------------------------------------------------------- the converted weights, cached
+
+
+def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    """A hash of names, shapes and float32 bytes: the cache's tensors are checked against it when read."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        value = state[name].detach().to(torch.float32).contiguous()
+        digest.update(f"{name} {tuple(value.shape)}\n".encode())
+        digest.update(value.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def dlib_cache_path(sha256: str = DLIB_MODEL_SHA256) -> Path:
+    """Where the converted weights of the model file with this hash are cached (SIAMKIT_CACHE_DIR honoured)."""
+    return default_cache_dir() / "models" / f"dlib-resnet-{sha256[:16]}.pt"
+
+
+def _read_cache(path: Path, sha256: str) -> dict[str, torch.Tensor] | None:
+    """The cached state dict, or None when there is none or it is not intact (then it is converted again)."""
+    if not path.is_file():
+        return None
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        header = (stored.get("format"), stored.get("version"), stored.get("source_sha256"))
+        if header == (CACHE_FORMAT, CACHE_VERSION, sha256) and tensors_sha256(stored["state"]) == stored["tensors_sha256"]:
+            return stored["state"]
+    except Exception:  # a damaged cache file is not the user's input: it is converted again
+        pass
+    warn(f"the cached dlib weights {path} are damaged; converting the model file again")
+    return None
+
+
+def _write_cache(path: Path, sha256: str, state: dict[str, torch.Tensor]) -> None:
+    stored = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "source_sha256": sha256,
+              "tensors_sha256": tensors_sha256(state), "state": state}
+    buffer = io.BytesIO()
+    torch.save(stored, buffer)
+    try:
+        atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    except WriteError as e:  # the cache only saves time: without it every load converts the file again
+        warn(f"{e} (the dlib weights stay uncached)")
+
+
+def load_dlib_state_dict() -> dict[str, torch.Tensor]:
+    """The installed dlib model's weights as DlibDescriptor's state dict, from the cache when it holds them."""
+    path = dlib_model_path()
+    _read_checked(path, DLIB_MODEL_SHA256)  # an altered file is refused even when its weights are cached
+    cache = dlib_cache_path(DLIB_MODEL_SHA256)
+    state = _read_cache(cache, DLIB_MODEL_SHA256)
+    if state is None:
+        state = read_dlib_network(path)
+        _write_cache(cache, DLIB_MODEL_SHA256, state)
     return state

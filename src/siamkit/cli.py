@@ -40,8 +40,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
                    help="start from a run's config.json (options given here override it)")
     g.add_argument("--recipe", default="auto", choices=("auto", *RECIPES),
                    help="start from a set of options measured to work well (README: Accuracy on unseen faces); "
-                        "auto = the data's: faces for face folders and the built-in faces, none for digits; "
-                        "options given here override it")
+                        "auto = dlib-finetune with --pretrained dlib, else the data's: faces for face folders and "
+                        "the built-in faces, none for digits; options given here override it")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -87,6 +87,8 @@ def _evaluate(args) -> int:
     write_report(report, result.scores, result.same, out, result.baseline_scores)
     print(f"{args.data}: {out / 'report.json'}")
     print(format_summary(report))
+    if ckpt.get("threshold_source"):  # a built-in model's own threshold, which verify uses until --calibrate
+        print(f"default threshold {ckpt['threshold']:g}: {ckpt['threshold_source']}")
     if args.calibrate:
         from .calibration import calibration_entry, record_calibration, run_calibration
 
@@ -499,13 +501,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser(torch_free=bool(words) and words[0] in TORCH_FREE_COMMANDS)
     args = parser.parse_args(argv)
     if args.command == "train":
-        from .config import RECIPES, TrainConfig
-        from .data.sources import source_of
+        from .config import TrainConfig, recipe_for
 
         if args.config:
             start = TrainConfig.read_options(args.config)
         else:
-            start = RECIPES[source_of(args.data).recipe if args.recipe == "auto" else args.recipe]
+            start = recipe_for(args.recipe, args.data, args.pretrained)
         # The file's or the recipe's options become the defaults, so that flags given here override them.
         parser.train_parser.set_defaults(**start)
         args = parser.parse_args(argv)

@@ -469,6 +469,11 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     _cache_option(p)
     _add_align_flag(p)
 
+    _align_parser(sub)
+    return parser
+
+
+def _align_parser(sub) -> None:
     p = sub.add_parser("align", help="detect, landmark and align the faces of a folder of photos into DST",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("src", help="folder of photos: one sub-folder per identity, or flat")
@@ -487,7 +492,6 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
                         "(for tight crops; listed apart in the report)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per CPU core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
 
 
 def _cache_option(p: argparse.ArgumentParser) -> None:

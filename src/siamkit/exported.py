@@ -74,9 +74,10 @@ class ExportedVerifier(VerifierBase):
 
         return is_dlib_chip(self.metadata.get("alignment"))
 
-    def embed(self, images: Sequence) -> np.ndarray:
-        """Embeddings [N, D] of image paths, PIL images, HxW(xC) arrays or CxHxW tensors."""
-        if self.reads_dlib_chips:
+    def embed(self, images: Sequence, align: bool | None = None) -> np.ndarray:
+        """Embeddings [N, D] of image paths, PIL images, HxW(xC) arrays or CxHxW tensors (a model that reads dlib's
+        face chips cuts them from the photos first, unless ``align`` is False: the images are chips already)."""
+        if self.reads_dlib_chips and align is not False:
             images = [self._chip(im) for im in images]
         return self.embed_pixels(np.stack([image_pixels(im, self.preprocess) for im in images]))
 

@@ -166,3 +166,17 @@ def test_backbone_alone_gives_the_features_under_the_descriptor(chips):
     with torch.inference_mode():
         # Same arithmetic on both paths except the final matrix product: float32 rounding of a 256-term sum.
         assert torch.allclose(whole(batch), backbone(normalised) @ state["fc.weight"].T, atol=1e-6, rtol=0)
+
+
+def test_traces_without_warnings_and_computes_the_same():
+    # torch.jit.trace (siamkit export --format torchscript): add_prev's pads must be the trace's constants, read
+    # without the tracer's warnings; the traced graph runs the same float32 operations as the eager model.
+    import warnings
+
+    model = DlibDescriptor().eval()
+    chips = torch.randint(0, 256, (2, 3, DLIB_CHIP_SIZE, DLIB_CHIP_SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(model, chips)
+        assert torch.equal(traced(chips[:1]), model(chips[:1]))
+    assert [str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)] == []

@@ -119,14 +119,17 @@ class TinyNet:
         return ("layer", enc_str("fc_3") + enc_int(outputs) + enc_int(inputs) + enc_tensor(matrix) + enc_alias(inputs, outputs, 1, 1)
                 + enc_alias(0, 0, 0, 0) + enc_int(1) + enc_float(1.0) * 3 + enc_float(0.0) + enc_bool(True))
 
-    def file_bytes(self) -> bytes:
+    def file_bytes(self, innermost_version: int = 3) -> bytes:
+        """Version 3 of the innermost record (dlib 19.x) ends with a sample expansion factor; version 2 does not."""
         head = enc_int(1) + enc_str("loss_metric_2") + enc_float(0.04) + enc_float(0.6)
         kinds = [kind for kind, _ in reversed(self.records)]
-        head += b"".join(enc_int(1 if kind != "layer" else 3 if i == len(kinds) - 1 else 2) for i, kind in enumerate(kinds))
+        versions = [1 if kind != "layer" else innermost_version if i == len(kinds) - 1 else 2 for i, kind in enumerate(kinds)]
+        head += b"".join(enc_int(v) for v in versions)
         head += enc_str("input_rgb_image_sized") + b"".join(enc_float(np.float32(m)) for m in (122.782, 117.001, 104.298))
         head += enc_int(150) * 2
         layers = [body for kind, body in self.records if kind == "layer"]
-        tail = b"".join(body + b"100" + EMPTY * 3 + (enc_int(1) if i == 0 else b"") for i, body in enumerate(layers))
+        factor = enc_int(1) if innermost_version == 3 else b""
+        tail = b"".join(body + b"100" + EMPTY * 3 + (factor if i == 0 else b"") for i, body in enumerate(layers))
         return head + tail
 
 
@@ -141,9 +144,10 @@ def read_tiny(path, data: bytes):
                              stages=TinyNet.STAGES, descriptor_size=TinyNet.DESCRIPTOR)
 
 
-def test_reads_a_small_network_written_in_dlibs_format(tmp_path):
+@pytest.mark.parametrize("innermost_version", [2, 3])
+def test_reads_a_small_network_written_in_dlibs_format(tmp_path, innermost_version):
     net = TinyNet()
-    data = net.file_bytes()
+    data = net.file_bytes(innermost_version)
     state = read_tiny(write(tmp_path, data), data)
     assert set(state) == set(net.expected)
     for key, value in net.expected.items():
@@ -226,7 +230,7 @@ def assert_same_state(a, b):
 
 def test_cache_is_written_under_the_cache_dir_and_read_back(cache_dir, from_file, monkeypatch):
     assert_same_state(load_dlib_state_dict(), from_file)
-    assert dlib_cache_path() == cache_dir / "models" / f"dlib-resnet-{DLIB_MODEL_SHA256[:16]}.pt"
+    assert dlib_cache_path() == cache_dir / "models" / "dlib" / f"weights-{DLIB_MODEL_SHA256[:16]}.pt"
     assert dlib_cache_path().is_file()
 
     def no_conversion(*args, **kwargs):

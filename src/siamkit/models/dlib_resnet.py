@@ -19,6 +19,8 @@ dlib's descriptors. What differs from a torchvision ResNet, each checked by the 
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,14 +55,25 @@ class Affine(nn.Module):
 def add_prev(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """dlib's add_prev: the sum over the larger extent of each dimension, the smaller operand zero-padded at the end.
 
-    The pad amounts come from the static shapes (Python ints), so tracing and ONNX export see plain F.pad calls.
+    The pad amounts are Python ints from the operands' shapes, so an export sees plain F.pad calls of fixed sizes.
     """
-    channels, height, width = (max(a.shape[i], b.shape[i]) for i in (1, 2, 3))
-    return _pad_to(a, channels, height, width) + _pad_to(b, channels, height, width)
+    a_shape, b_shape = _sizes(a), _sizes(b)
+    channels, height, width = (max(a_shape[i], b_shape[i]) for i in (1, 2, 3))
+    return _pad_to(a, a_shape, channels, height, width) + _pad_to(b, b_shape, channels, height, width)
 
 
-def _pad_to(x: torch.Tensor, channels: int, height: int, width: int) -> torch.Tensor:
-    pad = (0, width - x.shape[3], 0, height - x.shape[2], 0, channels - x.shape[1])
+def _sizes(x: torch.Tensor) -> tuple[int, ...]:
+    if not torch.jit.is_tracing():
+        return tuple(x.shape)
+    # torch.jit.trace records sizes as tensors and warns when Python reads them. The network takes fixed-size
+    # chips (DLIB_CHIP_SIZE, as dlib's does), so the pads are meant to be constants of the trace.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return tuple(int(d) for d in x.shape)
+
+
+def _pad_to(x: torch.Tensor, shape: tuple[int, ...], channels: int, height: int, width: int) -> torch.Tensor:
+    pad = (0, width - shape[3], 0, height - shape[2], 0, channels - shape[1])
     return F.pad(x, pad) if any(pad) else x
 
 
@@ -90,8 +103,9 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.affine2(self.conv2(F.relu(self.affine1(self.conv1(x)))))
-        shortcut = F.avg_pool2d(x, 2, stride=2) if self.downsample else x
-        return F.relu(add_prev(out, shortcut))
+        if self.downsample:
+            return F.relu(add_prev(out, F.avg_pool2d(x, 2, stride=2)))
+        return F.relu(out + x)  # stride 1, padding 1, as many channels in as out: add_prev is a plain sum
 
 
 class DlibFaceResNet(nn.Module):
@@ -127,8 +141,11 @@ def dlib_resnet29() -> DlibFaceResNet:
 
 def normalise_dlib_input(pixels: torch.Tensor) -> torch.Tensor:
     """0-255 RGB pixels (uint8 or float) [N, 3, H, W] -> dlib's network input, float32."""
-    mean = torch.tensor(DLIB_MEAN_RGB, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
-    return (pixels.to(torch.float32) - mean) / DLIB_INPUT_SCALE
+    return (pixels.to(torch.float32) - _mean_pixel(pixels.device)) / DLIB_INPUT_SCALE
+
+
+def _mean_pixel(device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.tensor(DLIB_MEAN_RGB, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
 
 class DlibDescriptor(DlibFaceResNet):
@@ -142,9 +159,12 @@ class DlibDescriptor(DlibFaceResNet):
                  descriptor_size: int = DESCRIPTOR_SIZE):
         super().__init__(stem_channels, stages)
         self.fc = nn.Linear(self.feature_size, descriptor_size, bias=False)
+        # A buffer (not in the state dict) rather than a tensor made per call: a trace records it as the model's.
+        self.register_buffer("mean_pixel", _mean_pixel(), persistent=False)
 
     def forward(self, chips: torch.Tensor) -> torch.Tensor:
-        return self.fc(super().forward(normalise_dlib_input(chips)))
+        x = (chips.to(torch.float32) - self.mean_pixel) / DLIB_INPUT_SCALE  # as normalise_dlib_input
+        return self.fc(super().forward(x))
 
 
 def backbone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

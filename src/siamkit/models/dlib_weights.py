@@ -18,7 +18,7 @@ dlib/dnn/layers.h and core.h, the tensor's in dlib/cuda/tensor.h):
 The reader knows the network it expects (models/dlib_resnet.py: stem, stages, descriptor size) and checks each
 record's kind, version and shape against it, the file's sha256 first and that the last record ends on the last
 byte; anything else is one SiamkitError line naming the file. load_dlib_state_dict() caches the converted tensors
-in siamkit's user cache folder (models/dlib-resnet-<hash>.pt), re-verified by a hash of the tensors when read.
+in siamkit's user cache folder (models/dlib/weights-<hash>.pt), re-verified by a hash of the tensors when read.
 """
 from __future__ import annotations
 
@@ -279,22 +279,23 @@ def _read_checked(path: Path, sha256: str) -> bytes:
     return data
 
 
-def _read_head(f: _Bytes, records: list[Layer], chip_size: int) -> None:
-    """The loss layer, every record's version (outermost first) and the input layer."""
+def _read_head(f: _Bytes, records: list[Layer], chip_size: int) -> int:
+    """The loss layer, every record's version (outermost first) and the input layer; returns the innermost version."""
     f.version((1,), "the loss layer")
     if f.layer_name(("loss_metric_", "loss_metric_2"), "metric loss") == "loss_metric_2":
         f.float(), f.float()  # the training loss's margin and distance threshold
     for i, layer in enumerate(reversed(records)):
         innermost = i == len(records) - 1
         allowed = (1,) if layer.kind in ("tag", "skip") else (2, 3) if innermost else (2,)
-        f.version(allowed, f"the {layer.kind} record {len(records) - i} of {len(records)}")
+        version = f.version(allowed, f"the {layer.kind} record {len(records) - i} of {len(records)}")
     f.layer_name(("input_rgb_image_sized",), "150x150 RGB input")
     mean = tuple(round(f.float(), 3) for _ in range(3))
     f.expect("the input's mean pixel", mean, DLIB_MEAN_RGB)
     f.expect("the input's size", (f.int(), f.int()), (chip_size, chip_size))
+    return version
 
 
-def _read_layer_records(f: _Bytes, records: list[Layer]) -> dict[str, torch.Tensor]:
+def _read_layer_records(f: _Bytes, records: list[Layer], innermost_version: int) -> dict[str, torch.Tensor]:
     """Each layer's parameters, innermost first, with the record's bools and (empty) tensors after them."""
     state: dict[str, torch.Tensor] = {}
     layers = [layer for layer in records if layer.kind not in ("tag", "skip")]
@@ -304,8 +305,8 @@ def _read_layer_records(f: _Bytes, records: list[Layer]) -> dict[str, torch.Tens
         f.bool(), f.bool(), f.bool()  # set up, gradient stale, output and gradient disabled: training state
         for what in ("x_grad", "cached_output", "params_grad"):
             f.expect(f"the {layer.kind} record's {what} size", f.tensor().size, 0)
-        if i == 0:
-            f.int()  # the innermost record (version 3) ends with its sample expansion factor
+        if i == 0 and innermost_version == 3:
+            f.int()  # the innermost record (the one holding the input layer) ends with its sample expansion factor
     return state
 
 
@@ -320,8 +321,8 @@ def read_dlib_network(path: str | Path, sha256: str = DLIB_MODEL_SHA256, stem_ch
     data = _read_checked(path, sha256)
     f = _Bytes(data, path)
     records = network_layers(stem_channels, stages, descriptor_size)
-    _read_head(f, records, chip_size)
-    state = _read_layer_records(f, records)
+    innermost_version = _read_head(f, records, chip_size)
+    state = _read_layer_records(f, records, innermost_version)
     if f.pos != len(data):
         raise f.fail(f"{len(data) - f.pos} bytes after the last record")
     return state
@@ -342,7 +343,7 @@ def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
 
 def dlib_cache_path(sha256: str = DLIB_MODEL_SHA256) -> Path:
     """Where the converted weights of the model file with this hash are cached (SIAMKIT_CACHE_DIR honoured)."""
-    return default_cache_dir() / "models" / f"dlib-resnet-{sha256[:16]}.pt"
+    return default_cache_dir() / "models" / "dlib" / f"weights-{sha256[:16]}.pt"
 
 
 def _read_cache(path: Path, sha256: str) -> dict[str, torch.Tensor] | None:

@@ -145,6 +145,19 @@ def _export(args) -> int:
     return 0
 
 
+def _source_for_model(data: str, alignment: dict | None, pre):
+    """A folder or built-in source decoded for a model; for one that reads dlib's face chips, its chips (cut once
+    into the cache, faces/chip_data.py)."""
+    from .data.sources import load_source
+    from .faces.chips import is_dlib_chip
+
+    if is_dlib_chip(alignment):
+        from .faces.chip_data import chip_folder
+
+        data = chip_folder(data)
+    return load_source(data, pre)
+
+
 def _embed_dataset(verifier, ds, progress: bool = True):
     """Embeddings of an IdentityDataset with a run's Verifier, in chunks behind a progress bar."""
     import numpy as np
@@ -177,8 +190,6 @@ def _enroll(args) -> int:
     if (out / GALLERY_FILE).exists() and not args.add:
         raise SiamkitError(f"{out / GALLERY_FILE} exists; pass --add to add people to it, or another --out")
     from .api import load
-    from .data.sources import load_source
-    from .faces.chips import is_dlib_chip
     from .models.zoo import builtin_model
 
     verifier = load(args.run)
@@ -186,12 +197,7 @@ def _enroll(args) -> int:
     if args.add:
         gallery = load_gallery(out)
         gallery.check_model(probe, args.run)  # before embedding anything
-    data = args.data
-    if is_dlib_chip(verifier.alignment):
-        from .faces.chip_data import chip_folder
-
-        data = chip_folder(args.data)  # the model reads dlib's face chips: cut once into the cache
-    ds = load_source(data, verifier.preprocess)
+    ds = _source_for_model(args.data, verifier.alignment, verifier.preprocess)
     new = new_gallery(_embed_dataset(verifier, ds, not args.no_progress), ds.labels, ds.names,
                       [str(_Path(ds.root) / p) if ds.root else p for p in ds.paths], score=verifier.score_name,
                       model=args.run if builtin_model(args.run) else str(_Path(args.run).resolve()),
@@ -232,7 +238,6 @@ def _identify(args) -> int:
 def _evaluate_identification(args, model, ckpt, pre, device, out) -> int:
     import numpy as np
 
-    from .data.sources import load_source
     from .eval.baseline import pixel_embeddings
     from .eval.embed import embed_images
     from .eval.identification import format_identification, identification_report
@@ -241,7 +246,9 @@ def _evaluate_identification(args, model, ckpt, pre, device, out) -> int:
 
     if not args.gallery or not args.probes:
         raise SiamkitError("--protocol identification needs --gallery FOLDER and --probes FOLDER")
-    gallery, probes = load_source(args.gallery, pre), load_source(args.probes, pre)
+    alignment = ckpt.get("alignment")
+    gallery = _source_for_model(args.gallery, alignment, pre)
+    probes = _source_for_model(args.probes, alignment, pre)
     score = args.score or ckpt.get("score", "cosine")
     flip, shifts = _views(args, ckpt)
     g_emb = embed_images(model, gallery.images, pre, device, flip=flip, shifts=shifts)

@@ -25,10 +25,11 @@ from ..data.cache import default_cache_dir
 from ..data.pixels import Preprocess
 from ..errors import warn
 from ..faces.chips import dlib_alignment
-if TYPE_CHECKING:
-    from .siamese import SiameseNet
 from .dlib_resnet import (DESCRIPTOR_SIZE, DLIB_CHIP_SIZE, DLIB_INPUT_SCALE, DLIB_MEAN_RGB,
                           DLIB_SAME_PERSON_DISTANCE, backbone_state)
+
+if TYPE_CHECKING:  # siamese.py imports the backbones, which import dlib's weights: built when asked for
+    from .siamese import SiameseNet
 
 
 @dataclass(frozen=True)

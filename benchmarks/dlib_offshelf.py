@@ -4,7 +4,8 @@ costs the main job.
 1. `siamkit evaluate dlib --data DATA` (the product's command: siamkit's detection views, 5 landmarks,
    dlib.get_face_chip 150 px, the PyTorch network) beside dlib's own pipeline on the same images and pairs:
    dlib-bin's HOG detector on the original image, as it is and with a black border of 25% of its longer side
-   (upsampled once, then twice; the whole frame as the face where it finds none), its 5-point shape predictor, get_face_chip(size=150, padding=0.25) and compute_face_descriptor
+   (upsampled once, then twice; the whole frame as the face where it finds none), its 5-point shape predictor,
+   get_face_chip(size=150, padding=0.25) and compute_face_descriptor
    (num_jitters=0), scored as minus the Euclidean distance. 10-fold accuracy, each fold's threshold chosen on the
    other nine; the pairs are those of the command's report (all genuine pairs + as many impostor pairs, seed 0).
    Data: the built-in att-test (AT&T s31-s40), and ROF-neutral's held-out people of the faces recipe's seed-0
@@ -36,7 +37,8 @@ from siamkit.api import load_model  # noqa: E402
 from siamkit.cli import main as siamkit_main  # noqa: E402
 from siamkit.data.cache import load_data  # noqa: E402
 from siamkit.data.pixels import Preprocess  # noqa: E402
-from siamkit.data.sources import default_preprocess, list_folder, load_source, native_preprocess, split_identities  # noqa: E402
+from siamkit.data.sources import (default_preprocess, list_folder, load_source, native_preprocess,  # noqa: E402
+                                  split_identities)
 from siamkit.eval.protocol import pairs_for  # noqa: E402
 from siamkit.eval.verification import pair_scores, verification_report  # noqa: E402
 from siamkit.faces.chip_data import chip_folder  # noqa: E402

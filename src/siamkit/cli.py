@@ -400,32 +400,7 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     else:
         from .config import sources_help
 
-    p = sub.add_parser("evaluate", help="verification report of a trained model on a data set")
-    p.add_argument("run", help="run folder, checkpoint file or built-in model (dlib)")
-    p.add_argument("--data", default=None, help=sources_help())
-    p.add_argument("--pairs", default=None, help="LFW-format pairs.txt (folds = its sets)")
-    p.add_argument("--protocol", choices=("verification", "identification"), default="verification",
-                   help="identification: 1:N search of --probes against --gallery (rank-1/5, CMC, mAP, open set)")
-    p.add_argument("--gallery", default=None, help="identification: folder of enrolled identities")
-    p.add_argument("--probes", default=None,
-                   help="identification: folder of probe images (identities not in --gallery are unknowns)")
-    _add_views_flags(p)
-    p.add_argument("--out", default=None, help="report folder (default: RUN/eval; for a built-in model, its folder "
-                                               "in the cache)")
-    p.add_argument("--score", choices=("cosine", "euclidean"), default=None, help="default: the model's own")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0, help="seed of the impostor pairs (no --pairs)")
-    p.add_argument("--calibrate", action="store_true",
-                   help="store this report's thresholds in the run (RUN/calibration.json, the previous ones kept "
-                        "in its history; for a built-in model, its folder in the cache: "
-                        "$SIAMKIT_CACHE_DIR/models/NAME/calibration.json): verify then uses them")
-    p.add_argument("--max-genuine-pairs", type=int, default=MAX_GENUINE_PAIRS,
-                   help="no --pairs: draw at most this many genuine pairs (seeded; 0 = every one)")
-    p.add_argument("--no-baseline-dlib", dest="baseline_dlib", action="store_false",
-                   help="leave out the second baseline: the off-the-shelf dlib face model on the same pairs "
-                        "(docs/face-model.md)")
-    _cache_option(p)
-    _add_align_flag(p)
+    _evaluate_parser(sub, sources_help)
 
     p = sub.add_parser("verify", help="do two images show the same identity?")
     p.add_argument("run", help="run folder, checkpoint file, exported .onnx file or built-in model (dlib)")
@@ -478,6 +453,35 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
 
     _align_parser(sub)
     return parser
+
+
+def _evaluate_parser(sub, sources_help) -> None:
+    p = sub.add_parser("evaluate", help="verification report of a trained model on a data set")
+    p.add_argument("run", help="run folder, checkpoint file or built-in model (dlib)")
+    p.add_argument("--data", default=None, help=sources_help())
+    p.add_argument("--pairs", default=None, help="LFW-format pairs.txt (folds = its sets)")
+    p.add_argument("--protocol", choices=("verification", "identification"), default="verification",
+                   help="identification: 1:N search of --probes against --gallery (rank-1/5, CMC, mAP, open set)")
+    p.add_argument("--gallery", default=None, help="identification: folder of enrolled identities")
+    p.add_argument("--probes", default=None,
+                   help="identification: folder of probe images (identities not in --gallery are unknowns)")
+    _add_views_flags(p)
+    p.add_argument("--out", default=None, help="report folder (default: RUN/eval; for a built-in model, its folder "
+                                               "in the cache)")
+    p.add_argument("--score", choices=("cosine", "euclidean"), default=None, help="default: the model's own")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of the impostor pairs (no --pairs)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="store this report's thresholds in the run (RUN/calibration.json, the previous ones kept "
+                        "in its history; for a built-in model, its folder in the cache: "
+                        "$SIAMKIT_CACHE_DIR/models/NAME/calibration.json): verify then uses them")
+    p.add_argument("--max-genuine-pairs", type=int, default=MAX_GENUINE_PAIRS,
+                   help="no --pairs: draw at most this many genuine pairs (seeded; 0 = every one)")
+    p.add_argument("--no-baseline-dlib", dest="baseline_dlib", action="store_false",
+                   help="leave out the second baseline: the off-the-shelf dlib face model on the same pairs "
+                        "(docs/face-model.md)")
+    _cache_option(p)
+    _add_align_flag(p)
 
 
 def _align_parser(sub) -> None:

@@ -129,3 +129,15 @@ def test_cli_align_on_worker_processes(photos, tmp_path, cli):
     assert Image.open(dst / "bob" / "two.png").size == (80, 80)
     r = cli("align", str(photos), str(dst), "--size", "80", "--workers", "2", "--no-progress")
     assert "(0 processed now)" in r.stderr  # a rerun finds everything done
+
+
+def test_a_journal_from_before_templates_resumes(photos, tmp_path):
+    """A DST whose journal predates --template (no "template" in its options) finishes as siamkit's template."""
+    from siamkit.faces.folder import JOURNAL
+
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    old = {k: v for k, v in vars(AlignOptions()).items() if k != "template"}
+    (dst / JOURNAL).write_text(json.dumps({"options": old}) + "\n")
+    summary = align_folder(photos, dst, AlignOptions(), workers=1, progress=False)
+    assert summary.count("aligned") >= 1

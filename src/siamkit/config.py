@@ -25,7 +25,7 @@ AMP_MODES = ("off", "bf16", "fp16")
 AUGMENTS = ("auto", "none", "flip", "flip-shift", "face")
 SCHEDULES = ("cosine", "constant")
 DATA_IN_MEMORY = ("auto", "yes", "no")
-# Recipes: sets of options that work well together, measured by benchmarks/recipe.py (README "Accuracy on
+# Recipes: sets of options that work well together, measured by benchmarks/recipe.py (docs/results.md, "Accuracy on
 # unseen faces"). `siamkit train --recipe auto` (the default) applies the data source's recipe; options given
 # on the command line override it. From Python: TrainConfig(**RECIPES["faces"], data=...).
 RECIPES: dict[str, dict[str, Any]] = {
@@ -70,7 +70,7 @@ class TrainConfig(ModelOptions):
                             help="auto: on a folder written by `siamkit align` from tight crops (its report's photo box "
                                  "smaller than the crop), fill every image beyond that box from the box's edge, in "
                                  "training and at every use of the model, so that faces cut from wider photos look like "
-                                 "the training crops (README, Faces from real photos); off: images as they are")
+                                 "the training crops (docs/guide/alignment.md); off: images as they are")
     augment: str = option("auto", group="data", choices=AUGMENTS,
                           help="auto = the source's default: none for digits, face for the built-in faces, flip-shift "
                                "(mirror + small shifts) otherwise; face = per-image scale, rotation, shift, mirror, "

@@ -21,7 +21,7 @@ class ModelOptions:
     embedding_dim: int = option(128, group="model", minimum="positive")
     embedding_activation: str = option("l2", group="model", choices=ACTIVATIONS)
     bn_policy: str = option("joint", group="multi-branch training", choices=lambda: tuple(POLICIES),
-                            help="how BatchNorm runs over the branches (README: Which BatchNorm policy?)")
+                            help="how BatchNorm runs over the branches (docs/guide/batchnorm.md)")
     classifier: str = option("softmax", group="multi-branch training", choices=CLASSIFIERS)
     classifier_input: str = option("features", group="multi-branch training", choices=("features", "embedding"),
                                    help="what the classifier reads: the backbone's features, or the embedding "

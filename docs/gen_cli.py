@@ -1,0 +1,106 @@
+"""The CLI reference, generated from the option declarations, so that it is never written by hand twice.
+
+`siamkit train`'s options are TrainConfig's fields (src/siamkit/config.py, options.py); the other commands'
+options are declared in src/siamkit/cli.py. Both end up in `siamkit.cli.build_parser()`, which this module
+reads. Two uses:
+- an mkdocs hook (mkdocs.yml, `hooks:`): the page that holds the marker below gets the reference in its place;
+- a script: `python docs/gen_cli.py` prints the same Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+MARKER = "<!-- cli-reference -->"
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _siamkit_parser() -> argparse.ArgumentParser:
+    if str(SRC) not in sys.path:  # document this checkout's siamkit, installed or not
+        sys.path.insert(0, str(SRC))
+    from siamkit.cli import build_parser
+
+    return build_parser()
+
+
+def _faces_recipe() -> dict[str, Any]:
+    from siamkit.config import RECIPES
+
+    return RECIPES["faces"]
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell: no column breaks, no HTML tags."""
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;").replace("\n", " ")
+
+
+def _value(value: Any) -> str:
+    if value is None or value == "" or value == argparse.SUPPRESS:
+        return ""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        value = " ".join(str(v) for v in value)
+    return f"`{value}`"
+
+
+def _default(action: argparse.Action) -> str:
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        # a flag of its own: say what giving it does, since its stored default reads backwards for --no-x flags
+        return "off"
+    return _value(action.default)
+
+
+def _invocation(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
+    formatter = parser._get_formatter()
+    text = formatter._format_action_invocation(action)  # "--loss {contrastive,triplet}", "--image-size H W"
+    return f"`{text}`" if action.option_strings else f"`{text}` (positional)"
+
+
+def _group_table(parser: argparse.ArgumentParser, actions: list[argparse.Action], recipe: dict[str, Any] | None) -> str:
+    head = "| option | default | faces recipe | description |\n|---|---|---|---|\n" if recipe is not None else \
+        "| option | default | description |\n|---|---|---|\n"
+    rows = []
+    for action in actions:
+        cells = [_invocation(parser, action), _default(action)]
+        if recipe is not None:
+            cells.append(_value(recipe[action.dest]) if action.dest in recipe else "")
+        cells.append(action.help or "")
+        rows.append("| " + " | ".join(_cell(c) if i == len(cells) - 1 else c.replace("|", "\\|")
+                                       for i, c in enumerate(cells)) + " |")
+    return head + "\n".join(rows) + "\n"
+
+
+def _command_section(name: str, summary: str, parser: argparse.ArgumentParser) -> str:
+    recipe = _faces_recipe() if name == "train" else None
+    parts = [f"## siamkit {name}\n\n{_cell(summary)}.\n"]
+    if recipe is not None:
+        parts.append("The default column is TrainConfig's (`siamkit train --help`, `--recipe none`); the faces recipe "
+                     "column is what `--recipe auto` (the default) sets instead for the built-in faces and any folder "
+                     "of faces. An option given on the command line overrides both.\n")
+    for group in parser._action_groups:
+        actions = [a for a in group._group_actions if not isinstance(a, argparse._HelpAction)]
+        if not actions:
+            continue
+        title = {"positional arguments": "arguments", "options": "options"}.get(group.title, group.title)
+        parts.append(f"### {name}: {title}\n\n" + _group_table(parser, actions, recipe))
+    return "\n".join(parts)
+
+
+def cli_reference() -> str:
+    """The Markdown reference of every `siamkit` command and option."""
+    parser = _siamkit_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    summaries = {a.dest: a.help for a in sub._choices_actions}
+    return "\n".join(_command_section(name, summaries.get(name, ""), p) for name, p in sub.choices.items())
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:
+    """mkdocs hook: fill the marker of the page that has one."""
+    return markdown.replace(MARKER, cli_reference()) if MARKER in markdown else markdown
+
+
+if __name__ == "__main__":
+    print(cli_reference())

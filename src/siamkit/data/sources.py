@@ -268,7 +268,7 @@ register_source("digits", Source(lambda _, pre, data_home: _load_digits(pre), im
 register_source("olivetti", Source(lambda _, pre, data_home: _load_olivetti(pre, data_home)))
 # LFW's 250x250 frames hold much more than the face: keep the central half by default.
 register_source("lfw", Source(lambda _, pre, data_home: _load_lfw(pre, data_home), center_crop=0.5))
-# The built-in faces: all 40 people, or the split the accuracy numbers of docs/results.md use (train s1-s30, test s31-s40).
+# The built-in faces: all 40 people, or the split the README's accuracy numbers use (train s1-s30, test s31-s40).
 for _name, _ids in (("att", range(40)), ("att-train", range(30)), ("att-test", range(30, 40))):
     register_source(_name, Source(lambda _, pre, data_home, ids=_ids, name=_name: load_att_faces(pre, ids, name),
                                   image_size=(64, 64), grayscale=True))

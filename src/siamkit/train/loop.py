@@ -4,6 +4,8 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+from tqdm import tqdm
+
 from ..config import TrainConfig
 from ..errors import SiamkitError, info, warn
 from ..eval.embed import embed_images
@@ -12,7 +14,6 @@ from ..eval.report import format_summary, write_report
 from . import distributed
 from .ema import evaluation_weights
 from .logging import LossWindow, MetricsLog, RunLogFile
-from .progress import progress_bar
 from .tensorboard import TensorBoardLog, require_tensorboard
 from .run import Run, build_run, score_for
 from .state import Checkpoints
@@ -84,7 +85,7 @@ def _run(run: Run, log_file: RunLogFile, *, resume: bool, progress: bool) -> Pat
     )
     checkpoints = Checkpoints(run, window)
     step, stopping, bad_steps = run.start_step, False, 0
-    bar = progress_bar(run.total, step, "train", enabled=progress and ctx.is_main)  # plain lines in a log file
+    bar = tqdm(total=run.total, initial=step, disable=not (progress and ctx.is_main), desc="train", dynamic_ncols=True)
     run.training.model.train()
     with StopRequested() as stop, bar:
         while step < run.total and not stopping:

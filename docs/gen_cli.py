@@ -89,12 +89,28 @@ def _command_section(name: str, summary: str, parser: argparse.ArgumentParser) -
     return "\n".join(parts)
 
 
+def _positional(action: argparse.Action) -> str:
+    name = str(action.metavar or action.dest).upper()
+    return {"?": f"[{name}]", "+": f"{name}...", "*": f"[{name}...]"}.get(action.nargs, name)
+
+
+def _overview(commands: dict[str, argparse.ArgumentParser], summaries: dict[str, str]) -> str:
+    """One row per command: its positional arguments and what it does."""
+    rows = []
+    for name, p in commands.items():
+        positionals = " ".join(_positional(a) for a in p._actions if not a.option_strings)
+        arguments = f"`{positionals}`" if positionals else ""  # a code span: [IMAGE2] is no Markdown link
+        rows.append(f"| [`siamkit {name}`](#siamkit-{name}) | {arguments} | {_cell(summaries.get(name, ''))} |")
+    return "| command | arguments | what it does |\n|---|---|---|\n" + "\n".join(rows) + "\n"
+
+
 def cli_reference() -> str:
     """The Markdown reference of every `siamkit` command and option."""
     parser = _siamkit_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     summaries = {a.dest: a.help for a in sub._choices_actions}
-    return "\n".join(_command_section(name, summaries.get(name, ""), p) for name, p in sub.choices.items())
+    sections = [_command_section(name, summaries.get(name, ""), p) for name, p in sub.choices.items()]
+    return "\n".join([_overview(sub.choices, summaries), *sections])
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:

@@ -68,8 +68,11 @@ def run_calibration(run_dir: str | os.PathLike, ckpt: dict) -> dict | None:
         return _read(path)["current"]
     if ckpt.get("threshold") is None:
         return None
-    return {"source": TRAINING_SOURCE, "threshold": float(ckpt["threshold"]),
-            "thresholds_at_far": dict(ckpt.get("thresholds_at_far") or {})}
+    calibration = {"source": TRAINING_SOURCE, "threshold": float(ckpt["threshold"]),
+                   "thresholds_at_far": dict(ckpt.get("thresholds_at_far") or {})}
+    if ckpt.get("threshold_source"):  # a built-in model's own threshold (models/zoo.py), said as it is
+        calibration.update(source=ckpt["threshold_source"], what=ckpt["threshold_source"])
+    return calibration
 
 
 def far_key(far: float) -> str:
@@ -85,7 +88,7 @@ def choose_threshold(calibration: dict | None, far: float | None = None) -> tupl
                            "pass a threshold, or calibrate it with siamkit evaluate RUN --data FOLDER --calibrate")
     source = calibration.get("source", "unknown")
     if far is None:
-        return float(calibration["threshold"]), f"accuracy-maximising threshold, calibrated on {source}"
+        return float(calibration["threshold"]), calibration.get("what") or f"accuracy-maximising threshold, calibrated on {source}"
     at_far = calibration.get("thresholds_at_far") or {}
     match = [key for key in at_far if abs(float(key) - far) <= 1e-9 * far]
     if not match:

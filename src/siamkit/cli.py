@@ -40,8 +40,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
                    help="start from a run's config.json (options given here override it)")
     g.add_argument("--recipe", default="auto", choices=("auto", *RECIPES),
                    help="start from a set of options measured to work well (README: Accuracy on unseen faces); "
-                        "auto = the data's: faces for face folders and the built-in faces, none for digits; "
-                        "options given here override it")
+                        "auto = dlib-finetune with --pretrained dlib, else the data's: faces for face folders and "
+                        "the built-in faces, none for digits; options given here override it")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -58,17 +58,15 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from .api import load_model, run_flip, run_shifts
+    from .api import load_run, run_flip, run_shifts
     from .data.transforms import Preprocess
     from .eval.protocol import evaluate
     from .eval.report import format_summary, write_report
-    from .checkpoint import resolve_checkpoint, run_dir_of
     from .device import resolve_device
 
     device = resolve_device(args.device)
-    model, ckpt = load_model(args.run, device)
+    model, ckpt, run_dir = load_run(args.run, device)
     pre = Preprocess.from_dict(ckpt["preprocess"])
-    run_dir = run_dir_of(resolve_checkpoint(args.run))
     out = Path(args.out) if args.out else run_dir / "eval"
     score = args.score or ckpt.get("score", "cosine")
     flip, shifts = _views(args, ckpt)
@@ -81,14 +79,16 @@ def _evaluate(args) -> int:
         # verify scores with the run's own score and views: thresholds found otherwise would not fit them.
         raise SiamkitError("--calibrate finds thresholds for the run's own --score, --flip and --shifts; drop those "
                            "options")
-    with _model_data(args, ckpt) as data:
-        ds = _load_model_data(data, pre, args)
+    ds = _load_model_data(args, ckpt, pre)
     result = evaluate(model, pre, ds, pairs_file=args.pairs, score=score, flip=flip, shifts=shifts, device=device,
-                      seed=args.seed, max_genuine_pairs=args.max_genuine_pairs or None)
+                      seed=args.seed, max_genuine_pairs=args.max_genuine_pairs or None,
+                      baseline_dlib=args.baseline_dlib and not ckpt.get("builtin"))
     report = result.report
     write_report(report, result.scores, result.same, out, result.baseline_scores)
     print(f"{args.data}: {out / 'report.json'}")
     print(format_summary(report))
+    if ckpt.get("threshold_source"):  # a built-in model's own threshold, which verify uses until --calibrate
+        print(f"default threshold {ckpt['threshold']:g}: {ckpt['threshold_source']}")
     if args.calibrate:
         from .calibration import calibration_entry, record_calibration, run_calibration
 
@@ -145,6 +145,19 @@ def _export(args) -> int:
     return 0
 
 
+def _source_for_model(data: str, alignment: dict | None, pre):
+    """A folder or built-in source decoded for a model; for one that reads dlib's face chips, its chips (cut once
+    into the cache, faces/chip_data.py)."""
+    from .data.sources import load_source
+    from .faces.chips import is_dlib_chip
+
+    if is_dlib_chip(alignment):
+        from .faces.chip_data import chip_folder
+
+        data = chip_folder(data)
+    return load_source(data, pre)
+
+
 def _embed_dataset(verifier, ds, progress: bool = True):
     """Embeddings of an IdentityDataset with a run's Verifier, in chunks behind a progress bar."""
     import numpy as np
@@ -177,17 +190,18 @@ def _enroll(args) -> int:
     if (out / GALLERY_FILE).exists() and not args.add:
         raise SiamkitError(f"{out / GALLERY_FILE} exists; pass --add to add people to it, or another --out")
     from .api import load
-    from .data.sources import load_source
+    from .models.zoo import builtin_model
 
     verifier = load(args.run)
     probe = model_probe(verifier)
     if args.add:
         gallery = load_gallery(out)
         gallery.check_model(probe, args.run)  # before embedding anything
-    ds = load_source(args.data, verifier.preprocess)
+    ds = _source_for_model(args.data, verifier.alignment, verifier.preprocess)
     new = new_gallery(_embed_dataset(verifier, ds, not args.no_progress), ds.labels, ds.names,
                       [str(_Path(ds.root) / p) if ds.root else p for p in ds.paths], score=verifier.score_name,
-                      model=str(_Path(args.run).resolve()), probe_embedding=probe,
+                      model=args.run if builtin_model(args.run) else str(_Path(args.run).resolve()),
+                      probe_embedding=probe,
                       preprocess=verifier.preprocess.to_dict(), calibration=verifier.calibration)
     gallery = gallery.add(new) if args.add else new
     save_gallery(gallery, out)
@@ -224,7 +238,6 @@ def _identify(args) -> int:
 def _evaluate_identification(args, model, ckpt, pre, device, out) -> int:
     import numpy as np
 
-    from .data.sources import load_source
     from .eval.baseline import pixel_embeddings
     from .eval.embed import embed_images
     from .eval.identification import format_identification, identification_report
@@ -233,7 +246,9 @@ def _evaluate_identification(args, model, ckpt, pre, device, out) -> int:
 
     if not args.gallery or not args.probes:
         raise SiamkitError("--protocol identification needs --gallery FOLDER and --probes FOLDER")
-    gallery, probes = load_source(args.gallery, pre), load_source(args.probes, pre)
+    alignment = ckpt.get("alignment")
+    gallery = _source_for_model(args.gallery, alignment, pre)
+    probes = _source_for_model(args.probes, alignment, pre)
     score = args.score or ckpt.get("score", "cosine")
     flip, shifts = _views(args, ckpt)
     g_emb = embed_images(model, gallery.images, pre, device, flip=flip, shifts=shifts)
@@ -277,8 +292,7 @@ def _embed(args) -> int:
     device = resolve_device(args.device)
     model, ckpt = load_model(args.run, device)
     pre = Preprocess.from_dict(ckpt["preprocess"])
-    with _model_data(args, ckpt) as data:
-        ds = _load_model_data(data, pre, args)
+    ds = _load_model_data(args, ckpt, pre)
     flip, shifts = _views(args, ckpt)
     emb = embed_images(model, ds.images, pre, device, flip=flip, shifts=shifts)
     buf = io.BytesIO()
@@ -311,26 +325,35 @@ def _embed_exported(args) -> int:
 
 @contextmanager
 def _model_data(args, ckpt: dict):
-    """--data as the model should see it: with --align, an aligned copy in a temporary folder (removed after)."""
-    from .faces.use import align_data, is_aligned_folder, warn_mismatch
+    """(--data as the model should see it, whether that is a temporary folder): with --align, an aligned copy in a
+    temporary folder (removed after); for a model that reads dlib's face chips, the chips cut into the cache
+    (faces/chip_data.py)."""
+    from .faces.chips import is_dlib_chip
+    from .faces.use import align_data, check_chip_templates, is_aligned_folder, warn_mismatch
 
     alignment = ckpt.get("alignment")
+    if is_dlib_chip(alignment):
+        from .faces.chip_data import chip_folder
+
+        yield chip_folder(args.data, args.cache_dir), False
+        return
+    check_chip_templates(alignment, args.data)
     if not args.align:
         warn_mismatch(alignment, is_aligned_folder(args.data), f"the images of {args.data}")
-        yield args.data
+        yield args.data, False
         return
     from .faces.detect import check_installed
 
     check_installed()
     warn_mismatch(alignment, True, f"the images of {args.data} (--align)")
     with tempfile.TemporaryDirectory(prefix="siamkit-align-") as tmp:
-        yield align_data(args.data, alignment, Path(tmp) / "aligned")
+        yield align_data(args.data, alignment, Path(tmp) / "aligned"), True
 
 
 def _align(args) -> int:
     from .faces.folder import AlignOptions, align_folder
 
-    opts = AlignOptions(size=args.size, margin=args.margin, pick=args.pick, undetected=args.undetected)
+    opts = AlignOptions.for_template(args.template, args.size, args.margin, pick=args.pick, undetected=args.undetected)
     align_folder(args.src, args.dst, opts, workers=args.workers, progress=not args.no_progress)
     return 0
 
@@ -357,12 +380,13 @@ def _add_align_flag(p: argparse.ArgumentParser) -> None:
                         "(needs: pip install \"siamkit[align]\")")
 
 
-def _load_model_data(data: str, pre, args):
-    """--data decoded through the decoded cache; an aligned temporary copy (--align) is decoded into memory instead,
-    since a cache of a folder removed right after would only take disk space."""
+def _load_model_data(args, ckpt: dict, pre):
+    """--data as the model sees it (_model_data), decoded through the decoded cache; an aligned temporary copy
+    (--align) is decoded into memory instead, since a cache of a folder removed right after would only take disk space."""
     from .data.cache import load_data
 
-    return load_data(data, pre, "none" if args.align else args.cache_dir)
+    with _model_data(args, ckpt) as (data, temporary):
+        return load_data(data, pre, "none" if temporary else args.cache_dir)
 
 
 def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
@@ -377,7 +401,7 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
         from .config import sources_help
 
     p = sub.add_parser("evaluate", help="verification report of a trained model on a data set")
-    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("run", help="run folder, checkpoint file or built-in model (dlib)")
     p.add_argument("--data", default=None, help=sources_help())
     p.add_argument("--pairs", default=None, help="LFW-format pairs.txt (folds = its sets)")
     p.add_argument("--protocol", choices=("verification", "identification"), default="verification",
@@ -386,20 +410,25 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--probes", default=None,
                    help="identification: folder of probe images (identities not in --gallery are unknowns)")
     _add_views_flags(p)
-    p.add_argument("--out", default=None, help="report folder (default: RUN/eval)")
+    p.add_argument("--out", default=None, help="report folder (default: RUN/eval; for a built-in model, its folder "
+                                               "in the cache)")
     p.add_argument("--score", choices=("cosine", "euclidean"), default=None, help="default: the model's own")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the impostor pairs (no --pairs)")
     p.add_argument("--calibrate", action="store_true",
                    help="store this report's thresholds in the run (RUN/calibration.json, the previous ones kept "
-                        "in its history): verify then uses them")
+                        "in its history; for a built-in model, its folder in the cache: "
+                        "$SIAMKIT_CACHE_DIR/models/NAME/calibration.json): verify then uses them")
     p.add_argument("--max-genuine-pairs", type=int, default=MAX_GENUINE_PAIRS,
                    help="no --pairs: draw at most this many genuine pairs (seeded; 0 = every one)")
+    p.add_argument("--no-baseline-dlib", dest="baseline_dlib", action="store_false",
+                   help="leave out the second baseline: the off-the-shelf dlib face model on the same pairs "
+                        "(docs/face-model.md)")
     _cache_option(p)
     _add_align_flag(p)
 
     p = sub.add_parser("verify", help="do two images show the same identity?")
-    p.add_argument("run", help="run folder, checkpoint file or exported .onnx file")
+    p.add_argument("run", help="run folder, checkpoint file, exported .onnx file or built-in model (dlib)")
     p.add_argument("image1", nargs="?")
     p.add_argument("image2", nargs="?")
     p.add_argument("--threshold", type=float, default=None,
@@ -413,13 +442,13 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export the embedding network (ONNX or TorchScript) with its preprocessing "
                                       "and thresholds, checked against PyTorch on the spot")
-    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("run", help="run folder, checkpoint file or built-in model (dlib)")
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     p.add_argument("--out", required=True, help="FILE.onnx, or FILE.pt for TorchScript (metadata in FILE.pt.json)")
     p.add_argument("--data", default=None, help="images to check the export on (default: the run's held-out identities)")
 
     p = sub.add_parser("enroll", help="embed a folder-per-identity gallery into an index on disk, for identify")
-    p.add_argument("run", nargs="?", help="run folder or checkpoint file")
+    p.add_argument("run", nargs="?", help="run folder, checkpoint file or built-in model (dlib)")
     p.add_argument("--data", default=None, help="folder of identity sub-folders to enroll")
     p.add_argument("--out", required=True, metavar="GALLERY_DIR", help="where the gallery lives (gallery.npz)")
     p.add_argument("--add", action="store_true", help="add --data's people to the gallery in --out")
@@ -438,7 +467,8 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="default: the model the gallery was enrolled with")
 
     p = sub.add_parser("embed", help="write embeddings of a data set to an .npz file")
-    p.add_argument("run", help="run folder, checkpoint file or exported .onnx file (then --data is a folder)")
+    p.add_argument("run", help="run folder, checkpoint file, built-in model (dlib) or exported .onnx file (then --data "
+                               "is a folder)")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="FILE.npz")
     _add_views_flags(p)
@@ -446,12 +476,22 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     _cache_option(p)
     _add_align_flag(p)
 
+    _align_parser(sub)
+    return parser
+
+
+def _align_parser(sub) -> None:
     p = sub.add_parser("align", help="detect, landmark and align the faces of a folder of photos into DST",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("src", help="folder of photos: one sub-folder per identity, or flat")
     p.add_argument("dst", help="output folder: the aligned crops at the same relative paths, and align_report.json")
-    p.add_argument("--size", type=int, default=112, help="side of the square aligned crop, in pixels")
-    p.add_argument("--margin", type=float, default=0.0, help="extra border around the face, as a fraction of it per side")
+    p.add_argument("--template", choices=("siamkit", "dlib"), default="siamkit",
+                   help="siamkit: the 5 landmarks warped onto siamkit's template; dlib: dlib's own 150 px face chip "
+                        "(dlib.get_face_chip, padding 0.25), what the built-in dlib model reads")
+    p.add_argument("--size", type=int, default=None, help="side of the square aligned crop, in pixels (default: 112; "
+                                                          "dlib's chip is 150)")
+    p.add_argument("--margin", type=float, default=None,
+                   help="extra border around the face, as a fraction of it per side (default 0)")
     p.add_argument("--pick", choices=("largest", "center"), default="largest",
                    help="which face of a photo with several: the largest, or the one nearest the centre")
     p.add_argument("--undetected", choices=("skip", "frame"), default="skip",
@@ -459,7 +499,6 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
                         "(for tight crops; listed apart in the report)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per CPU core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
 
 
 def _cache_option(p: argparse.ArgumentParser) -> None:
@@ -473,13 +512,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser(torch_free=bool(words) and words[0] in TORCH_FREE_COMMANDS)
     args = parser.parse_args(argv)
     if args.command == "train":
-        from .config import RECIPES, TrainConfig
-        from .data.sources import source_of
+        from .config import TrainConfig, recipe_for
 
         if args.config:
             start = TrainConfig.read_options(args.config)
         else:
-            start = RECIPES[source_of(args.data).recipe if args.recipe == "auto" else args.recipe]
+            start = recipe_for(args.recipe, args.data, args.pretrained)
         # The file's or the recipe's options become the defaults, so that flags given here override them.
         parser.train_parser.set_defaults(**start)
         args = parser.parse_args(argv)

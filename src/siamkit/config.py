@@ -14,11 +14,13 @@ from typing import Any
 
 from .accel import CPU_TUNINGS
 from .batchnorm import POLICIES, get_policy
-from .data.sources import SOURCES
+from .data.sources import SOURCES, source_of
 from .data.transforms import FaceAugment
 from .errors import SiamkitError
 from .losses import loss_names, metric_loss_class, mining_names, minings_of
+from .models.backbones import DLIB_BACKBONE
 from .models.siamese import ModelOptions
+from .models.zoo import builtin_model
 from .options import check_fields, option
 
 AMP_MODES = ("off", "bf16", "fp16")
@@ -43,7 +45,28 @@ RECIPES: dict[str, dict[str, Any]] = {
         # +1.1 points on ROF-neutral's held-out people, AT&T validation within its noise)
         "eval_shifts": True,
     },
+    # Fine-tuning dlib's face ResNet (`siamkit train --pretrained dlib --data FOLDER`, docs/face-model.md): provisional
+    # values, each an option a flag overrides, until candidates are measured on validation folds (issue 29).
+    "dlib-finetune": {
+        "pretrained": "dlib", "backbone": "dlib-resnet29", "image_size": [150, 150], "augment": "flip",
+        # dlib's 128-d layer stays the embedding head; the stem and layer1-3 stay frozen
+        "pretrained_head": "keep", "embedding_dim": 128, "embedding_activation": "l2", "freeze_until": "layer3",
+        # CosFace on the embedding, P x K batches
+        "identities_per_batch": 8, "images_per_identity": 4, "mining": "batch-hard", "metric_weight": 0.0,
+        "classifier": "cosface", "classifier_input": "embedding", "scale": 30.0, "class_margin": 0.35,
+        "optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.05, "steps": 300, "warmup_steps": 15,
+    },
 }
+# The recipe `--recipe auto` picks for --pretrained dlib, whatever the data.
+PRETRAINED_RECIPES = {"dlib": "dlib-finetune"}
+
+
+def recipe_for(recipe: str, data: str, pretrained: str) -> dict[str, Any]:
+    """The options a run starts from (the one place recipes are resolved): --recipe NAME's, or with --recipe auto
+    the pretrained model's (dlib-finetune for --pretrained dlib), else the data source's (faces, or none for digits)."""
+    if recipe == "auto":
+        recipe = PRETRAINED_RECIPES.get(pretrained) or source_of(data).recipe
+    return RECIPES[recipe]
 
 # Keys a run's config.json holds besides the options (written by the loop; ignored by --config).
 RUN_KEYS = ("siamkit_version", "world_size", "out")
@@ -94,8 +117,13 @@ class TrainConfig(ModelOptions):
                                       "of the device's free memory")
     # model (the rest are ModelOptions)
     pretrained: str = option("none", group="model",
-                             help="none | imagenet | PATH to a torchvision state dict | a siamkit run folder or "
+                             help="none | imagenet | dlib (dlib's face ResNet: implies --backbone dlib-resnet29, "
+                                  "dlib's 150 px face chips cut from the photos, and the dlib-finetune recipe; "
+                                  "docs/face-model.md) | PATH to a torchvision state dict | a siamkit run folder or "
                                   "checkpoint (its backbone; the heads start fresh)")
+    pretrained_head: str = option("fresh", group="model", choices=("fresh", "keep"),
+                                  help="with --pretrained dlib: keep = the embedding head starts as dlib's 128-d layer "
+                                       "(--embedding-dim 128); fresh = a new one")
     # loss and sampling
     loss: str = option("triplet", group="loss and sampling", choices=loss_names)
     margin: float | None = option(None, group="loss and sampling",
@@ -159,6 +187,9 @@ class TrainConfig(ModelOptions):
                                     "side (left, right, up, down; edges repeated; each with its mirror under "
                                     "--eval-flip) at evaluation and at every later use of the model: 5x the "
                                     "embedding cost (benchmarks/results/recipe.md section 13)")
+    baseline_dlib: bool = option(True, group="run", flag="--no-baseline-dlib",
+                                 help="leave out the held-out report's second baseline, the off-the-shelf dlib face "
+                                      "model on the same pairs (needs the align extra; docs/face-model.md)")
     tensorboard: bool = option(False, group="run", help="also log to RUN/tensorboard: the metrics.csv values, "
                                "held-out metrics, the ROC, held-out embeddings (pip install \"siamkit[tensorboard]\")")
     # distributed
@@ -232,10 +263,25 @@ class TrainConfig(ModelOptions):
             raise SiamkitError(f"--subcenters {self.subcenters} applies to --classifier arcface or cosface, "
                                "not softmax; choose one of those or leave --subcenters at 1")
         self._validate_batches()
+        self._validate_pretrained()
         if self.compile_mode != "default" and not self.compile:
             raise SiamkitError(f"--compile-mode {self.compile_mode} applies to a compiled step: add --compile")
         if self.amp == "fp16" and self.device == "cpu":
             raise SiamkitError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or off")
+
+    def _validate_pretrained(self) -> None:
+        """--pretrained dlib: dlib's backbone, its 150x150 RGB chips; --pretrained-head keep: dlib's 128-d layer."""
+        if self.pretrained == "dlib":
+            builtin_model("dlib")  # says so when a folder ./dlib is there (the built-in wins; ./dlib reaches it)
+            if self.backbone != DLIB_BACKBONE:
+                raise SiamkitError(f"--pretrained dlib is dlib's face ResNet, --backbone {DLIB_BACKBONE}; drop "
+                                   f"--backbone {self.backbone} (the backbone is implied)")
+            if (self.image_size not in (None, [150, 150], (150, 150))) or self.grayscale or self.center_crop not in (None, 1.0):
+                raise SiamkitError("--pretrained dlib reads dlib's 150x150 RGB face chips; drop --image-size, "
+                                   "--grayscale and --center-crop")
+        if self.pretrained_head == "keep" and (self.pretrained != "dlib" or self.embedding_dim != 128):
+            raise SiamkitError("--pretrained-head keep starts the embedding head as dlib's 128-d layer: it needs "
+                               "--pretrained dlib and --embedding-dim 128")
 
     def _validate_batches(self) -> None:
         """Explicit tuples, or PK batches with a loss that mines; the BN policy must fit."""

@@ -24,7 +24,6 @@ import torch
 
 from ._version import __version__
 from .calibration import run_calibration
-from .checkpoint import resolve_checkpoint, run_dir_of
 from .data.pairs import folder_pairs
 from .data.pixels import Preprocess
 from .data.transforms import shift_pixels
@@ -32,6 +31,7 @@ from .data.sources import IdentityDataset, load_source, split_identities
 from .errors import SiamkitError
 from .eval.embed import embed_images, view_embedding
 from .eval.verification import pair_scores
+from .faces.chips import is_dlib_chip
 from .exported import EXPORT_FORMAT
 from .fileio import atomic_write_bytes, atomic_write_json
 
@@ -119,18 +119,31 @@ def _embed_exported(fmt: str, data: bytes, images: np.ndarray, batch_size: int =
 
 
 def check_images(ckpt: dict, data: str | None) -> tuple[IdentityDataset, str]:
-    """The images the export is checked on: ``data``'s, else the run's held-out identities (as training split them)."""
+    """The images the export is checked on: ``data``'s, else the run's held-out identities (as training split them),
+    else a built-in model's own check set; dlib's face chips of them for a model that reads those."""
     pre = Preprocess.from_dict(ckpt["preprocess"])
+    load = _chip_loader(ckpt) or load_source
+    if data is None and ckpt.get("check_data"):
+        data = ckpt["check_data"]
     if data is not None:
-        return load_source(data, pre), data
+        return load(data, pre), data
     cfg = ckpt.get("config", {})
     if not cfg.get("val_identities"):
         raise SiamkitError("this run held out no identities to check the export on; pass --data FOLDER")
     try:
-        _, held_out = split_identities(load_source(cfg["data"], pre), cfg["val_identities"], cfg["seed"])
+        _, held_out = split_identities(load(cfg["data"], pre), cfg["val_identities"], cfg["seed"])
     except SiamkitError as e:
         raise SiamkitError(f"cannot load the run's data to check the export on ({e}); pass --data FOLDER") from None
     return held_out, f"the {held_out.n_identities} held-out identities of {cfg['data']}"
+
+
+def _chip_loader(ckpt: dict):
+    """For a model that reads dlib's face chips: --data -> its chips (faces/chip_data.py), decoded; else None."""
+    if not is_dlib_chip(ckpt.get("alignment")):
+        return None
+    from .faces.chip_data import chip_folder
+
+    return lambda data, pre: load_source(chip_folder(data), pre)
 
 
 def same_decisions(ds: IdentityDataset, exported: np.ndarray, reference: np.ndarray, score: str, threshold: float,
@@ -148,16 +161,16 @@ def export_run(run: str | os.PathLike, fmt: str, out: str | os.PathLike, images:
     Returns {"max_abs_diff", "n_images", "metadata", "exported", "reference"} (the two [N, D] embeddings);
     raises SiamkitError (writing nothing) if the check fails.
     """
-    from .api import load_model, run_flip, run_shifts
+    from .api import load_run, run_flip, run_shifts
 
     if fmt not in FORMATS:
         raise SiamkitError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
-    model, ckpt = load_model(run, "cpu")
+    model, ckpt, run_dir = load_run(run, "cpu")
     pre = Preprocess.from_dict(ckpt["preprocess"])
     if len(images) == 0:
         raise SiamkitError("no images to check the export on; pass --data FOLDER with images")
     flip, shifts = run_flip(ckpt), run_shifts(ckpt)
-    metadata = export_metadata(ckpt, pre, flip, run_calibration(run_dir_of(resolve_checkpoint(run)), ckpt), shifts)
+    metadata = export_metadata(ckpt, pre, flip, run_calibration(run_dir, ckpt), shifts)
     wrapper = PreprocessedEmbedder(model, pre, flip, shifts).eval()
     example = images[:2] if len(images) >= 2 else images.repeat(2, 1, 1, 1)
     data = _onnx_bytes(wrapper, example, metadata) if fmt == "onnx" else _torchscript_bytes(wrapper, example)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .data.pixels import Preprocess, list_image_folder
 from .errors import SiamkitError, warn
-from .verifier import VerifierBase, image_pixels
+from .verifier import VerifierBase, as_pil, image_pixels
 
 EXPORT_FORMAT = "siamkit-export-v1"  # export.py writes it; kept here too so that this module needs no torch
 BATCH = 256
@@ -67,9 +67,31 @@ class ExportedVerifier(VerifierBase):
         self.calibration = self.metadata.get("calibration")
         self.threshold = None if self.calibration is None else float(self.calibration["threshold"])
 
-    def embed(self, images: Sequence) -> np.ndarray:
-        """Embeddings [N, D] of image paths, PIL images, HxW(xC) arrays or CxHxW tensors."""
+    @property
+    def reads_dlib_chips(self) -> bool:
+        """Whether the model reads dlib's face chips, which it then cuts itself from every photo (faces/chips.py)."""
+        from .faces.chips import is_dlib_chip
+
+        return is_dlib_chip(self.metadata.get("alignment"))
+
+    def embed(self, images: Sequence, align: bool | None = None) -> np.ndarray:
+        """Embeddings [N, D] of image paths, PIL images, HxW(xC) arrays or CxHxW tensors (a model that reads dlib's
+        face chips cuts them from the photos first, unless ``align`` is False: the images are chips already)."""
+        if self.reads_dlib_chips and align is not False:
+            images = [self._chip(im) for im in images]
         return self.embed_pixels(np.stack([image_pixels(im, self.preprocess) for im in images]))
+
+    def _chip(self, image):
+        from .faces.folder import open_photo
+        from .faces.use import align_one
+
+        if not isinstance(image, (str, os.PathLike)):
+            return align_one(as_pil(image), self.metadata["alignment"], "the image")
+        try:
+            photo = open_photo(image)
+        except (ValueError, FileNotFoundError) as e:
+            raise SiamkitError(f"cannot read image {image}: {e}") from None
+        return align_one(photo, self.metadata["alignment"], str(image))
 
     def embed_pixels(self, pixels: np.ndarray, progress: bool = False) -> np.ndarray:
         """Embeddings [N, D] of uint8 pixels [N, C, H, W] at the model's size."""
@@ -84,6 +106,13 @@ def embed_folder(verifier: ExportedVerifier, root: str | os.PathLike, progress: 
 
     Unreadable images are skipped with one warning, as when training or evaluating on the folder.
     """
+    if verifier.reads_dlib_chips:
+        from .faces.chips import is_dlib_chip
+        from .faces.folder import read_alignment
+
+        if not is_dlib_chip(read_alignment(root)):
+            raise SiamkitError(f"this exported model reads dlib's face chips: pass a folder written by siamkit align "
+                               f"--template dlib (or embed {root} with the model itself, which cuts the chips)")
     names, files = list_image_folder(root)
     pixels, labels, paths, bad = [], [], [], []
     for label, folder in enumerate(files):

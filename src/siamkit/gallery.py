@@ -43,7 +43,8 @@ def probe_image(channels: int, size: tuple[int, int]) -> np.ndarray:
 def model_probe(verifier) -> np.ndarray:
     """The verifier's embedding [D] of probe_image: recorded at enrolment, compared before every search."""
     pre = verifier.preprocess
-    return verifier.embed([probe_image(pre.channels, tuple(pre.image_size))])[0]
+    # the probe is no photo of a face: embedded as it is, also by a model that cuts face chips from photos
+    return verifier.embed([probe_image(pre.channels, tuple(pre.image_size))], align=False)[0]
 
 
 def normalise_rows(x: np.ndarray) -> np.ndarray:

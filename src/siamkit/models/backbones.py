@@ -12,12 +12,15 @@ from torchvision import models
 
 from ..checkpoint import load_checkpoint, resolve_checkpoint
 from ..errors import SiamkitError
+from .dlib_resnet import FEATURE_SIZE, backbone_state, dlib_resnet29
+
+DLIB_BACKBONE = "dlib-resnet29"  # the backbone --pretrained dlib implies
 
 @dataclass(frozen=True)
 class Backbone:
     """A registry entry: a torchvision model name, where its ImageNet classifier sits, its feature width."""
 
-    head_attr: str  # attribute holding the ImageNet classifier (replaced by nn.Identity)
+    head_attr: str | None  # attribute holding the ImageNet classifier (replaced by nn.Identity); None: it has none
     width: int  # width of the features the backbone returns
     # Stages in forward order, each with the modules it holds, for --freeze-until; () = none named.
     stages: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -93,6 +96,10 @@ BACKBONES: dict[str, Backbone] = {
                                         build=lambda: small_input_resnet(width=24, flat=True)),
     "resnet18-small-w32-flat": Backbone("fc", 256 * 16, _RESNET_STAGES,
                                         build=lambda: small_input_resnet(width=32, flat=True)),
+    # dlib's face ResNet (models/dlib_resnet.py): 150x150 RGB chips -> 256 features; --pretrained dlib loads dlib's
+    # weights, and models/zoo.py's built-in model `dlib` is this backbone with dlib's 128-d layer as its head.
+    "dlib-resnet29": Backbone(None, FEATURE_SIZE, tuple((s, (s,)) for s in ("stem", *(f"layer{i}" for i in range(1, 6)))),
+                              build=dlib_resnet29),
 }
 # Every stage name any backbone offers, in forward order (the --freeze-until choices).
 FREEZE_STAGES = ("none",) + tuple(dict.fromkeys(name for b in BACKBONES.values() for name, _ in b.stages))
@@ -104,30 +111,54 @@ def build_backbone(name: str, pretrained: str = "none", in_channels: int = 3) ->
         raise SiamkitError(f"--backbone {name!r} is not known; choose one of: {', '.join(BACKBONES)}")
     entry = BACKBONES[name]
     run = siamkit_checkpoint(pretrained)
-    if run is not None:  # a siamkit run: its backbone, loaded once the model has this run's shape
-        model = entry.build() if entry.build is not None else models.get_model(name, weights=None)
-        setattr(model, entry.head_attr, nn.Identity())
+    if pretrained == "dlib":
+        model = _dlib_pretrained(name)
+    elif run is not None:  # a siamkit run: its backbone, loaded once the model has this run's shape
+        model = _without_head(_untrained(name), entry.head_attr)
         if in_channels != 3:
             _set_input_channels(model, in_channels)
         _load_backbone_of_run(model, name, in_channels, pretrained, run)
         return model, entry.width
-    if pretrained == "imagenet":
+    elif pretrained == "imagenet":
         if entry.build is not None:
             raise SiamkitError(f"--backbone {name} has no ImageNet weights; pass --pretrained none or a state-dict file")
         model = _download_imagenet(name)
     else:
-        model = entry.build() if entry.build is not None else models.get_model(name, weights=None)
+        model = _untrained(name)
         if pretrained not in ("none", "", None):
             _load_local_weights(model, pretrained, entry.head_attr)
-    setattr(model, entry.head_attr, nn.Identity())
+    model = _without_head(model, entry.head_attr)
     if in_channels != 3:
         _set_input_channels(model, in_channels)
     return model, entry.width
 
 
+def _untrained(name: str) -> nn.Module:
+    entry = BACKBONES[name]
+    return entry.build() if entry.build is not None else models.get_model(name, weights=None)
+
+
+def _without_head(model: nn.Module, head_attr: str | None) -> nn.Module:
+    if head_attr is not None:
+        setattr(model, head_attr, nn.Identity())
+    return model
+
+
+def _dlib_pretrained(name: str) -> nn.Module:
+    """dlib's face ResNet with dlib's weights, read from the installed face-recognition-models package."""
+    from .dlib_weights import load_dlib_state_dict
+
+    if name != DLIB_BACKBONE:
+        raise SiamkitError(f"--pretrained dlib is dlib's face ResNet, --backbone {DLIB_BACKBONE}; drop --backbone "
+                           f"{name} (the backbone is implied)")
+    model = _untrained(name)
+    model.load_state_dict(backbone_state(load_dlib_state_dict()))
+    return model
+
+
 def siamkit_checkpoint(pretrained: str | None) -> dict | None:
     """The checkpoint, if ``pretrained`` names a siamkit run folder or a checkpoint siamkit wrote; else None."""
-    if pretrained in (None, "", "none", "imagenet"):
+    if pretrained in (None, "", "none", "imagenet", "dlib"):
         return None
     path = Path(pretrained)
     if path.is_dir():
@@ -173,7 +204,7 @@ def _download_imagenet(name: str) -> nn.Module:
         ) from None
 
 
-def _load_local_weights(model: nn.Module, path: str, head_attr: str) -> None:
+def _load_local_weights(model: nn.Module, path: str, head_attr: str | None) -> None:
     """Load a torchvision-format state dict, ignoring its ImageNet classifier entries."""
     if not os.path.isfile(path):
         raise SiamkitError(f"--pretrained {path}: no such file; pass none, imagenet, or a torchvision state-dict file")
@@ -186,8 +217,9 @@ def _load_local_weights(model: nn.Module, path: str, head_attr: str) -> None:
     if not isinstance(state, dict):
         raise SiamkitError(f"--pretrained {path} holds a {type(state).__name__}, not a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith(head_attr + ".")}
-    own = {k for k in model.state_dict() if not k.startswith(head_attr + ".")}
+    head = f"{head_attr}."
+    state = {k: v for k, v in state.items() if head_attr is None or not k.startswith(head)}
+    own = {k for k in model.state_dict() if head_attr is None or not k.startswith(head)}
     missing, unexpected = own - state.keys(), state.keys() - own
     if missing or unexpected:
         example = sorted(missing or unexpected)[:3]

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..batchnorm import POLICIES, bn_layers, get_policy
+from ..errors import SiamkitError
 from ..options import option
 from .backbones import BACKBONES, FREEZE_STAGES, build_backbone, stage_modules
 from .heads import ACTIVATIONS, CLASSIFIERS, EmbeddingHead, build_classifier
@@ -105,6 +106,17 @@ class SiameseNet(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+
+def network_of(ckpt: dict, where: str) -> SiameseNet:
+    """The network a checkpoint (or a built-in model's checkpoint, models/zoo.py) describes, in eval mode."""
+    try:
+        model = SiameseNet(ModelSpec(**ckpt["model_spec"]))
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise SiamkitError(f"{where} does not match this version of siamkit's models ({type(e).__name__}: "
+                           f"{str(e)[:120]})") from None
+    return model.eval()
 
 
 def _within(name: str, prefix: str) -> bool:

@@ -138,7 +138,7 @@ def _run(run: Run, log_file: RunLogFile, *, resume: bool, progress: bool) -> Pat
             info("no identities held out (--val-identities 0): no evaluation")
         distributed.barrier(ctx)  # return once rank 0 has written everything: the run is complete
         return run.run_dir
-    report, scores, same, baseline_scores = _evaluate_held_out(run)
+    report, scores, same, baseline_scores = _evaluate_held_out(run, final=True)
     if ctx.is_main:
         write_report(report, scores, same, run.run_dir / "eval", baseline_scores)
         checkpoints.save(step, threshold=report["threshold"], thresholds_at_far=report["thresholds_at_far"])
@@ -186,12 +186,12 @@ def _tensorboard_held_out(tb: TensorBoardLog, run: Run, step: int, report: dict,
     tb.close()
 
 
-def _evaluate_held_out(run: Run):
+def _evaluate_held_out(run: Run, final: bool = False):
     """The held-out identities' evaluation (of the EMA weights with --ema-decay); each process embeds a share in a
-    distributed run."""
+    distributed run. The final one adds the off-the-shelf dlib model's metrics (--no-baseline-dlib: not)."""
     with evaluation_weights(run.training.ema):
         return evaluate(
             run.training.model, run.pre, run.val_ds, score=score_for(run.cfg.embedding_activation),
             flip=run.cfg.eval_flip, shifts=run.cfg.eval_shifts, device=run.device, seed=run.cfg.seed,
-            sharded=run.ctx.enabled,
+            sharded=run.ctx.enabled, baseline_dlib=final and run.cfg.baseline_dlib,
         )

@@ -32,11 +32,14 @@ from ..data.sources import IdentityDataset, default_preprocess, require_trainabl
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, FaceAugment, Preprocess, augment, normalize, shift_pixels
 from ..device import resolve_device, use_fast_cuda_kernels
 from ..errors import SiamkitError, info, warn
+from ..faces.chip_data import chip_folder
+from ..faces.chips import is_dlib_chip
 from ..faces.folder import read_alignment
 from ..fileio import atomic_write_json, write_error
 from ..losses import JointLoss, build_metric_loss
 from ..models.backbones import siamkit_checkpoint
 from ..models.siamese import ModelSpec, SiameseNet
+from ..models.zoo import BUILTIN_MODELS, dlib_preprocess
 from . import distributed
 from .ema import WeightEMA
 from .step import TrainStep, build_optimizer
@@ -150,6 +153,8 @@ def fill_box_for(cfg: TrainConfig) -> tuple[float, float, float, float] | None:
 
 
 def preprocess_for(cfg: TrainConfig) -> Preprocess:
+    if cfg.pretrained == "dlib":
+        return dlib_preprocess()  # dlib's own normalisation of its 150x150 RGB chips
     pre = replace(default_preprocess(cfg.data, cfg.image_size, cfg.center_crop, cfg.grayscale), fill_box=fill_box_for(cfg))
     run = siamkit_checkpoint(cfg.pretrained)
     if run is not None:
@@ -166,7 +171,24 @@ def preprocess_for(cfg: TrainConfig) -> Preprocess:
 
 
 def build_model(cfg: TrainConfig, n_classes: int, in_channels: int) -> SiameseNet:
-    return SiameseNet(ModelSpec.of(cfg, in_channels, n_classes), cfg.pretrained)
+    model = SiameseNet(ModelSpec.of(cfg, in_channels, n_classes), cfg.pretrained)
+    if cfg.pretrained_head == "keep":  # dlib's 128-d layer (no bias) as the embedding head's start
+        dlib_head = BUILTIN_MODELS["dlib"].weights()
+        with torch.no_grad():
+            for name in ("weight", "bias"):
+                getattr(model.embedding.fc, name).copy_(dlib_head[f"embedding.fc.{name}"])
+    return model
+
+
+def reads_dlib_chips(cfg: TrainConfig) -> bool:
+    """Whether the run trains on dlib's face chips: --pretrained dlib, or a run fine-tuned from it."""
+    run = siamkit_checkpoint(cfg.pretrained)
+    return cfg.pretrained == "dlib" or is_dlib_chip((run or {}).get("alignment"))
+
+
+def training_data(cfg: TrainConfig, progress: bool) -> str:
+    """What --data is read from: itself, or for a run on dlib's face chips, the chips cut from it into the cache."""
+    return chip_folder(cfg.data, cfg.cache_dir, progress) if reads_dlib_chips(cfg) else cfg.data
 
 
 def batch_rows(cfg: TrainConfig) -> int:
@@ -279,10 +301,11 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
         raise SiamkitError(f"--face-augment applies to --augment face, and this run's augmentation is "
                            f"{augment_mode(cfg)}; add --augment face or drop --face-augment")
     pre = preprocess_for(cfg)
-    data = load_data(cfg.data, pre, cfg.cache_dir, cfg.cache_max_gb, progress=ctx.is_main)
+    source = training_data(cfg, ctx.is_main)
+    data = load_data(source, pre, cfg.cache_dir, cfg.cache_max_gb, progress=ctx.is_main)
     train_ds, val_ds = split_identities(data, cfg.val_identities, cfg.seed)
     require_trainable(train_ds)
-    alignment = read_alignment(cfg.data)  # None unless --data is a folder written by `siamkit align`
+    alignment = read_alignment(source)  # None unless the data is a folder written by `siamkit align` (or chips)
     sampler = build_sampler(cfg, train_ds, ctx)
     total = cfg.steps or (cfg.epochs * sampler.steps_per_epoch) or DEFAULT_STEPS
     if cfg.max_steps and not cfg.steps:
@@ -304,8 +327,7 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
             + (f", {len(val_ds)} held-out images of {val_ds.n_identities} identities" if val_ds else "")
             + f"; {cfg.backbone} on {device}" + distributed.describe(ctx)
             + f", {n_train:,} of {n_total:,} parameters train; {total} steps ({sampler.steps_per_epoch} per epoch)"
-            + (f"; faces aligned by siamkit align ({alignment['size']}x{alignment['size']}, margin "
-               f"{alignment['margin']}): use --align on raw photos" if alignment else "")
+            + _alignment_note(alignment)
             + (f"; beyond the box {list(pre.fill_box)} of each image, where most of its photos ended, filled from "
                f"the box's edge (--photo-box auto)" if pre.fill_box else "")
         )
@@ -322,6 +344,15 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
         best_accuracy=best_accuracy, resumed=checkpoint is not None, log_window=(checkpoint or {}).get("log_window"),
         alignment=alignment, face_augment=FaceAugment.from_overrides(cfg.face_augment),
     )
+
+
+def _alignment_note(alignment: dict | None) -> str:
+    if is_dlib_chip(alignment):
+        return "; dlib's 150 px face chips cut from the photos (the model cuts them itself at every use)"
+    if alignment:
+        return (f"; faces aligned by siamkit align ({alignment['size']}x{alignment['size']}, margin "
+                f"{alignment['margin']}): use --align on raw photos")
+    return ""
 
 
 def free_memory(device: torch.device) -> int:

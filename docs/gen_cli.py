@@ -25,10 +25,11 @@ def _siamkit_parser() -> argparse.ArgumentParser:
     return build_parser()
 
 
-def _faces_recipe() -> dict[str, Any]:
-    from siamkit.config import RECIPES
+def _without_recipe() -> dict[str, Any]:
+    """TrainConfig's own values: what `--recipe none` (and --data digits, whose recipe is none) starts from."""
+    from siamkit.config import TrainConfig
 
-    return RECIPES["faces"]
+    return TrainConfig().to_dict()
 
 
 def _cell(text: str) -> str:
@@ -47,10 +48,11 @@ def _value(value: Any) -> str:
 
 
 def _default(action: argparse.Action) -> str:
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-        # a flag of its own: say what giving it does, since its stored default reads backwards for --no-x flags
-        return "off"
-    return _value(action.default)
+    from siamkit.options import default_text
+
+    if action.default is argparse.SUPPRESS or (action.default is None and not hasattr(action, "none_means")):
+        return ""  # nothing, or an option of another command whose help says what leaving it out does
+    return f"`{default_text(action)}`"  # as `siamkit train --help` shows it
 
 
 def _invocation(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
@@ -59,14 +61,15 @@ def _invocation(parser: argparse.ArgumentParser, action: argparse.Action) -> str
     return f"`{text}`" if action.option_strings else f"`{text}` (positional)"
 
 
-def _group_table(parser: argparse.ArgumentParser, actions: list[argparse.Action], recipe: dict[str, Any] | None) -> str:
-    head = "| option | default | faces recipe | description |\n|---|---|---|---|\n" if recipe is not None else \
+def _group_table(parser: argparse.ArgumentParser, actions: list[argparse.Action], plain: dict[str, Any] | None) -> str:
+    head = "| option | default | `--recipe none` | description |\n|---|---|---|---|\n" if plain is not None else \
         "| option | default | description |\n|---|---|---|\n"
     rows = []
     for action in actions:
         cells = [_invocation(parser, action), _default(action)]
-        if recipe is not None:
-            cells.append(_value(recipe[action.dest]) if action.dest in recipe else "")
+        if plain is not None:
+            other = action.dest in plain and plain[action.dest] != action.default
+            cells.append(_value(plain[action.dest]) if other else "")
         cells.append(action.help or "")
         rows.append("| " + " | ".join(_cell(c) if i == len(cells) - 1 else c.replace("|", "\\|")
                                        for i, c in enumerate(cells)) + " |")
@@ -74,18 +77,20 @@ def _group_table(parser: argparse.ArgumentParser, actions: list[argparse.Action]
 
 
 def _command_section(name: str, summary: str, parser: argparse.ArgumentParser) -> str:
-    recipe = _faces_recipe() if name == "train" else None
+    plain = _without_recipe() if name == "train" else None
     parts = [f"## siamkit {name}\n\n{_cell(summary)}.\n"]
-    if recipe is not None:
-        parts.append("The default column is TrainConfig's (`siamkit train --help`, `--recipe none`); the faces recipe "
-                     "column is what `--recipe auto` (the default) sets instead for the built-in faces and any folder "
-                     "of faces. An option given on the command line overrides both.\n")
+    if plain is not None:
+        parts.append("The default column is what a plain `siamkit train` runs (`--data att`, whose `--recipe auto` is "
+                     "the faces recipe; any folder of faces gets the same), as `siamkit train --help` shows it; the "
+                     "`--recipe none` column is where TrainConfig's own value, which `--recipe none` and `--data "
+                     "digits` start from, differs. An option given on the command line overrides both "
+                     "(`siamkit train --data DATA --help` shows the defaults for DATA).\n")
     for group in parser._action_groups:
         actions = [a for a in group._group_actions if not isinstance(a, argparse._HelpAction)]
         if not actions:
             continue
         title = {"positional arguments": "arguments", "options": "options"}.get(group.title, group.title)
-        parts.append(f"### {name}: {title}\n\n" + _group_table(parser, actions, recipe))
+        parts.append(f"### {name}: {title}\n\n" + _group_table(parser, actions, plain))
     return "\n".join(parts)
 
 

@@ -42,6 +42,7 @@ from ..models.siamese import ModelSpec, SiameseNet
 from ..models.zoo import BUILTIN_MODELS, dlib_preprocess
 from . import distributed
 from .ema import WeightEMA
+from .small_data import fit_to_data
 from .step import TrainStep, build_optimizer
 from .sync_bn import convert_to_sync_bn
 
@@ -303,6 +304,7 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
     pre = preprocess_for(cfg)
     source = training_data(cfg, ctx.is_main)
     data = load_data(source, pre, cfg.cache_dir, cfg.cache_max_gb, progress=ctx.is_main)
+    cfg = fit_to_data(cfg, data, ctx.world, say=ctx.is_main)  # small data: the default hold-out and batch shrink
     train_ds, val_ds = split_identities(data, cfg.val_identities, cfg.seed)
     require_trainable(train_ds)
     alignment = read_alignment(source)  # None unless the data is a folder written by `siamkit align` (or chips)

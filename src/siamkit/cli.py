@@ -160,14 +160,14 @@ def _verify(args) -> int:
 
 
 def _export(args) -> int:
+    from .api import open_run
     from .export import check_images, export_run, same_decisions
-    from .api import load_model
 
     if args.format == "onnx" and not args.out.lower().endswith(".onnx"):
         raise SiamkitError(f"--out {args.out} must end in .onnx (siamkit.load and verify recognise the file by it)")
-    _, ckpt = load_model(args.run)
+    ckpt, run_dir = open_run(args.run)  # the checkpoint, read once; export_run builds the model from it
     ds, what = check_images(ckpt, args.data)
-    result = export_run(args.run, args.format, args.out, ds.images)
+    result = export_run(args.run, args.format, args.out, ds.images, opened=(ckpt, run_dir))
     meta = result["metadata"]
     line = (f"{args.format} export -> {args.out}; checked on {len(ds)} images ({what}): max abs difference "
             f"{result['max_abs_diff']:.1e} (limit 1e-4)")

@@ -105,12 +105,19 @@ BACKBONES: dict[str, Backbone] = {
 FREEZE_STAGES = ("none",) + tuple(dict.fromkeys(name for b in BACKBONES.values() for name, _ in b.stages))
 
 
-def build_backbone(name: str, pretrained: str = "none", in_channels: int = 3) -> tuple[nn.Module, int]:
-    """A torchvision model without its classifier, and the width of the features it returns."""
+# "Not read yet": the default of a pretrained run's checkpoint that a caller may have read already (read it once).
+NOT_READ: object = object()
+
+
+def build_backbone(name: str, pretrained: str = "none", in_channels: int = 3,
+                   pretrained_run: dict | None | object = NOT_READ) -> tuple[nn.Module, int]:
+    """A torchvision model without its classifier, and the width of the features it returns.
+
+    ``pretrained_run``: ``siamkit_checkpoint(pretrained)`` when the caller has read it already."""
     if name not in BACKBONES:
         raise SiamkitError(f"--backbone {name!r} is not known; choose one of: {', '.join(BACKBONES)}")
     entry = BACKBONES[name]
-    run = siamkit_checkpoint(pretrained)
+    run = siamkit_checkpoint(pretrained) if pretrained_run is NOT_READ else pretrained_run
     if pretrained == "dlib":
         model = _dlib_pretrained(name)
     elif run is not None:  # a siamkit run: its backbone, loaded once the model has this run's shape

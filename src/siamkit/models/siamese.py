@@ -10,7 +10,7 @@ from torch import nn
 from ..batchnorm import POLICIES, bn_layers, get_policy
 from ..errors import SiamkitError
 from ..options import option
-from .backbones import BACKBONES, FREEZE_STAGES, build_backbone, stage_modules
+from .backbones import BACKBONES, FREEZE_STAGES, NOT_READ, build_backbone, stage_modules
 from .heads import ACTIVATIONS, CLASSIFIERS, EmbeddingHead, build_classifier
 
 
@@ -57,10 +57,11 @@ class ModelSpec(ModelOptions):
 
 
 class SiameseNet(nn.Module):
-    def __init__(self, spec: ModelSpec, pretrained: str = "none"):
+    def __init__(self, spec: ModelSpec, pretrained: str = "none", pretrained_run: dict | None | object = NOT_READ):
+        """``pretrained_run``: the checkpoint of a siamkit run ``pretrained`` names, when the caller read it already."""
         super().__init__()
         self.spec = spec
-        self.backbone, width = build_backbone(spec.backbone, pretrained, spec.in_channels)
+        self.backbone, width = build_backbone(spec.backbone, pretrained, spec.in_channels, pretrained_run=pretrained_run)
         self.embedding = EmbeddingHead(width, spec.embedding_dim, spec.embedding_activation)
         self.classifier = (
             build_classifier(spec.classifier, width if spec.classifier_input == "features" else spec.embedding_dim,

@@ -247,24 +247,24 @@ def _enroll(args) -> int:
 def _identify(args) -> int:
     from . import load
     from .calibration import choose_threshold
-    from .gallery import load_gallery, model_probe
+    from .gallery import load_gallery
 
     if args.top_k < 1:
         raise SiamkitError(f"--top-k must be at least 1, got {args.top_k}")
     gallery = load_gallery(args.gallery)
     model = args.model or gallery.meta["model"]
     verifier = load(model)
-    gallery.check_model(model_probe(verifier), model)
     if args.threshold is not None:
         threshold, what = args.threshold, "given with --threshold"
     else:
         threshold, what = choose_threshold(verifier.calibration, args.far)
-    ids, scores = gallery.search(verifier.embed(args.images), args.top_k, args.backend)
-    for image, row_ids, row_scores in zip(args.images, ids, scores):
-        best, best_score = gallery.names[row_ids[0]], row_scores[0]
-        verdict = best if best_score >= threshold else f"unknown (best {best} {best_score:.4f} < threshold)"
-        top = ", ".join(f"{gallery.names[i]} {s:.4f}" for i, s in zip(row_ids, row_scores))
-        print(f"{image}: {verdict}\n  top-{len(row_ids)}: {top}")
+    found = verifier.identify(args.images, gallery, args.top_k, threshold=threshold, backend=args.backend,
+                              model_name=model)
+    for image, match in zip(args.images, found):
+        best, best_score = match["top_k"][0]
+        verdict = match["identity"] or f"unknown (best {best} {best_score:.4f} < threshold)"
+        top = ", ".join(f"{name} {s:.4f}" for name, s in match["top_k"])
+        print(f"{image}: {verdict}\n  top-{len(match['top_k'])}: {top}")
     print(f"threshold {threshold:.6g}: {what}")
     return 0
 
@@ -435,32 +435,7 @@ def build_parser(torch_free: bool = False, train_start: TrainStart = TrainStart(
     else:
         from .config import sources_help
 
-    p = sub.add_parser("evaluate", help="verification report of a trained model on a data set")
-    p.add_argument("run", help="run folder, checkpoint file or built-in model (dlib)")
-    p.add_argument("--data", default=None, help=sources_help())
-    p.add_argument("--pairs", default=None, help="LFW-format pairs.txt (folds = its sets)")
-    p.add_argument("--protocol", choices=("verification", "identification"), default="verification",
-                   help="identification: 1:N search of --probes against --gallery (rank-1/5, CMC, mAP, open set)")
-    p.add_argument("--gallery", default=None, help="identification: folder of enrolled identities")
-    p.add_argument("--probes", default=None,
-                   help="identification: folder of probe images (identities not in --gallery are unknowns)")
-    _add_views_flags(p)
-    p.add_argument("--out", default=None, help="report folder (default: RUN/eval; for a built-in model, its folder "
-                                               "in the cache)")
-    p.add_argument("--score", choices=("cosine", "euclidean"), default=None, help="default: the model's own")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0, help="seed of the impostor pairs (no --pairs)")
-    p.add_argument("--calibrate", action="store_true",
-                   help="store this report's thresholds in the run (RUN/calibration.json, the previous ones kept "
-                        "in its history; for a built-in model, its folder in the cache: "
-                        "$SIAMKIT_CACHE_DIR/models/NAME/calibration.json): verify then uses them")
-    p.add_argument("--max-genuine-pairs", type=int, default=MAX_GENUINE_PAIRS,
-                   help="no --pairs: draw at most this many genuine pairs (seeded; 0 = every one)")
-    p.add_argument("--no-baseline-dlib", dest="baseline_dlib", action="store_false",
-                   help="leave out the second baseline: the off-the-shelf dlib face model on the same pairs "
-                        "(docs/face-model.md)")
-    _cache_option(p)
-    _add_align_flag(p)
+    _evaluate_parser(sub, sources_help)
 
     p = sub.add_parser("verify", help="do two images show the same identity?")
     p.add_argument("run", help="run folder, checkpoint file, exported .onnx file or built-in model (dlib)")
@@ -513,6 +488,35 @@ def build_parser(torch_free: bool = False, train_start: TrainStart = TrainStart(
 
     _align_parser(sub)
     return parser
+
+
+def _evaluate_parser(sub, sources_help) -> None:
+    p = sub.add_parser("evaluate", help="verification report of a trained model on a data set")
+    p.add_argument("run", help="run folder, checkpoint file or built-in model (dlib)")
+    p.add_argument("--data", default=None, help=sources_help())
+    p.add_argument("--pairs", default=None, help="LFW-format pairs.txt (folds = its sets)")
+    p.add_argument("--protocol", choices=("verification", "identification"), default="verification",
+                   help="identification: 1:N search of --probes against --gallery (rank-1/5, CMC, mAP, open set)")
+    p.add_argument("--gallery", default=None, help="identification: folder of enrolled identities")
+    p.add_argument("--probes", default=None,
+                   help="identification: folder of probe images (identities not in --gallery are unknowns)")
+    _add_views_flags(p)
+    p.add_argument("--out", default=None, help="report folder (default: RUN/eval; for a built-in model, its folder "
+                                               "in the cache)")
+    p.add_argument("--score", choices=("cosine", "euclidean"), default=None, help="default: the model's own")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of the impostor pairs (no --pairs)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="store this report's thresholds in the run (RUN/calibration.json, the previous ones kept "
+                        "in its history; for a built-in model, its folder in the cache: "
+                        "$SIAMKIT_CACHE_DIR/models/NAME/calibration.json): verify then uses them")
+    p.add_argument("--max-genuine-pairs", type=int, default=MAX_GENUINE_PAIRS,
+                   help="no --pairs: draw at most this many genuine pairs (seeded; 0 = every one)")
+    p.add_argument("--no-baseline-dlib", dest="baseline_dlib", action="store_false",
+                   help="leave out the second baseline: the off-the-shelf dlib face model on the same pairs "
+                        "(docs/face-model.md)")
+    _cache_option(p)
+    _add_align_flag(p)
 
 
 def _align_parser(sub) -> None:

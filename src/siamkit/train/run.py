@@ -14,11 +14,10 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from .. import accel, kernel_choice
 from .._version import __version__
@@ -43,40 +42,13 @@ from ..models.zoo import BUILTIN_MODELS, dlib_preprocess
 from . import distributed
 from .ema import WeightEMA
 from .small_data import fit_to_data
-from .step import TrainStep, build_optimizer
+from .step import Training, TrainStep, build_optimizer
 from .sync_bn import convert_to_sync_bn
 
 # Step budget when neither --steps nor --epochs is given.
 DEFAULT_STEPS = 200
 # --data-in-memory auto keeps the training images on the device while they take at most this share of its free memory.
 MAX_IN_MEMORY_SHARE = 0.5
-
-
-@dataclass
-class Training:
-    """The model and everything that updates it: what one optimisation step needs (train/step.py)."""
-
-    cfg: TrainConfig
-    device: torch.device
-    ctx: distributed.DistContext
-    model: SiameseNet
-    step_module: TrainStep
-    step_fn: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]  # step_module, or compiled
-    params: list[nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    sync_bn: bool  # BatchNorm statistics are global already (no averaging of running stats after a step)
-    # BatchNorm buffers, put back when a step is skipped (they change in the forward pass).
-    buffers: list[torch.Tensor] = field(default_factory=list)
-    # --cpu-tuning auto on CPU: {convolution shape key: kernel} (kernel_choice.py), kept in checkpoints
-    conv_kernels: dict[str, str] = field(default_factory=dict)
-    tuning_note: str = ""  # how many shapes took which kernel, and where the choices came from (the run's log)
-    ema: WeightEMA | None = None  # --ema-decay: the averaged weights the run evaluates and saves (train/ema.py)
-
-    @property
-    def amp_dtype(self) -> torch.dtype | None:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp)
 
 
 @dataclass

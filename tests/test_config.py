@@ -53,9 +53,9 @@ def test_keeping_dlibs_head_needs_dlib():
 
 
 def test_freeze_stages_include_dlibs():
-    from siamkit.models.backbones import FREEZE_STAGES
+    from siamkit.models.backbones import freeze_stages
 
-    assert {"stem", "layer1", "layer2", "layer3", "layer4", "layer5"} <= set(FREEZE_STAGES)
+    assert {"stem", "layer1", "layer2", "layer3", "layer4", "layer5"} <= set(freeze_stages())
 
 
 # ---------------------------------------------------------------- one set of defaults: --help shows what runs

@@ -17,16 +17,17 @@ from typing import Any
 from .accel import CPU_TUNINGS
 from .batchnorm import POLICIES, get_policy
 from .data.sources import SOURCES, source_of
-from .data.transforms import FaceAugment
+from .data.transforms import AUGMENTATIONS, FaceAugment
 from .errors import SiamkitError
 from .losses import loss_names, metric_loss_class, mining_names, minings_of
 from .models.backbones import DLIB_BACKBONE
+from .models.heads import CLASSIFIERS
 from .models.siamese import ModelOptions
 from .models.zoo import builtin_model
+from .optimizers import OPTIMIZERS
 from .options import check_fields, option
 
 AMP_MODES = ("off", "bf16", "fp16")
-AUGMENTS = ("auto", "none", "flip", "flip-shift", "face")
 SCHEDULES = ("cosine", "constant")
 DATA_IN_MEMORY = ("auto", "yes", "no")
 # Recipes: sets of options that work well together, measured by benchmarks/recipe.py (docs/results.md, "Accuracy on
@@ -98,7 +99,7 @@ class TrainConfig(ModelOptions):
                                  "smaller than the crop), fill every image beyond that box from the box's edge, in "
                                  "training and at every use of the model, so that faces cut from wider photos look like "
                                  "the training crops (docs/guide/alignment.md); off: images as they are")
-    augment: str = option("auto", group="data", choices=AUGMENTS,
+    augment: str = option("auto", group="data", choices=lambda: ("auto", *AUGMENTATIONS),
                           help="auto = the source's default: none for digits, face for the built-in faces, flip-shift "
                                "(mirror + small shifts) otherwise; face = per-image scale, rotation, shift, mirror, "
                                "brightness/contrast and erasing (data/transforms.py FaceAugment)")
@@ -143,7 +144,7 @@ class TrainConfig(ModelOptions):
     metric_weight: float = option(1.0, group="loss and sampling", minimum="non-negative",
                                   help="weight of the metric loss (0 = the classifier alone, e.g. CosFace training)")
     # optimisation
-    optimizer: str = option("adam", group="optimisation", choices=("adam", "adamw"),
+    optimizer: str = option("adam", group="optimisation", choices=lambda: tuple(OPTIMIZERS),
                             help="adamw: decoupled weight decay (--weight-decay) on the weights, not on biases and norms")
     lr: float = option(1e-3, group="optimisation", help="peak learning rate")
     betas: list[float] = option(group="optimisation", nargs=2, default_factory=lambda: [0.9, 0.999],
@@ -270,9 +271,10 @@ class TrainConfig(ModelOptions):
             raise SiamkitError("--metric-weight 0 and --classification-weight 0 leave nothing to train; raise one of them")
         if self.scale <= 0 or self.class_margin < 0:
             raise SiamkitError("--scale must be positive and --class-margin 0 or more")
-        if self.subcenters > 1 and self.classifier == "softmax":
-            raise SiamkitError(f"--subcenters {self.subcenters} applies to --classifier arcface or cosface, "
-                               "not softmax; choose one of those or leave --subcenters at 1")
+        if self.subcenters > 1 and not CLASSIFIERS.lookup(self.classifier).supports_subcenters:
+            takes = " or ".join(name for name, head in CLASSIFIERS.items() if head.supports_subcenters)
+            raise SiamkitError(f"--subcenters {self.subcenters} applies to --classifier {takes}, "
+                               f"not {self.classifier}; choose one of those or leave --subcenters at 1")
         self._validate_batches()
         self._validate_pretrained()
         if self.compile_mode != "default" and not self.compile:

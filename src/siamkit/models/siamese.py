@@ -10,7 +10,7 @@ from torch import nn
 from ..batchnorm import POLICIES, bn_layers, get_policy
 from ..errors import SiamkitError
 from ..options import option
-from .backbones import BACKBONES, FREEZE_STAGES, NOT_READ, build_backbone, stage_modules
+from .backbones import BACKBONES, NOT_READ, build_backbone, freeze_stages, stage_modules
 from .heads import ACTIVATIONS, CLASSIFIERS, EmbeddingHead, build_classifier
 
 
@@ -36,7 +36,7 @@ class ModelOptions:
     subcenters: int = option(1, group="classifier head", minimum="positive",
                              help="ArcFace/CosFace weight vectors per class; a class scores its closest "
                                   "(sub-center ArcFace: K = 3)")
-    freeze_until: str = option("none", group="multi-branch training", choices=lambda: FREEZE_STAGES,
+    freeze_until: str = option("none", group="multi-branch training", choices=freeze_stages,
                                help="freeze the backbone up to and including this stage (ResNets)")
 
 

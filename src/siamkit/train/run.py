@@ -11,7 +11,7 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -28,7 +28,8 @@ from ..data.cache import ImageRows, load_data
 from ..data.prefetch import BatchPrefetcher
 from ..data.samplers import PKSampler, TupleSampler
 from ..data.sources import IdentityDataset, default_preprocess, require_trainable, source_of, split_identities
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, FaceAugment, Preprocess, augment, normalize, shift_pixels
+from ..data.transforms import (AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, Augmentation, Preprocess, no_augmentation,
+                               normalize)
 from ..device import resolve_device, use_fast_cuda_kernels
 from ..errors import SiamkitError, info, warn
 from ..faces.chip_data import chip_folder
@@ -73,7 +74,8 @@ class Run:
     resumed: bool = False  # continued from checkpoints/last.pt
     log_window: dict[str, Any] | None = None  # the resumed checkpoint's loss sums since its last metrics row
     alignment: dict | None = None  # the training folder's alignment (siamkit align's report), kept in checkpoints
-    face_augment: FaceAugment = field(default_factory=FaceAugment)  # --augment face's settings (--face-augment)
+    # --augment's function (data/transforms.py AUGMENTATIONS), with --face-augment's settings for face
+    augmentation: Augmentation = no_augmentation((), "")
 
     @property
     def ckpt_dir(self) -> Path:
@@ -87,13 +89,7 @@ class Run:
         """Normalised images and labels of ``step``: a pure function of (seed, step, rank), so resume is exact."""
         idx = torch.from_numpy(self.sampler.batch(step).reshape(-1)).to(self.device)
         x = self.stream.get(step) if self.stream is not None else self.images[idx]
-        mode = augment_mode(self.cfg)
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-        if mode == "face":
-            x = self.face_augment(x, gen)
-        elif mode != "none":
-            shift = shift_pixels(self.pre.image_size) if mode == "flip-shift" else 0
-            x = augment(x, gen, flip=True, shift=shift)
+        x = self.augmentation(x, torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step))
         return normalize(x, self.pre, self.cfg.channels_last), self.labels[idx]
 
 
@@ -326,7 +322,8 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
         total=total, training=training, images=train_ds.images.to(device) if in_memory else None,
         labels=torch.from_numpy(train_ds.labels).to(device), stream=stream, start_step=start_step,
         best_accuracy=best_accuracy, resumed=checkpoint is not None, log_window=(checkpoint or {}).get("log_window"),
-        alignment=alignment, face_augment=FaceAugment.from_overrides(cfg.face_augment),
+        alignment=alignment,
+        augmentation=AUGMENTATIONS.lookup(augment_mode(cfg))(pre.image_size, cfg.face_augment),
     )
 
 

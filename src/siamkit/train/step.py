@@ -14,6 +14,7 @@ from ..batchnorm import forward_branches
 from ..config import TrainConfig
 from ..losses import JointLoss
 from ..models.siamese import SiameseNet
+from ..optimizers import OPTIMIZERS
 from . import distributed
 from .ema import WeightEMA
 
@@ -91,19 +92,8 @@ class Training:
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam or AdamW with fused kernels: one pass over all parameters per step, on CUDA and on CPU.
-
-    On a 2-core CPU the fused step of ResNet18's 11M parameters is several times faster than the
-    per-parameter loop or the foreach kernels. AdamW's decoupled weight decay applies to weights only,
-    not to biases and normalisation parameters (1-D tensors), as is usual.
-    """
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=True)
-    groups = [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
+    """The --optimizer of ``cfg`` over ``params`` (optimizers.py's registry: adam, adamw with fused kernels)."""
+    return OPTIMIZERS.lookup(cfg.optimizer)(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
 def gradients_finite(params: list[nn.Parameter]) -> torch.Tensor:

@@ -91,7 +91,8 @@ def torch_passes(chips: np.ndarray, batch_sizes: tuple[int, ...]) -> dict[tuple[
             passes[(f"PyTorch eager, {layout.replace('_', '-')}", bs)] = _pass(models[layout], inputs[layout], bs)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.jit's deprecation notice
-            frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(last, inputs["channels_last"][:bs])))
+            traced = torch.jit.trace(last, inputs["channels_last"][:bs])
+            frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
         passes[("PyTorch jit frozen, channels-last", bs)] = _pass(frozen, inputs["channels_last"], bs)
     return passes
 
@@ -148,7 +149,8 @@ def winograd_table(batch: int, rounds: int) -> list[str]:
         with torch.inference_mode():
             ms = {k: v[0] * 1e3 for k, v in measure(calls, rounds).items()}
             diff = (calls["f4"]() - calls["pytorch"]()).abs().max().item()
-        lines.append(f"| {channels}, {side}x{side} | {ms['pytorch']:.2f} | {ms['f2']:.2f} | {ms['f4']:.2f} | {diff:.1e} |")
+        lines.append(f"| {channels}, {side}x{side} | {ms['pytorch']:.2f} | {ms['f2']:.2f} | {ms['f4']:.2f} "
+                     f"| {diff:.1e} |")
     return lines
 
 

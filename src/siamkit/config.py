@@ -289,7 +289,8 @@ class TrainConfig(ModelOptions):
             if self.backbone != DLIB_BACKBONE:
                 raise SiamkitError(f"--pretrained dlib is dlib's face ResNet, --backbone {DLIB_BACKBONE}; drop "
                                    f"--backbone {self.backbone} (the backbone is implied)")
-            if (self.image_size not in (None, [150, 150], (150, 150))) or self.grayscale or self.center_crop not in (None, 1.0):
+            chip = self.image_size in (None, [150, 150], (150, 150)) and self.center_crop in (None, 1.0)
+            if not chip or self.grayscale:
                 raise SiamkitError("--pretrained dlib reads dlib's 150x150 RGB face chips; drop --image-size, "
                                    "--grayscale and --center-crop")
         if self.pretrained_head == "keep" and (self.pretrained != "dlib" or self.embedding_dim != 128):

@@ -174,7 +174,8 @@ def test_traces_without_warnings_and_computes_the_same():
     import warnings
 
     model = DlibDescriptor().eval()
-    chips = torch.randint(0, 256, (2, 3, DLIB_CHIP_SIZE, DLIB_CHIP_SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    chips = torch.randint(0, 256, (2, 3, DLIB_CHIP_SIZE, DLIB_CHIP_SIZE), dtype=torch.uint8, generator=generator)
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
         traced = torch.jit.trace(model, chips)

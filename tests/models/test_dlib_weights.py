@@ -77,7 +77,8 @@ class TinyNet:
     def __init__(self, layer1_blocks: int = 1, seed: int = 0):
         self.rng = np.random.default_rng(seed)
         self.expected: dict[str, np.ndarray] = {}  # the state dict the reader should return
-        records = self.con("stem.conv", 2, 3, 7, 2, 0) + [self.affine("stem.affine", 2), self.relu(), self.pool("max_pool", 3, 2)]
+        records = self.con("stem.conv", 2, 3, 7, 2, 0)
+        records += [self.affine("stem.affine", 2), self.relu(), self.pool("max_pool", 3, 2)]
         for j in range(layer1_blocks):
             records += self.block(f"layer1.{j}", 2, 2, down=False)
         records += self.block("layer2.0", 2, 3, down=True)
@@ -107,7 +108,8 @@ class TinyNet:
 
     def block(self, prefix, inp, out, down):
         stride, pad = (2, 0) if down else (1, 1)
-        records = [("tag", b"")] + self.con(f"{prefix}.conv1", out, inp, 3, stride, pad) + [self.affine(f"{prefix}.affine1", out), self.relu()]
+        records = [("tag", b"")] + self.con(f"{prefix}.conv1", out, inp, 3, stride, pad)
+        records += [self.affine(f"{prefix}.affine1", out), self.relu()]
         records += self.con(f"{prefix}.conv2", out, out, 3, 1, 1) + [self.affine(f"{prefix}.affine2", out)]
         if down:
             records += [("tag", b""), ("skip", b""), self.pool("avg_pool", 2, 2)]
@@ -116,16 +118,19 @@ class TinyNet:
     def fc(self, inputs, outputs):
         matrix = self.rng.standard_normal((inputs, outputs))  # dlib's layout: inputs x outputs
         self.expected["fc.weight"] = matrix.T
-        return ("layer", enc_str("fc_3") + enc_int(outputs) + enc_int(inputs) + enc_tensor(matrix) + enc_alias(inputs, outputs, 1, 1)
+        return ("layer", enc_str("fc_3") + enc_int(outputs) + enc_int(inputs) + enc_tensor(matrix)
+                + enc_alias(inputs, outputs, 1, 1)
                 + enc_alias(0, 0, 0, 0) + enc_int(1) + enc_float(1.0) * 3 + enc_float(0.0) + enc_bool(True))
 
     def file_bytes(self, innermost_version: int = 3) -> bytes:
         """Version 3 of the innermost record (dlib 19.x) ends with a sample expansion factor; version 2 does not."""
         head = enc_int(1) + enc_str("loss_metric_2") + enc_float(0.04) + enc_float(0.6)
         kinds = [kind for kind, _ in reversed(self.records)]
-        versions = [1 if kind != "layer" else innermost_version if i == len(kinds) - 1 else 2 for i, kind in enumerate(kinds)]
+        versions = [1 if kind != "layer" else innermost_version if i == len(kinds) - 1 else 2
+                    for i, kind in enumerate(kinds)]
         head += b"".join(enc_int(v) for v in versions)
-        head += enc_str("input_rgb_image_sized") + b"".join(enc_float(np.float32(m)) for m in (122.782, 117.001, 104.298))
+        mean = (122.782, 117.001, 104.298)  # dlib's float members, written as floats
+        head += enc_str("input_rgb_image_sized") + b"".join(enc_float(np.float32(m)) for m in mean)
         head += enc_int(150) * 2
         layers = [body for kind, body in self.records if kind == "layer"]
         factor = enc_int(1) if innermost_version == 3 else b""
@@ -205,7 +210,8 @@ def test_the_installed_file_gives_the_whole_descriptor():
 
 def test_missing_package_is_one_line(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "face_recognition_models" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "face_recognition_models" else real(name, *a))
     with pytest.raises(SiamkitError, match=r'pip install "siamkit\[align\]"'):
         dlib_model_path()
 

@@ -183,6 +183,17 @@ def test_refusals_are_one_line(photos, tmp_path, monkeypatch):
                        "--out", str(tmp_path / "run"))
     assert code == 2 and err.count("\n") == 1 and "drop --backbone resnet18" in err
     assert not (tmp_path / "run").exists()
+    # dlib's model file altered (one byte changed): refused, naming the file, even with its weights cached
+    from siamkit.models import dlib_weights
+
+    altered = tmp_path / "dlib_face_recognition_resnet_model_v1.dat"
+    data = bytearray(dlib_weights.dlib_model_path().read_bytes())
+    data[len(data) // 2] ^= 1
+    altered.write_bytes(bytes(data))
+    with monkeypatch.context() as m:
+        m.setattr(dlib_weights, "dlib_model_path", lambda: altered)
+        code, _, err = run("verify", "dlib", str(photos / "s31" / "1.pgm"), str(photos / "s31" / "2.pgm"))
+    assert code == 2 and err.count("\n") == 1 and str(altered) in err
     # the align extra missing
     monkeypatch.setitem(__import__("sys").modules, "dlib", None)
     code, _, err = run("verify", "dlib", str(photos / "s31" / "1.pgm"), str(photos / "s31" / "2.pgm"))

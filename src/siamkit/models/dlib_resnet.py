@@ -96,6 +96,7 @@ class ResidualBlock(nn.Module):
         super().__init__()
         stride, padding = (2, 0) if downsample else (1, 1)
         self.downsample = downsample
+        self.same_shape = not downsample and in_channels == channels
         self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=padding)
         self.affine1 = Affine(channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, stride=1, padding=1)
@@ -105,7 +106,9 @@ class ResidualBlock(nn.Module):
         out = self.affine2(self.conv2(F.relu(self.affine1(self.conv1(x)))))
         if self.downsample:
             return F.relu(add_prev(out, F.avg_pool2d(x, 2, stride=2)))
-        return F.relu(out + x)  # stride 1, padding 1, as many channels in as out: add_prev is a plain sum
+        if self.same_shape:  # stride 1, padding 1, as many channels in as out: add_prev is a plain sum
+            return F.relu(out + x)
+        return F.relu(add_prev(out, x))
 
 
 class DlibFaceResNet(nn.Module):
@@ -121,8 +124,9 @@ class DlibFaceResNet(nn.Module):
         self.n_stages = len(stages)
         in_channels = stem_channels
         for i, (channels, blocks, downsample) in enumerate(stages, start=1):
-            layers = [ResidualBlock(in_channels if j == 0 else channels, channels, downsample and j == 0) for j in range(blocks)]
-            setattr(self, f"layer{i}", nn.Sequential(*layers))
+            first = ResidualBlock(in_channels, channels, downsample)
+            rest = [ResidualBlock(channels, channels, False) for _ in range(blocks - 1)]
+            setattr(self, f"layer{i}", nn.Sequential(first, *rest))
             in_channels = channels
 
     def stages(self) -> list[nn.Module]:

@@ -27,6 +27,7 @@ import importlib.util
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -149,12 +150,17 @@ class _Bytes:
             raise self.fail(f"a string of {size} bytes")
         return self.take(size).decode("ascii", errors="replace")
 
-    def version(self, allowed: tuple[int, ...], what: str) -> int:
-        start, version = self.pos, self.int()
-        if version not in allowed:
+    def one_of(self, read: Callable[[], Any], allowed: tuple, problem: Callable[[Any], str]) -> Any:
+        """``read()`` a value; unless it is one of ``allowed``, fail at its first byte with ``problem(value)``."""
+        start, value = self.pos, read()
+        if value not in allowed:
             self.pos = start
-            raise self.fail(f"{what} of version {version}, expected {' or '.join(map(str, allowed))}")
-        return version
+            raise self.fail(problem(value))
+        return value
+
+    def version(self, allowed: tuple[int, ...], what: str) -> int:
+        expected = " or ".join(map(str, allowed))
+        return self.one_of(self.int, allowed, lambda v: f"{what} of version {v}, expected {expected}")
 
     def tensor(self) -> np.ndarray:
         self.version((2,), "a tensor")
@@ -173,11 +179,7 @@ class _Bytes:
             raise self.fail(f"{what} is {found}, expected {expected}")
 
     def layer_name(self, names: tuple[str, ...], layer: str) -> str:
-        start, name = self.pos, self.string()
-        if name not in names:
-            self.pos = start
-            raise self.fail(f"the layer '{name}' where a {layer} layer belongs")
-        return name
+        return self.one_of(self.string, names, lambda name: f"the layer '{name}' where a {layer} layer belongs")
 
 
 # ---------------------------------------------------------------- the layers' parameters
@@ -353,7 +355,8 @@ def _read_cache(path: Path, sha256: str) -> dict[str, torch.Tensor] | None:
     try:
         stored = torch.load(path, map_location="cpu", weights_only=True)
         header = (stored.get("format"), stored.get("version"), stored.get("source_sha256"))
-        if header == (CACHE_FORMAT, CACHE_VERSION, sha256) and tensors_sha256(stored["state"]) == stored["tensors_sha256"]:
+        intact = tensors_sha256(stored["state"]) == stored["tensors_sha256"]
+        if header == (CACHE_FORMAT, CACHE_VERSION, sha256) and intact:
             return stored["state"]
     except Exception:  # a damaged cache file is not the user's input: it is converted again
         pass

@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 import numpy as np  # noqa: E402
 
-from machine import describe_device  # noqa: E402
+from machine import data_root, describe_device  # noqa: E402
 from siamkit.api import load_model  # noqa: E402
 from siamkit.cli import main as siamkit_main  # noqa: E402
 from siamkit.data.cache import load_data  # noqa: E402
@@ -150,7 +149,7 @@ def baseline_cost() -> str:
 
 
 def main() -> None:
-    default_data = Path(os.environ.get("SIAMKIT_DATA", REPO.parent / "shared" / "data"))
+    default_data = data_root()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rof", type=Path, default=default_data / "rof_neutral")
     p.add_argument("--skip-rof", action="store_true")

@@ -40,12 +40,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from machine import describe_device  # noqa: E402  (benchmarks/machine.py)
+from machine import data_root, describe_device  # noqa: E402  (benchmarks/machine.py)
 from siamkit import winograd  # noqa: E402
 from siamkit.models.dlib_resnet import DLIB_CHIP_SIZE, DlibDescriptor  # noqa: E402
 from siamkit.models.dlib_weights import dlib_model_path, load_dlib_state_dict  # noqa: E402
 
-DATA = Path(os.environ.get("SIAMKIT_DATA", REPO.parent / "shared" / "data"))
+DATA = data_root()
 
 
 def face_chips(n: int) -> np.ndarray:

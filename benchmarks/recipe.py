@@ -24,8 +24,6 @@ report included).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shlex
 import statistics
 import sys
@@ -38,7 +36,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 import torch  # noqa: E402
 
-from machine import describe_device  # noqa: E402
+from machine import data_root, describe_device  # noqa: E402
 from siamkit.api import load_model, run_flip, run_shifts  # noqa: E402
 from siamkit.cli import parse_args  # noqa: E402
 from siamkit.config import TrainConfig  # noqa: E402
@@ -138,7 +136,7 @@ def fmt(values: list[float], percent: bool = True) -> str:
 
 
 def main() -> None:
-    default_data = Path(os.environ.get("SIAMKIT_DATA", REPO.parent / "shared" / "data"))
+    default_data = data_root()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=("att", "rof"), default="att")
     p.add_argument("--candidates", nargs="+", default=[""], help="siamkit train options, one string per candidate")

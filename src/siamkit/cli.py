@@ -3,11 +3,13 @@ generated from TrainConfig."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from ._version import __version__
@@ -27,19 +29,20 @@ class _Parser(argparse.ArgumentParser):
         raise SiamkitError(f"{message} (see siamkit {command + ' ' if command != 'siamkit' else ''}--help)")
 
 
-def _train_parser(sub) -> argparse.ArgumentParser:
+def _train_parser(sub, start: TrainStart) -> argparse.ArgumentParser:
     from .config import GROUPS, RECIPES, TrainConfig
-    from .options import add_arguments
+    from .options import DefaultsHelpFormatter, add_arguments
 
-    p = sub.add_parser("train", help=TRAIN_HELP,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("train", help=TRAIN_HELP, formatter_class=DefaultsHelpFormatter,
+                       description=f"{TRAIN_HELP}. The defaults shown are what this command runs on {start.describe()}: "
+                                   f"`siamkit train --data DATA --help` shows another data set's.")
     groups = {name: p.add_argument_group(name) for name in GROUPS}
-    add_arguments(p, TrainConfig, groups)
+    add_arguments(p, TrainConfig, groups, defaults=start.config())
     g = groups["run"]
-    g.add_argument("--config", default=None, metavar="CONFIG_JSON",
+    g.add_argument("--config", default=start.config_file, metavar="CONFIG_JSON",
                    help="start from a run's config.json (options given here override it)")
-    g.add_argument("--recipe", default="auto", choices=("auto", *RECIPES),
-                   help="start from a set of options measured to work well (README: Accuracy on unseen faces); "
+    g.add_argument("--recipe", default=start.recipe, choices=("auto", *RECIPES),
+                   help="start from a set of options measured to work well (docs/results.md); "
                         "auto = dlib-finetune with --pretrained dlib, else the data's: faces for face folders and "
                         "the built-in faces, none for digits; options given here override it")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -48,6 +51,37 @@ def _train_parser(sub) -> argparse.ArgumentParser:
                         "(--overwrite is the same flag)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+@dataclass(frozen=True)
+class TrainStart:
+    """What `siamkit train`'s defaults come from: --data, --recipe and --pretrained (TrainConfig.for_data), or a
+    run's config.json (--config). Read before the real parse, so that --help shows the defaults that run."""
+
+    data: str = "att"
+    recipe: str = "auto"
+    pretrained: str = "none"
+    config_file: str | None = None
+
+    @classmethod
+    def of(cls, argv: list[str]) -> "TrainStart":
+        pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        for name, value in dataclasses.asdict(cls()).items():
+            pre.add_argument("--" + name.replace("_", "-").removesuffix("-file"), dest=name, default=value)
+        return cls(**vars(pre.parse_known_args(argv)[0]))
+
+    def config(self):
+        from .config import TrainConfig
+
+        if self.config_file:
+            return TrainConfig(**TrainConfig.read_options(self.config_file))
+        return TrainConfig.for_data(self.data, self.recipe, pretrained=self.pretrained)
+
+    def describe(self) -> str:
+        if self.config_file:
+            return f"--config {self.config_file}"
+        return f"--data {self.data}" + (f" --recipe {self.recipe}" if self.recipe != "auto" else "") + (
+            f" --pretrained {self.pretrained}" if self.pretrained != "none" else "")
 
 
 def _train(args) -> int:
@@ -141,14 +175,14 @@ def _verify(args) -> int:
 
 
 def _export(args) -> int:
+    from .api import open_run
     from .export import check_export_out, check_images, export_run, same_decisions
-    from .api import load_model
     from .outputs import existing_inputs, run_inputs
 
     check_export_out(args.format, args.out, [*run_inputs(args.run), *existing_inputs([args.data])], args.force)
-    _, ckpt = load_model(args.run)
+    ckpt, run_dir = open_run(args.run)  # the checkpoint, read once; export_run builds the model from it
     ds, what = check_images(ckpt, args.data)
-    result = export_run(args.run, args.format, args.out, ds.images)
+    result = export_run(args.run, args.format, args.out, ds.images, opened=(ckpt, run_dir))
     meta = result["metadata"]
     line = (f"{args.format} export -> {args.out}; checked on {len(ds)} images ({what}): max abs difference "
             f"{result['max_abs_diff']:.1e} (limit 1e-4)")
@@ -223,24 +257,24 @@ def _remove_people(gallery, names: list[str]):
 def _identify(args) -> int:
     from . import load
     from .calibration import choose_threshold
-    from .gallery import load_gallery, model_probe
+    from .gallery import load_gallery
 
     if args.top_k < 1:
         raise SiamkitError(f"--top-k must be at least 1, got {args.top_k}")
     gallery = load_gallery(args.gallery)
     model = args.model or gallery.meta["model"]
     verifier = load(model)
-    gallery.check_model(model_probe(verifier), model)
     if args.threshold is not None:
         threshold, what = args.threshold, "given with --threshold"
     else:
         threshold, what = choose_threshold(verifier.calibration, args.far)
-    ids, scores = gallery.search(verifier.embed(args.images), args.top_k, args.backend)
-    for image, row_ids, row_scores in zip(args.images, ids, scores):
-        best, best_score = gallery.names[row_ids[0]], row_scores[0]
-        verdict = best if best_score >= threshold else f"unknown (best {best} {best_score:.4f} < threshold)"
-        top = ", ".join(f"{gallery.names[i]} {s:.4f}" for i, s in zip(row_ids, row_scores))
-        print(f"{image}: {verdict}\n  top-{len(row_ids)}: {top}")
+    found = verifier.identify(args.images, gallery, args.top_k, threshold=threshold, backend=args.backend,
+                              model_name=model)
+    for image, match in zip(args.images, found):
+        best, best_score = match["top_k"][0]
+        verdict = match["identity"] or f"unknown (best {best} {best_score:.4f} < threshold)"
+        top = ", ".join(f"{name} {s:.4f}" for name, s in match["top_k"])
+        print(f"{image}: {verdict}\n  top-{len(match['top_k'])}: {top}")
     print(f"threshold {threshold:.6g}: {what}")
     return 0
 
@@ -401,12 +435,13 @@ def _load_model_data(args, ckpt: dict, pre):
         return load_data(data, pre, "none" if temporary else args.cache_dir)
 
 
-def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
-    """The command line; ``torch_free``: only the parts the TORCH_FREE_COMMANDS need are complete."""
+def build_parser(torch_free: bool = False, train_start: TrainStart = TrainStart()) -> argparse.ArgumentParser:
+    """The command line; ``torch_free``: only the parts the TORCH_FREE_COMMANDS need are complete; ``train_start``:
+    where `train`'s defaults come from (a plain `siamkit train`'s by default)."""
     parser = _Parser(prog="siamkit", description="Train and evaluate Siamese networks for verification.")
     parser.add_argument("--version", action="version", version=f"siamkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    parser.train_parser = sub.add_parser("train", help=TRAIN_HELP) if torch_free else _train_parser(sub)
+    parser.train_parser = sub.add_parser("train", help=TRAIN_HELP) if torch_free else _train_parser(sub, train_start)
     if torch_free:
         sources_help = lambda: "a data folder or built-in source"  # noqa: E731
     else:
@@ -534,20 +569,18 @@ def _cache_option(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line, with `train`'s options resolved: flags > --config file or --recipe > TrainConfig defaults."""
-    words = [w for w in (sys.argv[1:] if argv is None else argv) if not w.startswith("-")]
-    parser = build_parser(torch_free=bool(words) and words[0] in TORCH_FREE_COMMANDS)
-    args = parser.parse_args(argv)
-    if args.command == "train":
-        from .config import TrainConfig, recipe_for
+    """The command line, with `train`'s options resolved: flags > --config file or the recipe (TrainConfig.for_data).
 
-        if args.config:
-            start = TrainConfig.read_options(args.config)
-        else:
-            start = recipe_for(args.recipe, args.data, args.pretrained)
-        # The file's or the recipe's options become the defaults, so that flags given here override them.
-        parser.train_parser.set_defaults(**start)
-        args = parser.parse_args(argv)
+    `train`'s parser is built with the resolved values as its defaults, so `siamkit train --help` shows what runs."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    words = [w for w in argv if not w.startswith("-")]
+    if not words or words[0] != "train":
+        return build_parser(torch_free=bool(words) and words[0] in TORCH_FREE_COMMANDS).parse_args(argv)
+    start = TrainStart.of(argv)
+    args = build_parser(train_start=start).parse_args(argv)
+    final = TrainStart(args.data, args.recipe, args.pretrained, args.config)
+    if final != start and not start.config_file:  # an abbreviated --dat or --pre that only the full parser reads
+        args = build_parser(train_start=final).parse_args(argv)
     return args
 
 

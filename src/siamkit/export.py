@@ -162,17 +162,21 @@ def same_decisions(ds: IdentityDataset, exported: np.ndarray, reference: np.ndar
     return int(np.count_nonzero(a != b)), len(idx_a)
 
 
-def export_run(run: str | os.PathLike, fmt: str, out: str | os.PathLike, images: torch.Tensor) -> dict:
+def export_run(run: str | os.PathLike, fmt: str, out: str | os.PathLike, images: torch.Tensor,
+               opened: tuple[dict, Path] | None = None) -> dict:
     """Export ``run`` to ``out`` after checking the export against PyTorch on ``images`` (uint8 [N, C, H, W]).
 
+    ``opened``: ``api.open_run(run)``'s (checkpoint, run folder), when the caller has read them already.
     Returns {"max_abs_diff", "n_images", "metadata", "exported", "reference"} (the two [N, D] embeddings);
     raises SiamkitError (writing nothing) if the check fails.
     """
-    from .api import load_run, run_flip, run_shifts
+    from .api import open_run, run_flip, run_shifts
+    from .models.siamese import network_of
 
     if fmt not in FORMATS:
         raise SiamkitError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
-    model, ckpt, run_dir = load_run(run, "cpu")
+    ckpt, run_dir = opened or open_run(run)
+    model = network_of(ckpt, str(run))  # built once, here
     pre = Preprocess.from_dict(ckpt["preprocess"])
     if len(images) == 0:
         raise SiamkitError("no images to check the export on; pass --data FOLDER with images")

@@ -101,16 +101,17 @@ class VerifierBase:
         return choose_threshold(self.calibration, far)[0]
 
     def identify(self, images: Sequence, gallery, k: int = 5, threshold: float | None = None,
-                 far: float | None = None, backend: str = "exact") -> list[dict]:
+                 far: float | None = None, backend: str = "exact", model_name: str = "this model") -> list[dict]:
         """Who of ``gallery`` (a folder written by siamkit enroll, or a gallery.Gallery) is in each image?
 
         One dict per image: ``identity`` (None when the best score is below the threshold: unknown), ``score``
-        (the best identity's) and ``top_k`` ([(name, score), ...], best first). The threshold as in ``verify``.
+        (the best identity's) and ``top_k`` ([(name, score), ...], best first). The threshold as in ``verify``;
+        ``model_name``: how a gallery enrolled with another model names this one.
         """
         from .gallery import Gallery, load_gallery, model_probe
 
         g = gallery if isinstance(gallery, Gallery) else load_gallery(gallery)
-        g.check_model(model_probe(self), "this model")
+        g.check_model(model_probe(self), model_name)
         if threshold is not None and far is not None:
             raise SiamkitError("pass threshold= or far=, not both")
         t = threshold if threshold is not None else self.threshold_for(far)

@@ -71,10 +71,6 @@ class ImageRows:
     def dtype(self) -> torch.dtype:
         return torch.uint8
 
-    @property
-    def nbytes(self) -> int:
-        return len(self.rows) * int(np.prod(self.array.shape[1:]))
-
     def __getitem__(self, index) -> "ImageRows":
         if isinstance(index, torch.Tensor):
             index = index.cpu().numpy()

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from ..errors import SiamkitError, warn
+from ..registry import Registry
 from .pixels import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, PILLOW_FORMATS, decode_image_array, list_image_folder  # noqa: F401 (imported from here)
 from .transforms import Preprocess, image_to_uint8
 
@@ -75,11 +76,9 @@ class Source:
 
 
 # --data NAME -> Source; anything else given to --data is a folder (FOLDER).
-SOURCES: dict[str, Source] = {}
-
-
-def register_source(name: str, source: Source) -> None:
-    SOURCES[name] = source
+SOURCES: Registry = Registry("--data")
+# ``register_source("name", Source(...))``: --data name.
+register_source = SOURCES.register
 
 
 def source_of(data: str) -> Source:

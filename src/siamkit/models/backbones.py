@@ -12,6 +12,7 @@ from torchvision import models
 
 from ..checkpoint import load_checkpoint, require_finite_model, resolve_checkpoint
 from ..errors import SiamkitError
+from ..registry import Registry
 from .dlib_resnet import FEATURE_SIZE, backbone_state, dlib_resnet29
 
 DLIB_BACKBONE = "dlib-resnet29"  # the backbone --pretrained dlib implies
@@ -33,7 +34,7 @@ def flat_map_pool(channels: int, side: int = 4, dropout: float = 0.2) -> nn.Modu
 
     The output layer of ArcFace's ResNets (BN -> dropout -> flatten -> FC): the embedding keeps where on the
     face each feature is, which average pooling throws away. Measured on AT&T: +1.6 points on unseen people
-    (benchmarks/recipe.py, README "Accuracy on unseen faces"). Its BatchNorm is the backbone's, so the BN
+    (benchmarks/recipe.py, docs/results.md). Its BatchNorm is the backbone's, so the BN
     policies cover it. Adaptive pooling makes the width (channels x side^2) the same for any input size.
     """
     return nn.Sequential(nn.AdaptiveAvgPool2d(side), nn.BatchNorm2d(channels), nn.Dropout(dropout), nn.Flatten())
@@ -77,40 +78,51 @@ _RESNET_STAGES = (
     ("layer4", ("layer4",)),
     ("avgpool", ("avgpool",)),
 )
-# --backbone NAME -> entry; NAME is also the torchvision model name. Adding a backbone is one line.
-BACKBONES: dict[str, Backbone] = {
-    "resnet18": Backbone("fc", 512, _RESNET_STAGES),
-    "resnet34": Backbone("fc", 512, _RESNET_STAGES),
-    "resnet50": Backbone("fc", 2048, _RESNET_STAGES),
-    "mobilenet_v3_small": Backbone("classifier", 576),
-    "mobilenet_v3_large": Backbone("classifier", 960),
-    # Small-input ResNet18s (see small_input_resnet): full width, and a quarter of it for small data sets.
-    "resnet18-small": Backbone("fc", 512, _RESNET_STAGES, build=small_input_resnet),
-    "resnet18-small-w16": Backbone("fc", 128, _RESNET_STAGES, build=lambda: small_input_resnet(width=16)),
-    # ... with the flattened 4x4 final map as features (flat_map_pool): the faces recipe's backbone.
-    "resnet18-small-w16-flat": Backbone("fc", 128 * 16, _RESNET_STAGES,
-                                        build=lambda: small_input_resnet(width=16, flat=True)),
-    "resnet18-small-w16-flat-s2": Backbone("fc", 128 * 16, _RESNET_STAGES,
-                                           build=lambda: small_input_resnet(width=16, flat=True, stem_stride=2)),
-    "resnet18-small-w24-flat": Backbone("fc", 192 * 16, _RESNET_STAGES,
-                                        build=lambda: small_input_resnet(width=24, flat=True)),
-    "resnet18-small-w32-flat": Backbone("fc", 256 * 16, _RESNET_STAGES,
-                                        build=lambda: small_input_resnet(width=32, flat=True)),
-    # dlib's face ResNet (models/dlib_resnet.py): 150x150 RGB chips -> 256 features; --pretrained dlib loads dlib's
-    # weights, and models/zoo.py's built-in model `dlib` is this backbone with dlib's 128-d layer as its head.
-    "dlib-resnet29": Backbone(None, FEATURE_SIZE, tuple((s, (s,)) for s in ("stem", *(f"layer{i}" for i in range(1, 6)))),
-                              build=dlib_resnet29),
-}
-# Every stage name any backbone offers, in forward order (the --freeze-until choices).
-FREEZE_STAGES = ("none",) + tuple(dict.fromkeys(name for b in BACKBONES.values() for name, _ in b.stages))
+# --backbone NAME -> entry; NAME is also the torchvision model name. ``register_backbone("name", Backbone(...))``
+# adds one (its stages are read when used: --freeze-until offers them from then on).
+BACKBONES: Registry = Registry("--backbone")
+register_backbone = BACKBONES.register
+
+register_backbone("resnet18", Backbone("fc", 512, _RESNET_STAGES))
+register_backbone("resnet34", Backbone("fc", 512, _RESNET_STAGES))
+register_backbone("resnet50", Backbone("fc", 2048, _RESNET_STAGES))
+register_backbone("mobilenet_v3_small", Backbone("classifier", 576))
+register_backbone("mobilenet_v3_large", Backbone("classifier", 960))
+# Small-input ResNet18s (see small_input_resnet): full width, and a quarter of it for small data sets.
+register_backbone("resnet18-small", Backbone("fc", 512, _RESNET_STAGES, build=small_input_resnet))
+register_backbone("resnet18-small-w16", Backbone("fc", 128, _RESNET_STAGES, build=lambda: small_input_resnet(width=16)))
+# ... with the flattened 4x4 final map as features (flat_map_pool): the faces recipe's backbone.
+register_backbone("resnet18-small-w16-flat", Backbone("fc", 128 * 16, _RESNET_STAGES,
+                                                      build=lambda: small_input_resnet(width=16, flat=True)))
+register_backbone("resnet18-small-w16-flat-s2", Backbone(
+    "fc", 128 * 16, _RESNET_STAGES, build=lambda: small_input_resnet(width=16, flat=True, stem_stride=2)))
+register_backbone("resnet18-small-w24-flat", Backbone("fc", 192 * 16, _RESNET_STAGES,
+                                                      build=lambda: small_input_resnet(width=24, flat=True)))
+register_backbone("resnet18-small-w32-flat", Backbone("fc", 256 * 16, _RESNET_STAGES,
+                                                      build=lambda: small_input_resnet(width=32, flat=True)))
+# dlib's face ResNet (models/dlib_resnet.py): 150x150 RGB chips -> 256 features; --pretrained dlib loads dlib's
+# weights, and models/zoo.py's built-in model `dlib` is this backbone with dlib's 128-d layer as its head.
+_DLIB_STAGES = tuple((s, (s,)) for s in ("stem", *(f"layer{i}" for i in range(1, 6))))
+register_backbone(DLIB_BACKBONE, Backbone(None, FEATURE_SIZE, _DLIB_STAGES, build=dlib_resnet29))
 
 
-def build_backbone(name: str, pretrained: str = "none", in_channels: int = 3) -> tuple[nn.Module, int]:
-    """A torchvision model without its classifier, and the width of the features it returns."""
-    if name not in BACKBONES:
-        raise SiamkitError(f"--backbone {name!r} is not known; choose one of: {', '.join(BACKBONES)}")
-    entry = BACKBONES[name]
-    run = siamkit_checkpoint(pretrained)
+def freeze_stages() -> tuple[str, ...]:
+    """Every stage name a registered backbone offers, in forward order: the --freeze-until choices (read when
+    used, so that a backbone registered later offers its stages too)."""
+    return ("none",) + tuple(dict.fromkeys(name for b in BACKBONES.values() for name, _ in b.stages))
+
+
+# "Not read yet": the default of a pretrained run's checkpoint that a caller may have read already (read it once).
+NOT_READ: object = object()
+
+
+def build_backbone(name: str, pretrained: str = "none", in_channels: int = 3,
+                   pretrained_run: dict | None | object = NOT_READ) -> tuple[nn.Module, int]:
+    """A torchvision model without its classifier, and the width of the features it returns.
+
+    ``pretrained_run``: ``siamkit_checkpoint(pretrained)`` when the caller has read it already."""
+    entry = BACKBONES.lookup(name)
+    run = siamkit_checkpoint(pretrained) if pretrained_run is NOT_READ else pretrained_run
     if pretrained == "dlib":
         model = _dlib_pretrained(name)
     elif run is not None:  # a siamkit run: its backbone, loaded once the model has this run's shape
@@ -259,7 +271,7 @@ def _first_conv(model: nn.Module) -> tuple[nn.Module, str, nn.Conv2d]:
 
 def stage_modules(backbone_name: str, backbone: nn.Module, until: str) -> list[nn.Module]:
     """The backbone modules up to and including stage ``until``."""
-    stages = dict(BACKBONES[backbone_name].stages)
+    stages = dict(BACKBONES.lookup(backbone_name).stages)
     if not stages:
         raise SiamkitError(f"--freeze-until works with ResNet backbones; {backbone_name} has no named stages")
     if until not in stages:

@@ -24,7 +24,8 @@ def test_pretrained_dlib_picks_its_recipe():
     assert recipe_for("auto", "digits", "none") is RECIPES["none"]
     assert recipe_for("faces", "att", "dlib") is RECIPES["faces"]  # --recipe NAME wins over auto
     cfg = config_of("--pretrained", "dlib", "--data", "att")
-    assert (cfg.backbone, cfg.freeze_until, cfg.pretrained_head, cfg.lr) == ("dlib-resnet29", "layer3", "keep", 1e-4)
+    assert (cfg.backbone, cfg.freeze_until, cfg.pretrained_head, cfg.lr) == ("dlib-resnet29", "layer4", "keep", 1e-5)
+    assert (cfg.embedding_activation, cfg.loss, cfg.classification_weight) == ("none", "triplet", 0.0)
     cfg.validate()
 
 

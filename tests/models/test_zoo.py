@@ -215,10 +215,11 @@ def test_finetune_one_step_from_dlib(photos, tmp_path):
     assert ckpt["model_spec"]["backbone"] == "dlib-resnet29" and ckpt["alignment"]["template"] == "dlib"
     assert ckpt["preprocess"]["image_size"] == [150, 150] and ckpt["preprocess"]["channels"] == 3
     config = json.loads((out / "config.json").read_text())
-    assert config["freeze_until"] == "layer3" and config["pretrained_head"] == "keep"  # the dlib-finetune recipe
+    assert config["freeze_until"] == "layer4" and config["pretrained_head"] == "keep"  # the dlib-finetune recipe
     dlib_state = load_dlib_state_dict()
     # frozen stages keep dlib's weights exactly; the head started as dlib's 128-d layer (one small step since)
     assert torch.equal(model.backbone.layer1[0].conv1.weight, dlib_state["layer1.0.conv1.weight"])
+    assert torch.equal(model.backbone.layer4[0].conv1.weight, dlib_state["layer4.0.conv1.weight"])
     assert (model.embedding.fc.weight - dlib_state["fc.weight"]).abs().max() < 1e-2
     assert model.classifier is not None and model.classifier.weight.shape[0] == 4  # a fresh classifier, 4 people
     # the fine-tuned run cuts its own chips from photos, as the built-in model does

@@ -75,7 +75,7 @@ def test_training_stores_thresholds_at_far_and_verify_uses_them(held_out_run, at
         first, second = capsys.readouterr().out.splitlines()
         assert float(first.split()[3]) == pytest.approx(t["threshold"], abs=5e-5)  # printed with 4 decimals
         assert second.startswith(f"threshold: threshold at FAR {key}, calibrated on {TRAINING_SOURCE}")
-    with pytest.raises(SiamkitError, match="not both"):
+    with pytest.raises(SiamkitError, match="threshold= and far= both choose the threshold: pass only one of them"):
         v.verify(a, b, threshold=0.5, far=1e-1)
 
 

@@ -101,19 +101,15 @@ def _evaluate(args) -> int:
 
 def _verify(args) -> int:
     from . import load
-    from .calibration import choose_threshold
+    from .calibration import pick_threshold
 
-    if args.threshold is not None and args.far is not None:
-        raise SiamkitError("pass --threshold or --far, not both")
+    _refuse_threshold_beside_far(args)
     if (args.pairs is None) == (args.image2 is None):
         raise SiamkitError("give two images, or --pairs PAIRS.csv --out DECISIONS.csv (not both)")
     if args.pairs is not None and (args.out is None or args.image1 is not None):
         raise SiamkitError("--pairs takes no image arguments and needs --out DECISIONS.csv")
     verifier = load(args.run, align=args.align)
-    if args.threshold is not None:
-        threshold, what = args.threshold, "given with --threshold"
-    else:
-        threshold, what = choose_threshold(verifier.calibration, args.far)
+    threshold, what = pick_threshold(verifier.calibration, args.threshold, args.far, verifier.score_name)
     if args.pairs is not None:
         from .eval.decisions import verify_pairs_csv
 
@@ -123,6 +119,15 @@ def _verify(args) -> int:
     print(f"score {s:.4f}  threshold {threshold:.4f}  {'SAME' if s >= threshold else 'DIFFERENT'}")
     print(f"threshold: {what}")
     return 0
+
+
+def _refuse_threshold_beside_far(args) -> None:
+    """--threshold beside --far: refused before anything is loaded, in verify and identify alike."""
+    if args.threshold is not None and args.far is not None:
+        from .calibration import THRESHOLD_OPTIONS_CONFLICT
+        from .options import one_of
+
+        raise one_of("--threshold", "--far", THRESHOLD_OPTIONS_CONFLICT)
 
 
 def _export(args) -> int:
@@ -198,19 +203,17 @@ def _enroll(args) -> int:
 
 def _identify(args) -> int:
     from . import load
-    from .calibration import choose_threshold
+    from .calibration import pick_threshold
     from .gallery import load_gallery, model_probe
 
     if args.top_k < 1:
         raise SiamkitError(f"--top-k must be at least 1, got {args.top_k}")
+    _refuse_threshold_beside_far(args)
     gallery = load_gallery(args.gallery)
     model = args.model or gallery.meta["model"]
     verifier = load(model)
     gallery.check_model(model_probe(verifier), model)
-    if args.threshold is not None:
-        threshold, what = args.threshold, "given with --threshold"
-    else:
-        threshold, what = choose_threshold(verifier.calibration, args.far)
+    threshold, what = pick_threshold(verifier.calibration, args.threshold, args.far, verifier.score_name)
     ids, scores = gallery.search(verifier.embed(args.images), args.top_k, args.backend)
     for image, row_ids, row_scores in zip(args.images, ids, scores):
         best, best_score = gallery.names[row_ids[0]], row_scores[0]
@@ -483,13 +486,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         # The file's or the recipe's options become the defaults, so that flags given here override them.
         parser.train_parser.set_defaults(**start)
         args = parser.parse_args(argv)
+        if args.steps and args.epochs and _given_here(parser, argv, ("steps", "epochs")) == {"steps", "epochs"}:
+            from .options import one_of
+
+            # (a recipe's or a --config file's --epochs gives way to --steps given here, as every option does)
+            raise one_of("--steps", "--epochs", "both set the run's length")
     return args
+
+
+_UNSET = object()
+
+
+def _given_here(parser: argparse.ArgumentParser, argv: list[str] | None, dests: tuple[str, ...]) -> set[str]:
+    """Which of train's options ``dests`` this command line gives (not a default, a recipe or a --config file)."""
+    train = parser.train_parser
+    saved = {dest: train.get_default(dest) for dest in dests}
+    train.set_defaults(**dict.fromkeys(dests, _UNSET))
+    try:
+        args = parser.parse_args(argv)
+    finally:
+        train.set_defaults(**saved)
+    return {dest for dest in dests if getattr(args, dest) is not _UNSET}
+
+
+def _print_any_file_name() -> None:
+    """A file name may hold any bytes; Python reads the ones that are not UTF-8 as surrogates, which a UTF-8 locale's
+    stdout refuses (UnicodeEncodeError). Print them as the bytes they were, as ls does (stderr already escapes them)."""
+    try:
+        sys.stdout.reconfigure(errors="surrogateescape")
+    except (AttributeError, ValueError):  # not a text stream of its own (a test's capture, a closed stream)
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     # The command line speaks in one-line messages: Pillow's warnings about a file (decompression bomb, truncated
     # TIFF) only repeat what siamkit's own "skipped" line says, with a source line attached.
     warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+    _print_any_file_name()
     try:
         args = parse_args(argv)
         return {"train": _train, "evaluate": _evaluate, "verify": _verify, "embed": _embed,

@@ -28,6 +28,8 @@ from tqdm import tqdm
 
 from ..errors import SiamkitError, info, warn
 from ..fileio import atomic_write_json, write_error
+from .limits import check_fits_disk
+from .pixels import DECODING_VERSION
 from .sources import IdentityDataset, decode_image, list_folder, load_source, source_of, FOLDER
 from .transforms import Preprocess
 
@@ -94,16 +96,20 @@ class ImageRows:
 
 
 def fingerprint(names: Sequence[str], files: Sequence[Sequence[str]], root: Path, pre: Preprocess) -> str:
-    """Hash of the format, the preprocessing and every file's relative path, size and mtime (not the root)."""
-    h = hashlib.sha256(json.dumps({"format": FORMAT, "version": VERSION, "preprocess": pre.to_dict()}).encode())
+    """Hash of the format, the decoding (pixels.DECODING_VERSION), the preprocessing and every file's relative path,
+    size and mtime (not the root)."""
+    h = hashlib.sha256(json.dumps({"format": FORMAT, "version": VERSION, "preprocess": pre.to_dict(),
+                                   "decoding": DECODING_VERSION}).encode())
     prefix = f"{root}{os.sep}"  # string concatenation: os.path.join costs more than the stat at 100,000 files
     for paths in files:
         for rel in paths:
             try:
                 st = os.stat(prefix + rel)
-                h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                line = f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n"
             except OSError:  # unreadable now: decoding skips it; its absence is part of the fingerprint
-                h.update(f"{rel}\0missing\n".encode())
+                line = f"{rel}\0missing\n"
+            # surrogateescape: a name that is not valid UTF-8 (any bytes are a valid file name) hashes as its bytes
+            h.update(line.encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:32]
 
 
@@ -119,6 +125,8 @@ def load_cached_folder(
     final = base / key
     found = _open(final, key)
     if isinstance(found, str):
+        # Before the cache folder or a file in it exists: what the disk cannot hold leaves nothing behind.
+        check_fits_disk(sum(map(len, files)), pre.channels, pre.image_size, base)
         _make_dir(base)
         with _locked(base / f"{key}.lock"):
             found = _open(final, key)  # another process may have built it while this one waited

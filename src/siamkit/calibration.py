@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -65,6 +66,19 @@ def record_calibration(run_dir: str | os.PathLike, entry: dict, previous: dict |
         history = [] if previous is None else [previous]
     atomic_write_json(path, {"current": entry, "history": history})
     return path
+
+
+def prepare_calibration(run_dir: str | os.PathLike, ckpt: dict) -> dict | None:
+    """Before `evaluate --calibrate` evaluates anything: the calibration it will replace (read and checked now), and
+    a run folder it can write its calibration.json into, so that a failure leaves no report behind."""
+    previous = run_calibration(run_dir, ckpt)
+    try:
+        with tempfile.TemporaryFile(dir=run_dir):  # a file made and deleted: os.access says yes to root everywhere
+            pass
+    except OSError as e:
+        raise SiamkitError(f"--calibrate writes {Path(run_dir) / CALIBRATION_FILE}, but {run_dir} is not writable "
+                           f"({e.strerror}); make it writable, or evaluate without --calibrate") from None
+    return previous
 
 
 def run_calibration(run_dir: str | os.PathLike, ckpt: dict) -> dict | None:

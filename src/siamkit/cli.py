@@ -81,6 +81,10 @@ def _evaluate(args) -> int:
         # verify scores with the run's own score and views: thresholds found otherwise would not fit them.
         raise SiamkitError("--calibrate finds thresholds for the run's own --score, --flip and --shifts; drop those "
                            "options")
+    if args.calibrate:
+        from .calibration import prepare_calibration
+
+        previous = prepare_calibration(run_dir, ckpt)  # before the report: a run it cannot calibrate gets none
     with _model_data(args, ckpt) as data:
         ds = _load_model_data(data, pre, args)
     result = evaluate(model, pre, ds, pairs_file=args.pairs, score=score, flip=flip, shifts=shifts, device=device,
@@ -90,10 +94,10 @@ def _evaluate(args) -> int:
     print(f"{args.data}: {out / 'report.json'}")
     print(format_summary(report))
     if args.calibrate:
-        from .calibration import calibration_entry, record_calibration, run_calibration
+        from .calibration import calibration_entry, record_calibration
 
         entry = calibration_entry(report, f"{args.data} (evaluate --calibrate)")
-        path = record_calibration(run_dir, entry, previous=run_calibration(run_dir, ckpt))
+        path = record_calibration(run_dir, entry, previous=previous)
         print(f"calibrated: {path} now holds these thresholds (the previous ones are kept in its history); "
               f"verify uses them")
     return 0
@@ -153,13 +157,12 @@ def _export(args) -> int:
 def _embed_dataset(verifier, ds, progress: bool = True):
     """Embeddings of an IdentityDataset with a run's Verifier, in chunks behind a progress bar."""
     import numpy as np
-    from tqdm import tqdm
-
     from .eval.embed import embed_images
+    from .progress import progress_bar
 
     chunks = [embed_images(verifier.model, ds.images[i:i + 256], verifier.preprocess, verifier.device,
                            flip=verifier.flip, shifts=verifier.shifts)
-              for i in tqdm(range(0, len(ds), 256), desc="embed", unit="chunk", disable=not progress)]
+              for i in progress_bar(range(0, len(ds), 256), desc="embed", unit="chunk", disable=not progress)]
     return np.concatenate(chunks)
 
 

@@ -13,10 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
-from tqdm import tqdm
-
 from .data.pixels import Preprocess, list_image_folder
 from .errors import SiamkitError, warn
+from .progress import progress_bar
 from .verifier import VerifierBase, image_pixels
 
 EXPORT_FORMAT = "siamkit-export-v1"  # export.py writes it; kept here too so that this module needs no torch
@@ -75,7 +74,7 @@ class ExportedVerifier(VerifierBase):
         """Embeddings [N, D] of uint8 pixels [N, C, H, W] at the model's size."""
         starts = range(0, len(pixels), BATCH)
         out = [self.session.run(None, {"images": pixels[i:i + BATCH]})[0]
-               for i in tqdm(starts, desc="embed", unit="batch", disable=not progress)]
+               for i in progress_bar(starts, desc="embed", unit="batch", disable=not progress)]
         return np.concatenate(out)
 
 

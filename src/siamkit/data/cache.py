@@ -24,10 +24,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..errors import SiamkitError, info, warn
 from ..fileio import atomic_write_json, write_error
+from ..progress import progress_bar
 from .limits import check_fits_disk
 from .pixels import DECODING_VERSION
 from .sources import IdentityDataset, decode_image, list_folder, load_source, source_of, FOLDER
@@ -241,7 +241,7 @@ def _decode_all(images_path: Path, shape: tuple, paths: list[str], pre: Preproce
               for start in range(0, len(paths), CHUNK)]
     workers = os.cpu_count() or 1
     errors: dict[int, str] = {}
-    bar = tqdm(total=len(paths), desc="decode", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(paths), desc="decode", unit="img", disable=not progress, dynamic_ncols=True)
     if len(paths) >= PROCESS_DECODE_FROM and workers > 1:
         # fork, as PyTorch's DataLoader workers do (one intra-op thread each, so no thread pool is inherited
         # half-made): spawn would import the user's __main__ again in every worker, and fails for `python -`.

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from .._version import __version__
 from ..data.pixels import MIN_IMAGE_SIDE, upright
 from ..errors import SiamkitError, info
 from ..fileio import atomic_write, atomic_write_json
+from ..progress import progress_bar
 from .align import PICKS, align_face, pick_face, template
 from .detect import LANDMARK_NAMES, check_installed, detect_faces, landmarks_in_frame
 
@@ -195,7 +195,7 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, opts: AlignOpti
         journal.write_text(json.dumps({"options": vars(opts)}) + "\n")
     summary = AlignSummary(results=list(done.values()))
     workers = workers or min(len(todo), os.cpu_count() or 1) or 1
-    bar = tqdm(total=len(rels), initial=len(done), desc="align", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(rels), initial=len(done), desc="align", unit="img", disable=not progress, dynamic_ncols=True)
     with open(journal, "a") as log:
         def record(result: AlignResult) -> None:
             log.write(json.dumps(vars(result)) + "\n")

@@ -263,8 +263,10 @@ def build_training(
     )
 
 
-def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, overwrite: bool) -> Run:
-    """Everything a run needs, checked before anything is written; then its folder, created."""
+def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, overwrite: bool,
+              progress: bool = True) -> Run:
+    """Everything a run needs, checked before anything is written; then its folder, created. ``progress``: the
+    decoding and kernel-measuring bars (the main process only)."""
     device = resolve_device(cfg.device, ctx.local_rank, ctx.enabled)
     run_dir = Path(cfg.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     # Every process checks before rank 0 creates anything, and all stop if any check fails.
@@ -279,7 +281,8 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
         raise SiamkitError(f"--face-augment applies to --augment face, and this run's augmentation is "
                            f"{augment_mode(cfg)}; add --augment face or drop --face-augment")
     pre = preprocess_for(cfg)
-    data = load_data(cfg.data, pre, cfg.cache_dir, cfg.cache_max_gb, progress=ctx.is_main)
+    progress = progress and ctx.is_main
+    data = load_data(cfg.data, pre, cfg.cache_dir, cfg.cache_max_gb, progress=progress)
     train_ds, val_ds = split_identities(data, cfg.val_identities, cfg.seed)
     require_trainable(train_ds)
     alignment = read_alignment(cfg.data)  # None unless --data is a folder written by `siamkit align`
@@ -293,7 +296,7 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
     n_classes = train_ds.n_identities if cfg.classification_weight > 0 else 0
     training = build_training(
         cfg, n_classes, pre.channels, device, total, ctx, image_size=pre.image_size,
-        conv_kernels=checkpoint.get("conv_kernels") if checkpoint is not None else None, progress=ctx.is_main,
+        conv_kernels=checkpoint.get("conv_kernels") if checkpoint is not None else None, progress=progress,
     )
     start_step, best_accuracy = restore(training, checkpoint, run_dir) if checkpoint is not None else (0, -1.0)
     if ctx.is_main:
@@ -381,13 +384,18 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         raise SiamkitError("--resume continues a run and --overwrite replaces it: pass only one of them")
     if resume:
         if not (run_dir / "checkpoints" / "last.pt").is_file():
-            raise SiamkitError(f"--resume: {run_dir}/checkpoints/last.pt does not exist; pass the --out of an earlier run")
+            raise SiamkitError(f"--resume: {run_dir}/checkpoints/last.pt does not exist, so there is nothing to resume; "
+                               f"pass --overwrite instead to start the run again, or the --out of an earlier run")
         probe = run_dir / "checkpoints"
     else:
         if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not overwrite:
+            # A folder without a checkpoint (a run stopped before its first one) has nothing --resume could continue.
+            can_resume = (run_dir / "checkpoints" / "last.pt").is_file()
             raise SiamkitError(
-                f"run folder {run_dir} already exists; pass --resume to continue it, --overwrite to replace it, "
-                f"or another --out"
+                f"run folder {run_dir} already exists; "
+                + ("pass --resume to continue it, --overwrite to replace it" if can_resume else
+                   "it holds no checkpoint to resume (checkpoints/last.pt); pass --overwrite to start it again")
+                + ", or another --out"
             )
         probe = run_dir if run_dir.is_dir() else next((p for p in run_dir.parents if p.exists()), Path("."))
     if not probe.is_dir():

@@ -262,7 +262,8 @@ def choose(
         else:
             todo.append(shape)
     start = time.perf_counter()
-    for shape in progress_bar(todo, desc="measuring convolution kernels", unit="shape", disable=not progress, leave=False):
+    for shape in progress_bar(todo, desc="measuring convolution kernels", unit="shape", disable=not (progress and todo),
+                              leave=False):
         out.kernels[shape] = pick(measure(shape))
     out.measured, out.seconds = len(todo), time.perf_counter() - start
     if todo and cache is not None:

@@ -211,3 +211,16 @@ def test_a_run_folder_without_a_checkpoint_gets_advice_that_leads_somewhere(tmp_
     assert_one_error(code, err, f"--resume: {out}/checkpoints/last.pt does not exist, so there is nothing to resume; "
                                 f"pass --overwrite instead to start the run again")
     assert tree_snapshot(out) == before
+
+
+def test_options_that_would_be_ignored_are_refused_alike(run, gallery, tmp_path, capfd):
+    before = tree_snapshot(gallery)
+    code, err, _ = run_main(["enroll", run, "--out", gallery, "--remove", "alice", "--data", tmp_path], capfd)
+    assert_one_error(code, err, "--remove and --data/--add change the gallery in opposite ways (run enroll once for "
+                                "each): pass only one of them")
+    assert tree_snapshot(gallery) == before  # alice is still enrolled
+    code, err, _ = run_main(["evaluate", run, "--protocol", "identification", "--gallery", tmp_path, "--probes",
+                             tmp_path, "--calibrate", "--out", tmp_path / "ev"], capfd)
+    assert_one_error(code, err, "--protocol identification and --calibrate belong to different evaluations "
+                                "(--pairs and --calibrate are verification's): pass only one of them")
+    assert not (tmp_path / "ev").exists()

@@ -65,6 +65,11 @@ def _evaluate(args) -> int:
     from .checkpoint import resolve_checkpoint, run_dir_of
     from .device import resolve_device
 
+    if args.protocol == "identification" and (args.pairs or args.calibrate):
+        from .options import one_of
+
+        raise one_of("--protocol identification", "--pairs" if args.pairs else "--calibrate",
+                     "belong to different evaluations (--pairs and --calibrate are verification's)")
     device = resolve_device(args.device)
     model, ckpt = load_model(args.run, device)
     pre = Preprocess.from_dict(ckpt["preprocess"])
@@ -172,6 +177,10 @@ def _enroll(args) -> int:
     from .gallery import GALLERY_FILE, load_gallery, model_probe, new_gallery, save_gallery
 
     out = _Path(args.out)
+    if args.remove and (args.data is not None or args.add):
+        from .options import one_of
+
+        raise one_of("--remove", "--data/--add", "change the gallery in opposite ways (run enroll once for each)")
     if args.remove:
         gallery = load_gallery(out)
         for name in args.remove:

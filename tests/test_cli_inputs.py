@@ -128,7 +128,7 @@ def test_steps_beside_epochs_is_refused_but_a_recipes_epochs_give_way(tmp_path, 
     assert (args.steps, args.epochs) == (7, 100)
 
 
-def test_an_image_too_small_to_use_is_refused_by_verify_and_skipped_by_embed(run, att_faces, tmp_path, capfd):
+def test_an_image_too_small_to_use_is_refused_by_verify_and_named_by_embed(run, att_faces, tmp_path, capfd):
     Image.new("L", (1, 1), 128).save(tmp_path / "dot.png")
     good = att_faces / "s1" / "1.pgm"
     code, err, _ = run_main(["verify", run, tmp_path / "dot.png", good, "--threshold", "0.5"], capfd)
@@ -136,11 +136,15 @@ def test_an_image_too_small_to_use_is_refused_by_verify_and_skipped_by_embed(run
                                 f"apart (at least 16 px a side, as siamkit align requires)")
     data = two_people(att_faces, tmp_path / "data")
     shutil.copy(tmp_path / "dot.png", data / "alice" / "dot.png")
-    code, err, _ = run_main(["embed", run, "--data", data, "--out", tmp_path / "e.npz", "--device", "cpu"], capfd)
-    assert code == 0, err
-    assert any(line.startswith("siamkit: warning: skipped 1 unreadable image(s)") and "1x1 pixels is too small" in line
-               for line in err), err
-    assert "alice/dot.png" not in np.load(tmp_path / "e.npz")["paths"].tolist()
+    # a data folder keeps it (training data stays as it was), with one warning naming it, cached or not
+    for cache in (str(tmp_path / "cache"), "none"):
+        code, err, _ = run_main(["embed", run, "--data", data, "--out", tmp_path / "e.npz", "--device", "cpu",
+                                 "--cache-dir", cache], capfd)
+        assert code == 0, err
+        assert f"siamkit: warning: 1 image(s) too small to tell anyone apart, used as they are: {data / 'alice' / 'dot.png'}" \
+               f" (1x1 pixels is too small to tell anyone apart (at least 16 px a side, as siamkit align requires)); " \
+               f"check them" in err, err
+        assert "alice/dot.png" in np.load(tmp_path / "e.npz")["paths"].tolist()
 
 
 # --- 8. any file-name bytes ----------------------------------------------------------------------------------------

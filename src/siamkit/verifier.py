@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from .calibration import choose_threshold, pick_threshold
-from .data.pixels import Preprocess, decode_image_array, image_to_array
+from .data.pixels import Preprocess, decode_image_array, image_to_array, too_small
 from .errors import SiamkitError
 from .eval.verification import pair_scores
 
@@ -20,8 +20,12 @@ from .eval.verification import pair_scores
 def image_pixels(image, pre: Preprocess) -> np.ndarray:
     """uint8 [C, H, W] at the model's size from a path, PIL image, HxW(xC) array or CxHxW tensor."""
     if isinstance(image, (str, os.PathLike)):
+        sizes: list = []
         try:
-            return decode_image_array(image, pre)
+            pixels = decode_image_array(image, pre, sizes)
+            if too_small(sizes[0]):  # a blur of a few pixels scored as if it were a photo would be a wrong answer
+                raise ValueError(too_small(sizes[0]))
+            return pixels
         except ValueError as e:
             raise SiamkitError(f"cannot read image {image}: {e}") from None
         except FileNotFoundError:

@@ -81,15 +81,15 @@ def test_every_exif_orientation_decodes_to_the_upright_pixels(data_root, tmp_pat
                                       err_msg=f"orientation {orientation}")
 
 
-def test_images_smaller_than_a_model_can_use_are_refused(tmp_path):
-    import pytest
-
-    from siamkit.data.pixels import MIN_IMAGE_SIDE, decode_image_array
+def test_images_smaller_than_a_model_can_use_are_named(tmp_path):
+    from siamkit.data.pixels import MIN_IMAGE_SIDE, decode_image_array, too_small
 
     pre = Preprocess(image_size=(32, 32))
     for w, h in ((1, 1), (MIN_IMAGE_SIDE - 1, 200), (200, MIN_IMAGE_SIDE - 1)):
-        Image.new("L", (w, h), 128).save(tmp_path / "small.png")
-        with pytest.raises(ValueError, match=f"{w}x{h} pixels is too small to tell anyone apart"):
-            decode_image_array(tmp_path / "small.png", pre)
-    Image.new("L", (MIN_IMAGE_SIDE, MIN_IMAGE_SIDE), 128).save(tmp_path / "enough.png")
-    assert decode_image_array(tmp_path / "enough.png", pre).shape == (3, 32, 32)
+        assert too_small((w, h)) == (f"{w}x{h} pixels is too small to tell anyone apart (at least {MIN_IMAGE_SIDE} "
+                                     f"px a side, as siamkit align requires)")
+    assert too_small((MIN_IMAGE_SIDE, MIN_IMAGE_SIDE)) is None
+    # the size the decoder reports is the upright one: a 20x10 photo stored as 10x20 with its EXIF tag
+    save_tagged(Image.new("L", (20, 10), 128), 6, tmp_path / "turned.png")
+    sizes = []
+    assert decode_image_array(tmp_path / "turned.png", pre, sizes).shape == (3, 32, 32) and sizes == [(20, 10)]

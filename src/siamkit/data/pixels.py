@@ -23,8 +23,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".bmp", ".t
 PILLOW_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP", "GIF")
 # Refuse images above this many pixels before decoding them (decompression-bomb guard).
 MAX_IMAGE_PIXELS = 40_000_000
-# Below this many pixels a side an image holds too little to tell anyone apart: refused as `siamkit align` refuses
-# it (faces/folder.py MIN_SIDE), instead of being scaled up into a blur and scored as if it were a photo.
+# Below this many pixels a side an image holds too little to tell anyone apart (`siamkit align` finds no face in it,
+# faces/folder.py MIN_SIDE): verify refuses to score it, and a data folder's loaders warn about it (kept, so that
+# training data and its results stay as they were: ROF-neutral holds three 12x16 crops).
 MIN_IMAGE_SIDE = 16
 # What decoding does to a file's pixels, part of the decoded cache's fingerprint: a change here (2: the EXIF
 # orientation applied) gives every cache a new key, so no cache of the old pixels is reused.
@@ -117,8 +118,9 @@ def image_to_array(img: Image.Image, pre: Preprocess) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def decode_image_array(path: str | os.PathLike, pre: Preprocess) -> np.ndarray:
-    """Decode one image file to a uint8 array [C, H, W]; raise ValueError with a short reason if it is unusable."""
+def decode_image_array(path: str | os.PathLike, pre: Preprocess, sizes: list | None = None) -> np.ndarray:
+    """Decode one image file to a uint8 array [C, H, W]; raise ValueError with a short reason if it is unusable.
+    ``sizes``: the image's (width, height) as seen upright is appended to it (see MIN_IMAGE_SIDE)."""
     try:
         with Image.open(path, formats=PILLOW_FORMATS) as img:
             w, h = img.size
@@ -126,11 +128,11 @@ def decode_image_array(path: str | os.PathLike, pre: Preprocess) -> np.ndarray:
                 raise ValueError(f"{w}x{h} pixels is too large (limit {MAX_IMAGE_PIXELS:,})")
             if w == 0 or h == 0:
                 raise ValueError("image has no pixels")
-            if min(w, h) < MIN_IMAGE_SIDE:
-                raise ValueError(f"{w}x{h} pixels is too small to tell anyone apart (at least {MIN_IMAGE_SIDE} px a "
-                                 f"side, as siamkit align requires)")
             img.load()
-            return image_to_array(upright(img), pre)
+            img = upright(img)
+            if sizes is not None:
+                sizes.append(img.size)
+            return image_to_array(img, pre)
     except ValueError:
         raise
     except Image.DecompressionBombError as e:
@@ -141,6 +143,14 @@ def decode_image_array(path: str | os.PathLike, pre: Preprocess) -> np.ndarray:
         raise ValueError("too large to decode in memory") from None
     except Exception as e:  # Pillow's decoders raise many types on crafted files (struct.error, IndexError...)
         raise ValueError(f"not a decodable image ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def too_small(size: tuple[int, int]) -> str | None:
+    """Why an image of ``size`` (width, height) is too small to tell anyone apart, or None."""
+    w, h = size
+    if min(w, h) >= MIN_IMAGE_SIDE:
+        return None
+    return f"{w}x{h} pixels is too small to tell anyone apart (at least {MIN_IMAGE_SIDE} px a side, as siamkit align requires)"
 
 
 def _first_line(e: BaseException) -> str:

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from ..errors import SiamkitError, warn
-from .pixels import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, PILLOW_FORMATS, decode_image_array, list_image_folder  # noqa: F401 (imported from here)
+from .pixels import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, PILLOW_FORMATS, decode_image_array, list_image_folder, too_small  # noqa: F401 (imported from here)
 from .limits import check_fits_memory
 from .transforms import Preprocess, image_to_uint8
 
@@ -114,9 +114,18 @@ def list_folder(root: str | os.PathLike) -> tuple[list[str], list[list[str]]]:
     return list_image_folder(root, tuple(SOURCES))
 
 
-def decode_image(path: str | os.PathLike, pre: Preprocess) -> torch.Tensor:
-    """Decode one image file; raise ValueError with a short reason if it is unusable."""
-    return torch.from_numpy(decode_image_array(path, pre))
+def decode_image(path: str | os.PathLike, pre: Preprocess, sizes: list | None = None) -> torch.Tensor:
+    """Decode one image file; raise ValueError with a short reason if it is unusable (``sizes``: its upright
+    (width, height) is appended)."""
+    return torch.from_numpy(decode_image_array(path, pre, sizes))
+
+
+def warn_small(root: str | os.PathLike, small: list) -> None:
+    """One warning for a folder's images under MIN_IMAGE_SIDE: [(relative path, why), ...]; they stay in the data."""
+    if small:
+        shown = "; ".join(f"{os.path.join(root, rel)} ({why})" for rel, why in small[:5])
+        more = f"; and {len(small) - 5} more" if len(small) > 5 else ""
+        warn(f"{len(small)} image(s) too small to tell anyone apart, used as they are: {shown}{more}; check them")
 
 
 def load_folder(root: str | os.PathLike, pre: Preprocess) -> IdentityDataset:
@@ -127,8 +136,9 @@ def load_folder(root: str | os.PathLike, pre: Preprocess) -> IdentityDataset:
     _check_memory(len(flat), pre)
 
     def work(item: tuple[int, str]):
+        sizes: list = []
         try:
-            return decode_image(os.path.join(root_path, item[1]), pre)
+            return decode_image(os.path.join(root_path, item[1]), pre, sizes), too_small(sizes[0])
         except ValueError as e:
             return str(e)
 
@@ -141,7 +151,8 @@ def load_folder(root: str | os.PathLike, pre: Preprocess) -> IdentityDataset:
         shown = "; ".join(f"{os.path.join(root_path, p)} ({why})" for p, why in bad[:5])
         more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
         warn(f"skipped {len(bad)} unreadable image(s): {shown}{more}")
-    good = [(label, path, out) for (label, path), out in zip(flat, decoded) if not isinstance(out, str)]
+    warn_small(root_path, [(path, out[1]) for (_, path), out in zip(flat, decoded) if not isinstance(out, str) and out[1]])
+    good = [(label, path, out[0]) for (label, path), out in zip(flat, decoded) if not isinstance(out, str)]
     if not good:
         raise SiamkitError(f"no readable images in {root}; check the files are images Pillow can open")
     used_labels = sorted({label for label, _, _ in good})

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 
+from conftest import REPO
 from siamkit import progress
 from siamkit.cli import main
 from tiny_run import ONE_THREAD_ENV, one_torch_thread, tiny_args  # noqa: F401 (fixture)
@@ -42,18 +46,12 @@ def test_on_a_terminal_the_bar_is_tqdms(monkeypatch):
     assert "\r" in term.getvalue()  # redrawn in place, as before
 
 
-def test_a_run_logged_to_a_file_has_no_carriage_returns(tmp_path, cli):
+def test_a_run_logged_to_a_file_has_no_carriage_returns(tmp_path):
     # issue 30: the main job with stdout and stderr to a file wrote one 60 kB line of \r-joined updates
     log = tmp_path / "train.txt"
     args = [a for a in tiny_args(tmp_path / "run", steps=12, log_every=1, checkpoint_every=6) if a != "--no-progress"]
+    env = {**os.environ, **ONE_THREAD_ENV, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with open(log, "w") as f:
-        import subprocess
-        import sys
-
-        from conftest import REPO
-
-        env = {**__import__("os").environ, **ONE_THREAD_ENV,
-               "PYTHONPATH": str(REPO / "src") + __import__("os").pathsep + __import__("os").environ.get("PYTHONPATH", "")}
         code = subprocess.run([sys.executable, "-m", "siamkit", *args], stdout=f, stderr=subprocess.STDOUT,
                               env=env, timeout=600).returncode
     text = log.read_bytes()

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .data.pixels import Preprocess, list_image_folder
+from .data.pixels import Preprocess, list_image_folder, warn_small
 from .errors import SiamkitError, warn
 from .progress import progress_bar
 from .verifier import VerifierBase, image_pixels
@@ -84,11 +84,11 @@ def embed_folder(verifier: ExportedVerifier, root: str | os.PathLike, progress: 
     Unreadable images are skipped with one warning, as when training or evaluating on the folder.
     """
     names, files = list_image_folder(root)
-    pixels, labels, paths, bad = [], [], [], []
+    pixels, labels, paths, bad, small = [], [], [], [], []
     for label, folder in enumerate(files):
         for rel in folder:
             try:
-                pixels.append(image_pixels(os.path.join(root, rel), verifier.preprocess))
+                pixels.append(image_pixels(os.path.join(root, rel), verifier.preprocess, small))
             except SiamkitError as e:
                 bad.append(str(e).removeprefix("cannot read image "))
                 continue
@@ -96,6 +96,7 @@ def embed_folder(verifier: ExportedVerifier, root: str | os.PathLike, progress: 
             paths.append(rel)
     if bad:
         warn(f"skipped {len(bad)} unreadable image(s): {'; '.join(bad[:5])}{'; ...' if len(bad) > 5 else ''}")
+    warn_small("", small)  # kept, as the PyTorch side's loaders keep them (paths already joined to the root)
     if not pixels:
         raise SiamkitError(f"no readable images in {root}; check the files are images Pillow can open")
     used = sorted(set(labels))  # identities whose every image was unreadable drop out, labels stay 0..K-1

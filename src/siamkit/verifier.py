@@ -17,14 +17,20 @@ from .errors import SiamkitError
 from .eval.verification import pair_scores
 
 
-def image_pixels(image, pre: Preprocess) -> np.ndarray:
-    """uint8 [C, H, W] at the model's size from a path, PIL image, HxW(xC) array or CxHxW tensor."""
+def image_pixels(image, pre: Preprocess, small: list | None = None) -> np.ndarray:
+    """uint8 [C, H, W] at the model's size from a path, PIL image, HxW(xC) array or CxHxW tensor.
+
+    A file under MIN_IMAGE_SIDE pixels a side is refused (a blur of a few pixels scored as if it were a photo would
+    be a wrong answer), or, given a list ``small`` (a folder's loader, which warns once), appended to it as
+    (path, why) and kept."""
     if isinstance(image, (str, os.PathLike)):
         sizes: list = []
         try:
             pixels = decode_image_array(image, pre, sizes)
-            if too_small(sizes[0]):  # a blur of a few pixels scored as if it were a photo would be a wrong answer
+            if too_small(sizes[0]) and small is None:
                 raise ValueError(too_small(sizes[0]))
+            if too_small(sizes[0]):
+                small.append((str(image), too_small(sizes[0])))
             return pixels
         except ValueError as e:
             raise SiamkitError(f"cannot read image {image}: {e}") from None

@@ -30,8 +30,8 @@ from ..fileio import atomic_write_json, write_error
 from ..progress import progress_bar
 from .limits import check_fits_disk
 from .pixels import DECODING_VERSION
-from .pixels import too_small
-from .sources import IdentityDataset, decode_image, list_folder, load_source, source_of, warn_small, FOLDER
+from .pixels import too_small, warn_small
+from .sources import IdentityDataset, decode_image, list_folder, load_source, source_of, FOLDER
 from .transforms import Preprocess
 
 FORMAT = "siamkit-decoded-cache"

@@ -153,6 +153,14 @@ def too_small(size: tuple[int, int]) -> str | None:
     return f"{w}x{h} pixels is too small to tell anyone apart (at least {MIN_IMAGE_SIDE} px a side, as siamkit align requires)"
 
 
+def warn_small(root: str | os.PathLike, small: list) -> None:
+    """One warning for a folder's images under MIN_IMAGE_SIDE: [(relative path, why), ...]; they stay in the data."""
+    if small:
+        shown = "; ".join(f"{os.path.join(root, rel)} ({why})" for rel, why in small[:5])
+        more = f"; and {len(small) - 5} more" if len(small) > 5 else ""
+        warn(f"{len(small)} image(s) too small to tell anyone apart, used as they are: {shown}{more}; check them")
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:200] if text else type(e).__name__

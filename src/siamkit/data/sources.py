@@ -17,10 +17,9 @@ import torch
 from PIL import Image
 
 from ..errors import SiamkitError, warn
-from .pixels import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, PILLOW_FORMATS, decode_image_array, list_image_folder, too_small  # noqa: F401 (imported from here)
+from .pixels import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, PILLOW_FORMATS, decode_image_array, list_image_folder, too_small, warn_small  # noqa: F401 (imported from here)
 from .limits import check_fits_memory
 from .transforms import Preprocess, image_to_uint8
-
 
 
 @dataclass
@@ -119,13 +118,6 @@ def decode_image(path: str | os.PathLike, pre: Preprocess, sizes: list | None = 
     (width, height) is appended)."""
     return torch.from_numpy(decode_image_array(path, pre, sizes))
 
-
-def warn_small(root: str | os.PathLike, small: list) -> None:
-    """One warning for a folder's images under MIN_IMAGE_SIDE: [(relative path, why), ...]; they stay in the data."""
-    if small:
-        shown = "; ".join(f"{os.path.join(root, rel)} ({why})" for rel, why in small[:5])
-        more = f"; and {len(small) - 5} more" if len(small) > 5 else ""
-        warn(f"{len(small)} image(s) too small to tell anyone apart, used as they are: {shown}{more}; check them")
 
 
 def load_folder(root: str | os.PathLike, pre: Preprocess) -> IdentityDataset:

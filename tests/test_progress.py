@@ -37,6 +37,18 @@ def test_off_a_terminal_a_bar_prints_plain_lines(monkeypatch):
     assert log.getvalue().count("\n") == 3 and "\r" not in log.getvalue()
 
 
+def test_off_a_terminal_at_most_one_line_a_twentieth_of_the_way(monkeypatch):
+    log = io.StringIO()
+    monkeypatch.setattr("sys.stderr", log)
+    monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)  # a machine so slow that every step takes longer than it
+    for _ in progress.progress_bar(range(500), desc="train"):
+        pass
+    lines = log.getvalue().splitlines()
+    # the first line, one per 25 steps (500 / PLAIN_LINES), and the closing one: 22 lines for 500 steps
+    assert len(lines) == 2 + progress.PLAIN_LINES and "\r" not in log.getvalue(), lines
+    assert [int(line.split("|")[2].split("/")[0]) for line in lines] == [0, *range(25, 501, 25), 500], lines
+
+
 def test_on_a_terminal_the_bar_is_tqdms(monkeypatch):
     term = _Terminal()
     monkeypatch.setattr("sys.stderr", term)

@@ -2,16 +2,19 @@
 
 tqdm redraws its bar with carriage returns several times a second. On a terminal that is one moving line; in a
 log file it is one line of thousands of updates (a 500-step run wrote 60 kB). When standard error is not a
-terminal, a bar here prints its state as a plain line at most every PLAIN_EVERY_S seconds, and once at the end.
+terminal, a bar here prints its state as a plain line at most every PLAIN_EVERY_S seconds and at most every
+1/PLAIN_LINES of its total (so a slow machine's log is no longer than a fast one's), and once at the end.
 """
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any, Iterable, TextIO
 
 from tqdm import tqdm
 
 PLAIN_EVERY_S = 10.0
+PLAIN_LINES = 20  # at most this many lines between the first and the last, however long the bar takes
 
 
 class _PlainLines:
@@ -43,4 +46,8 @@ def progress_bar(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
     if _is_terminal(stream):
         return tqdm(iterable, file=stream, **kwargs)
     kwargs.pop("dynamic_ncols", None)  # a file has no width to follow
-    return tqdm(iterable, file=_PlainLines(stream), mininterval=PLAIN_EVERY_S, **kwargs)
+    total = kwargs.get("total", len(iterable) if hasattr(iterable, "__len__") else None)
+    if total:
+        kwargs.setdefault("miniters", math.ceil(total / PLAIN_LINES))
+    # maxinterval inf: tqdm's monitor thread would otherwise redraw a slow bar every 10 s besides its own lines
+    return tqdm(iterable, file=_PlainLines(stream), mininterval=PLAIN_EVERY_S, maxinterval=math.inf, **kwargs)

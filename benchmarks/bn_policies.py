@@ -36,7 +36,6 @@ from siamkit.batchnorm import POLICIES as BN_POLICIES  # noqa: E402
 from siamkit.config import TrainConfig  # noqa: E402
 from siamkit.train.loop import train  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {
     "triplet+cls": dict(loss="triplet", classification_weight=1.0, classifier="softmax"),
     "contrastive": dict(loss="contrastive", classification_weight=0.0),
@@ -44,8 +43,9 @@ SETTINGS = {
 
 
 def default_data() -> str:
-    root = Path(os.environ.get("SIAMKIT_DATA", REPO.parent / "shared" / "data"))
-    return str(root / "rof_neutral")
+    from machine import data_root  # benchmarks/machine.py: the script's folder is on the path
+
+    return str(data_root() / "rof_neutral")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

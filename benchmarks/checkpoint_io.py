@@ -35,11 +35,11 @@ from siamkit.fileio import atomic_write  # noqa: E402
 from siamkit.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from siamkit.train.loop import train  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def default_data() -> str:
-    return str(Path(os.environ.get("SIAMKIT_DATA", REPO.parent / "shared" / "data")) / "att_faces")
+    from machine import data_root  # benchmarks/machine.py: the script's folder is on the path
+
+    return str(data_root() / "att_faces")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -7,7 +7,7 @@ index (growth of the process's resident memory while building it, measured after
 count the best of several timed searches as queries per CPU-second (see qps); for HNSW also its recall@1 and @5 against
 exact search (the fraction of exact top-k identities it returns).
 
-    OMP_NUM_THREADS=1 python benchmarks/gallery_search.py                 # the README table (one thread)
+    OMP_NUM_THREADS=1 python benchmarks/gallery_search.py                 # the table of results/gallery_search_cpu.md (one thread)
     python benchmarks/gallery_search.py --sizes 1000 10000 --out -        # quick look, table on stdout only
 
 HNSW (M=32, efConstruction=40, efSearch=128) takes long to build on a few cores; --hnsw-max (default

@@ -1,11 +1,21 @@
-"""The line that names the machine in every benchmark table."""
+"""The line that names the machine in every benchmark table, and where the benchmarks find the real data."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
 from siamkit.kernel_choice import cpu_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_root() -> Path:
+    """The folder of the real data sets (att_faces/, rof_neutral/): $SIAMKIT_DATA, else ../shared/data beside the
+    repository, as in the tests (tests/conftest.py)."""
+    return Path(os.environ.get("SIAMKIT_DATA", REPO.parent / "shared" / "data"))
+
 
 # /proc/cpuinfo flags that decide which kernels oneDNN and ATen can run (vector width, bf16/int8 dot products, AMX).
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")

@@ -579,7 +579,9 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 reference: what cuDNN convolutions use
-    data = Path(args.data) if args.data else Path(os.environ.get("SIAMKIT_DATA", REPO.parent / "shared" / "data")) / "rof_neutral"
+    from machine import data_root
+
+    data = Path(args.data) if args.data else data_root() / "rof_neutral"
     e2e_sizes = args.sizes if args.e2e_sizes is None else args.e2e_sizes
 
     ctx = mp.get_context("spawn")

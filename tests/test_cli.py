@@ -12,6 +12,7 @@ from conftest import tree_snapshot
 REPORT_KEYS = {
     "n_pairs", "n_genuine", "n_impostor", "roc_auc", "eer", "tar_at_far", "accuracy_mean", "accuracy_std",
     "threshold", "score", "baseline", "thresholds_at_far",
+    "baseline_dlib",  # the off-the-shelf dlib model on the same pairs (.[test] installs the align extra)
 }
 # --recipe none: these tests exercise the plain options on small budgets, not the faces recipe.
 FAST = ["--image-size", "32", "32", "--batch-size", "8", "--no-progress", "--recipe", "none"]
@@ -39,6 +40,7 @@ def test_train_writes_the_run_folder(att_run):
     # 6 held-out identities x 10 images: 6*45 = 270 genuine pairs and as many impostors.
     assert report["n_genuine"] == 270 and report["n_impostor"] == 270
     assert 0.5 < report["roc_auc"] <= 1.0  # 30 steps already beat chance on unseen people
+    assert report["baseline_dlib"]["n_images"] == 60 and "dlib:" in result.stdout  # the second baseline
     assert "accuracy" in result.stdout and "held-out" in result.stdout
     config = json.loads((out / "config.json").read_text())
     assert config["steps"] == 30 and config["bn_policy"] == "joint" and "siamkit_version" in config

@@ -22,7 +22,7 @@ from conftest import run_cli, tree_snapshot
 from siamkit import cli, fileio
 from siamkit.train import logging as metrics_logging
 from siamkit.checkpoint import FORMAT
-from tiny_run import ONE_THREAD_ENV, load_raw, metrics_rows, one_torch_thread, tiny_args, tiny_config  # noqa: F401
+from tiny_run import ONE_THREAD_ENV, DiskFillsUp, load_raw, metrics_rows, one_torch_thread, tiny_args, tiny_config  # noqa: F401
 
 
 def run_main(args: list[str], capfd) -> tuple[int, list[str]]:
@@ -169,9 +169,9 @@ def test_existing_run_is_refused_and_kept(earlier_run, capfd):
     before = tree_snapshot(earlier_run)
     code, err = run_main(tiny_args(earlier_run, steps=2), capfd)
     assert_one_error(code, err, f"run folder {earlier_run} already exists; pass --resume to continue it, "
-                                f"--overwrite to replace it, or another --out")
+                                f"--force to replace it, or another --out")
     code, err = run_main([*tiny_args(earlier_run, steps=2), "--resume", "--overwrite"], capfd)
-    assert_one_error(code, err, "--resume continues a run and --overwrite replaces it: pass only one of them")
+    assert_one_error(code, err, "--resume continues a run and --force replaces it: pass only one of them")
     assert tree_snapshot(earlier_run) == before
 
 
@@ -217,28 +217,6 @@ def test_run_folder_where_nothing_can_be_written(capfd):
     assert err[-1].endswith("); pass another --out")
 
 
-class _FullDisk:
-    """A file whose write stores half of the data and then fails as a full disk does."""
-
-    def __init__(self, f):
-        self._f = f
-
-    def write(self, data):
-        data = memoryview(data).cast("B")
-        self._f.write(data[: len(data) // 2])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._f.close()
-        return False
-
-
 def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tmp_path, monkeypatch, capfd):
     out = tmp_path / "run"
     ckpts = out / "checkpoints"
@@ -249,7 +227,7 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tmp_path, monke
         f = real_fdopen(fd, mode, *args, **kwargs)
         if (ckpts / "last.pt").exists() and not kept:
             kept["last.pt"] = (ckpts / "last.pt").read_bytes()  # the step-2 checkpoint: the disk is full from now
-        return _FullDisk(f) if kept and "w" in mode else f
+        return DiskFillsUp(f, room=0) if kept and "w" in mode else f
 
     monkeypatch.setattr(fileio.os, "fdopen", fdopen)
     code, err = run_main(tiny_args(out, steps=4, checkpoint_every=2), capfd)

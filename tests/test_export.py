@@ -1,6 +1,7 @@
 """siamkit export (export.py): ONNX and TorchScript files that reproduce the PyTorch embeddings, with metadata."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -80,6 +81,7 @@ def test_torchscript_export_with_sidecar(trained_run, att_faces, tmp_path, capsy
     assert main(["export", str(trained_run), "--format", "torchscript", "--out", str(path)]) == 0
     assert "540 of 540 pair decisions the same" in capsys.readouterr().out
     meta = json.loads((tmp_path / "model.pt.json").read_text())
+    assert meta["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()  # the sidecar can check the file
     v = siamkit.load(trained_run)
     assert meta["calibration"]["threshold"] == v.threshold and meta["preprocess"] == v.preprocess.to_dict()
     module = torch.jit.load(str(path))
@@ -104,7 +106,7 @@ def test_bad_export_options(trained_run, tmp_path, capsys):
     from siamkit.cli import main
 
     assert main(["export", str(trained_run), "--out", str(tmp_path / "m.bin")]) == 2
-    assert "must end in .onnx" in capsys.readouterr().err
+    assert "an onnx export's file name ends in .onnx" in capsys.readouterr().err
     with pytest.raises(SiamkitError, match="unknown export format"):
         from siamkit.export import export_run
 

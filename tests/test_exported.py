@@ -178,3 +178,17 @@ def test_embed_a_folder_with_the_onnx_export_without_torch(trained_run, onnx_fil
                     env=no_torch)
         assert r.returncode == 2 and "drop --flip and --shifts" in r.stderr and r.stderr.count("\n") == 1
         assert not (tmp_path / "x.npz").exists()
+
+
+def test_a_damaged_onnx_export_is_refused_in_one_line(onnx_file, att_faces, tmp_path, no_torch):
+    # On main 935a11e an ONNX file carried no checksum: flipped bytes in its weights gave other embeddings silently.
+    damaged = tmp_path / "model.onnx"
+    data = bytearray(onnx_file.read_bytes())
+    middle = len(data) // 2  # inside the weights, which make up most of the file
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    damaged.write_bytes(bytes(data))
+    image = str(att_faces / "s1" / "1.pgm")
+    result = run_cli("verify", str(damaged), image, image, env=no_torch)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"siamkit: error: {damaged} is damaged: its bytes do not match the sha256 stored in it at "
+                             f"export (a disk or copy error changed it); export the run again with siamkit export\n")

@@ -139,3 +139,55 @@ def test_sigkill_during_writes_never_leaves_a_torn_file(tmp_path):
         proc.wait()
     data = target.read_bytes()
     assert len(data) == 2_000_000 and data == bytes([data[0]]) * len(data)
+
+
+# --- locks and stored checksums -----------------------------------------------------------------------------------
+
+_HOLDER = """
+import sys
+from siamkit.fileio import file_lock
+with file_lock(sys.argv[1], "the gallery", timeout=None):
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_a_held_lock_makes_the_next_writer_wait_then_say_busy_and_dies_with_its_holder(tmp_path):
+    from siamkit.fileio import Busy, file_lock
+
+    lock = tmp_path / ".gallery.npz.lock"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(lock)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(Busy, match=r"^the gallery is busy: another process is writing it; run the command again "
+                                       r"when it is done$"):
+            with file_lock(lock, "the gallery", timeout=0):
+                pass
+        # A bounded wait ends in the same kind of line (the holder waits for its stdin, so it cannot let go).
+        with pytest.raises(Busy, match=r"has been writing it for over 0.2 s"):
+            with file_lock(lock, "the gallery", timeout=0.2):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs, the kernel drops the flock
+        holder.wait(timeout=60)
+    with file_lock(lock, "the gallery", timeout=0):
+        pass
+
+
+def test_a_zip_with_flipped_bytes_is_refused_naming_the_file(tmp_path):
+    import zipfile
+
+    from siamkit.fileio import check_zip
+
+    path = tmp_path / "g.npz"
+    with zipfile.ZipFile(path, "w") as z:  # stored, as torch.save and np.savez write their members
+        z.writestr("embeddings.npy", bytes(range(256)) * 64)
+    check_zip(path, "enroll it again")  # intact: no error
+    data = bytearray(path.read_bytes())
+    data[2000:2064] = bytes(b ^ 0xFF for b in data[2000:2064])
+    path.write_bytes(bytes(data))
+    with pytest.raises(SiamkitError, match=rf"^{path} is damaged: its part 'embeddings.npy' fails the zip's "
+                                           rf"checksum or header check .*; enroll it again$"):
+        check_zip(path, "enroll it again")

@@ -203,3 +203,82 @@ def test_verifier_identify(trained_run, att_faces, tmp_path):
     # With far=, the run's calibrated threshold at that FAR decides who is unknown.
     t = v.threshold_for(1e-1)
     assert [r["identity"] is None for r in v.identify(probes, g, far=1e-1)] == [s[0] < t for s in scores]
+
+
+# --- issue 28: concurrent writers, damaged files, exported models, other dimensions ----------------------------------
+
+def test_two_processes_adding_to_one_gallery_at_once_both_end_up_in_it(trained_run, att_faces, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from siamkit.cli import main
+    from siamkit.fileio import file_lock, lock_path
+
+    out = tmp_path / "gallery"
+    first = people(tmp_path / "g0", att_faces, ["s31"], range(1, 4))
+    assert main(["enroll", str(trained_run), "--data", str(first), "--out", str(out), "--no-progress"]) == 0
+    folders = [people(tmp_path / f"g{n}", att_faces, [name], range(1, 4)) for n, name in ((1, "s32"), (2, "s33"))]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    logs = [tmp_path / f"err{n}.txt" for n in (1, 2)]
+    # Hold the gallery's lock here, so that both processes have read the gallery and embedded their people before
+    # either may write: on main 935a11e (no lock) the second write replaced the first and one person was lost.
+    with file_lock(lock_path(out / GALLERY_FILE), "the gallery", timeout=None):
+        procs = [subprocess.Popen([sys.executable, "-m", "siamkit", "enroll", str(trained_run), "--data", str(folder),
+                                   "--out", str(out), "--add", "--no-progress"], env=env, stderr=open(log, "w"),
+                                  stdout=subprocess.DEVNULL) for folder, log in zip(folders, logs)]
+        deadline = time.monotonic() + 300
+        while not all("waiting for another process that is writing the gallery" in log.read_text() for log in logs):
+            assert all(p.poll() is None for p in procs), [log.read_text() for log in logs]
+            assert time.monotonic() < deadline, "the processes never waited for the gallery's lock"
+            time.sleep(0.1)
+    assert [p.wait(timeout=300) for p in procs] == [0, 0], [log.read_text() for log in logs]
+    assert sorted(load_gallery(out).names) == ["s31", "s32", "s33"]
+
+
+def test_a_gallery_with_flipped_bytes_is_refused_in_one_line(tmp_path):
+    g = new_gallery(np.ones((4, 8), np.float32), np.array([0, 0, 1, 1]), ["a", "b"], ["1", "2", "3", "4"],
+                    score="cosine", model="m", probe_embedding=np.ones(8, np.float32), preprocess={},
+                    calibration=None)
+    path = save_gallery(g, tmp_path)
+    data = bytearray(path.read_bytes())
+    at = data.index(np.ones(8, np.float32).tobytes())  # inside the embeddings' bytes
+    data[at:at + 16] = bytes(b ^ 0xFF for b in data[at:at + 16])
+    path.write_bytes(bytes(data))
+    with pytest.raises(SiamkitError, match=rf"^{path} is damaged: its part 'embeddings.npy' fails the zip's "
+                                           r"checksum"):
+        load_gallery(tmp_path)
+
+
+def test_enroll_with_an_exported_model_as_with_its_run(trained_run, onnx_file, att_faces, tmp_path, capsys):
+    from siamkit.cli import main
+
+    folder = people(tmp_path / "g", att_faces, ["s31", "s32"], range(1, 4))
+    for model, out in ((onnx_file, tmp_path / "by_onnx"), (trained_run, tmp_path / "by_run")):
+        assert main(["enroll", str(model), "--data", str(folder), "--out", str(out), "--no-progress"]) == 0
+    by_onnx, by_run = load_gallery(tmp_path / "by_onnx"), load_gallery(tmp_path / "by_run")
+    assert by_onnx.names == by_run.names == ["s31", "s32"]
+    # The export's own parity limit (export.PARITY_TOLERANCE): the ONNX graph and PyTorch embed alike to 1e-4.
+    np.testing.assert_allclose(by_onnx.embeddings, by_run.embeddings, atol=1e-4)
+    assert main(["identify", str(tmp_path / "by_onnx"), str(att_faces / "s31" / "9.pgm"), "--threshold", "0.5"]) == 0
+
+
+def test_identify_on_a_gallery_of_another_dimension_is_one_line(trained_run, att_faces, tmp_path, capsys):
+    # On main 935a11e a gallery whose embeddings had another dimension than the model's (its probe embedding, from
+    # which the model is recognised, intact) reached the search: a matmul ValueError and a traceback.
+    from siamkit.cli import main
+
+    folder = people(tmp_path / "g", att_faces, ["s31", "s32"], range(1, 3))
+    out = tmp_path / "gallery"
+    assert main(["enroll", str(trained_run), "--data", str(folder), "--out", str(out), "--no-progress"]) == 0
+    g = load_gallery(out)
+    save_gallery(new_gallery(g.embeddings[:, :16], g.labels, g.names, g.paths, score=g.score, model=g.meta["model"],
+                             probe_embedding=np.asarray(g.meta["model_probe"]), preprocess=g.meta["preprocess"],
+                             calibration=g.meta["calibration"]), out)
+    capsys.readouterr()
+    assert main(["identify", str(out), str(att_faces / "s31" / "9.pgm"), "--threshold", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("siamkit: error: this gallery holds embeddings of dimension 16, and ") and err.count("\n") == 1
+    assert "makes embeddings of dimension 128; enroll the gallery again with this model" in err

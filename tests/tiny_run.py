@@ -1,6 +1,8 @@
 """Tiny training settings shared by the reliability tests: real data and models, a few steps, seconds to run."""
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,33 @@ def metrics_rows(run_dir: Path) -> list[dict]:
 
     with open(run_dir / "metrics.csv", newline="") as f:
         return list(csv.DictReader(f))
+
+
+class DiskFillsUp:
+    """A file on a disk with ``room`` bytes left: writes succeed until it is full, then fail with ENOSPC, as a real
+    one does (torch's zip writer turns such a late failure into a RuntimeError about positions)."""
+
+    def __init__(self, f, room: int):
+        self._f, self.room = f, room
+
+    def write(self, data):
+        data = memoryview(data).cast("B")
+        if len(data) > self.room:
+            self._f.write(data[:self.room])
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+        return False
 
 
 class Crash(Exception):

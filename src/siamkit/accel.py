@@ -23,7 +23,7 @@ own kernels and the C library's malloc as they are (the setting for runs that mu
    (`TunedConv2d`).
 
 What each is worth is measured in benchmarks/conv_kernels.py, benchmarks/conv_weight_grad.py and benchmarks/cpu_allocator.py
-(results in benchmarks/results/ and the README's Performance section).
+(results in benchmarks/results/ and docs/guide/performance.md).
 """
 from __future__ import annotations
 

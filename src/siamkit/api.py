@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from contextlib import nullcontext
 from typing import Sequence
 
@@ -10,25 +11,42 @@ import torch
 from PIL import Image
 
 from .calibration import run_calibration
-from .checkpoint import load_checkpoint, resolve_checkpoint, run_dir_of
+from .checkpoint import load_checkpoint, require_finite_model, resolve_checkpoint, run_dir_of
 from .data.transforms import Preprocess
 from .errors import SiamkitError
 from .eval.embed import embed_images
 from .exported import is_exported, load_exported
-from .models.siamese import ModelSpec, SiameseNet
-from .verifier import VerifierBase, as_pil, image_pixels
+from .faces.chips import is_dlib_chip
+from .models.siamese import SiameseNet, network_of
+from .models.zoo import builtin_model
+from .models.zoo import checkpoint as checkpoint_of_builtin
+from .progress import progress_bar
+from .verifier import VerifierBase, as_pil, image_names, image_pixels, require_finite
+
+EMBED_CHUNK = 256  # images per call in embed_pixels: the progress bar moves, and memory stays bounded
+
+
+def open_run(path: str | os.PathLike) -> tuple[dict, Path]:
+    """(checkpoint, run folder) of a run folder (its best.pt or last.pt), a checkpoint file, or a built-in model name
+    (models/zoo.py: its checkpoint made from the installed weights, its folder in siamkit's cache). Every command
+    that takes a run resolves it here."""
+    builtin = builtin_model(path)
+    if builtin is not None:
+        return checkpoint_of_builtin(builtin), builtin.folder
+    ckpt_path = resolve_checkpoint(path)
+    return require_finite_model(load_checkpoint(ckpt_path), ckpt_path), run_dir_of(ckpt_path)
+
+
+def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[SiameseNet, dict, Path]:
+    """(model in eval mode, checkpoint, run folder) of a run, checkpoint or built-in model name (open_run)."""
+    ckpt, run_dir = open_run(path)
+    return network_of(ckpt, str(path)).to(device), ckpt, run_dir
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[SiameseNet, dict]:
-    """Rebuild the network from a checkpoint alone; returns (model in eval mode, checkpoint)."""
-    ckpt_path = resolve_checkpoint(path)
-    ckpt = load_checkpoint(ckpt_path)
-    try:
-        model = SiameseNet(ModelSpec(**ckpt["model_spec"]))
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise SiamkitError(f"{ckpt_path} does not match this version of siamkit's models ({type(e).__name__}: {str(e)[:120]})") from None
-    return model.to(device).eval(), ckpt
+    """Rebuild the network from a checkpoint alone (or a built-in model); returns (model in eval mode, checkpoint)."""
+    model, ckpt, _ = load_run(path, device)
+    return model, ckpt
 
 
 class Verifier(VerifierBase):
@@ -71,8 +89,18 @@ class Verifier(VerifierBase):
         align: detect and align the face of each raw photo first, as `siamkit align` does; None: the Verifier's)."""
         align = self.align if align is None else align
         batch = torch.stack([self._to_uint8(im, align) for im in images])
-        return embed_images(self.model, batch, self.preprocess, self.device, flip=self.flip if flip is None else flip,
-                            shifts=self.shifts)
+        emb = embed_images(self.model, batch, self.preprocess, self.device, flip=self.flip if flip is None else flip,
+                           shifts=self.shifts)
+        return require_finite(emb, image_names(images))
+
+    def embed_pixels(self, pixels: np.ndarray | torch.Tensor, progress: bool = False) -> np.ndarray:
+        """Embeddings [N, D] of uint8 pixels [N, C, H, W] at the model's size, with the run's views (flip, shifts),
+        in chunks behind a progress bar (as ExportedVerifier.embed_pixels)."""
+        pixels = torch.as_tensor(pixels)
+        return np.concatenate([
+            embed_images(self.model, pixels[i:i + EMBED_CHUNK], self.preprocess, self.device, flip=self.flip,
+                         shifts=self.shifts)
+            for i in progress_bar(range(0, len(pixels), EMBED_CHUNK), desc="embed", unit="chunk", disable=not progress)])
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", align: bool = False) -> VerifierBase:
@@ -84,9 +112,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", align: boo
     """
     if is_exported(path):
         return load_exported(path, align=align)
-    model, ckpt = load_model(path, device)
-    calibration = run_calibration(run_dir_of(resolve_checkpoint(path)), ckpt)
+    model, ckpt, run_dir = load_run(path, device)
+    calibration = run_calibration(run_dir, ckpt)
     threshold = None if calibration is None else calibration["threshold"]
+    # A model that reads dlib's face chips cuts them itself from every photo (faces/chips.py).
+    align = align or is_dlib_chip(ckpt.get("alignment"))
     if align:
         from .faces.detect import check_installed
 

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .registry import Registry
+
 def bn_layers(module: nn.Module) -> list[_BatchNorm]:
     return [m for m in module.modules() if isinstance(m, _BatchNorm)]
 
@@ -63,13 +65,15 @@ class BNPolicy:
         raise NotImplementedError
 
 
-POLICIES: dict[str, BNPolicy] = {}
+def _named_instance(name: str, cls: type[BNPolicy]) -> BNPolicy:
+    cls.name = name
+    return cls()
 
 
-def register_policy(cls: type[BNPolicy]) -> type[BNPolicy]:
-    """Class decorator: make a policy available as ``--bn-policy NAME``."""
-    POLICIES[cls.name] = cls()
-    return cls
+# --bn-policy NAME -> the policy (an instance of the registered class, which gets NAME as its ``name``).
+POLICIES: Registry = Registry("--bn-policy", make=_named_instance)
+# ``@register_policy("name")`` on a BNPolicy subclass: --bn-policy name.
+register_policy = POLICIES.register
 
 
 def get_policy(name: str) -> BNPolicy:
@@ -79,23 +83,19 @@ def get_policy(name: str) -> BNPolicy:
         raise ValueError(f"unknown BatchNorm policy {name!r}; choose one of {tuple(POLICIES)}") from None
 
 
-@register_policy
+@register_policy("joint")
 class Joint(BNPolicy):
-    name, single_pass = "joint", True
+    single_pass = True
 
 
-@register_policy
+@register_policy("sequential")
 class Sequential(BNPolicy):
-    name = "sequential"
-
     def run_branches(self, run, branches, layers):
         return [run(b) for b in branches]
 
 
-@register_policy
+@register_policy("mean")
 class Mean(BNPolicy):
-    name = "mean"
-
     def run_branches(self, run, branches, layers):
         # Each branch updates its own fresh copy of the starting statistics; the module's own buffers
         # are then set to the average. The copies, not the buffers, are what autograd saved, so
@@ -117,10 +117,8 @@ class Mean(BNPolicy):
         return outs
 
 
-@register_policy
+@register_policy("anchor")
 class Anchor(BNPolicy):
-    name = "anchor"
-
     def run_branches(self, run, branches, layers):
         outs = [run(branches[0])]
         with no_running_stat_update(layers):
@@ -128,9 +126,9 @@ class Anchor(BNPolicy):
         return outs
 
 
-@register_policy
+@register_policy("frozen")
 class Frozen(BNPolicy):
-    name, single_pass, eval_bn = "frozen", True, True
+    single_pass, eval_bn = True, True
 
 
 def forward_branches(

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import SiamkitError
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, file_lock, lock_path
 from .options import one_of
 
 # The values each score takes: cosine of two embeddings, minus the distance between them. A threshold outside
@@ -59,12 +59,14 @@ def record_calibration(run_dir: str | os.PathLike, entry: dict, previous: dict |
     first entry of the history.
     """
     path = Path(run_dir) / CALIBRATION_FILE
-    if path.exists():
-        old = _read(path)
-        history = [*old.get("history", []), old["current"]]
-    else:
-        history = [] if previous is None else [previous]
-    atomic_write_json(path, {"current": entry, "history": history})
+    # Read and replaced under a lock: two calibrations at once both end up in the file, neither history lost.
+    with file_lock(lock_path(path), f"the calibration {path}"):
+        if path.exists():
+            old = _read(path)
+            history = [*old.get("history", []), old["current"]]
+        else:
+            history = [] if previous is None else [previous]
+        atomic_write_json(path, {"current": entry, "history": history})
     return path
 
 
@@ -88,8 +90,11 @@ def run_calibration(run_dir: str | os.PathLike, ckpt: dict) -> dict | None:
         return _read(path)["current"]
     if ckpt.get("threshold") is None:
         return None
-    return {"source": TRAINING_SOURCE, "threshold": float(ckpt["threshold"]),
-            "thresholds_at_far": dict(ckpt.get("thresholds_at_far") or {})}
+    calibration = {"source": TRAINING_SOURCE, "threshold": float(ckpt["threshold"]),
+                   "thresholds_at_far": dict(ckpt.get("thresholds_at_far") or {})}
+    if ckpt.get("threshold_source"):  # a built-in model's own threshold (models/zoo.py), said as it is
+        calibration.update(source=ckpt["threshold_source"], what=ckpt["threshold_source"])
+    return calibration
 
 
 def far_key(far: float) -> str:
@@ -105,7 +110,7 @@ def choose_threshold(calibration: dict | None, far: float | None = None) -> tupl
                            "pass a threshold, or calibrate it with siamkit evaluate RUN --data FOLDER --calibrate")
     source = calibration.get("source", "unknown")
     if far is None:
-        return float(calibration["threshold"]), f"accuracy-maximising threshold, calibrated on {source}"
+        return float(calibration["threshold"]), calibration.get("what") or f"accuracy-maximising threshold, calibrated on {source}"
     at_far = calibration.get("thresholds_at_far") or {}
     match = [key for key in at_far if abs(float(key) - far) <= 1e-9 * far]
     if not match:

@@ -15,7 +15,7 @@ import torch
 
 from ._version import __version__
 from .errors import SiamkitError
-from .fileio import atomic_write
+from .fileio import atomic_write, check_zip
 
 FORMAT = "siamkit-checkpoint-v1"
 _FORMAT_PREFIX = "siamkit-checkpoint-v"
@@ -29,8 +29,42 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     A failed write (full disk, lost permission) raises WriteError and leaves the previous file at ``path`` intact.
     """
     state = {"format": FORMAT, "siamkit_version": __version__, **state}
-    # Serialised straight into the temporary file: no second copy of the whole state in memory.
-    atomic_write(path, lambda f: torch.save(state, f), hint="the previous checkpoint there is intact (continue with --resume)")
+
+    def write(f) -> None:
+        # Serialised straight into the temporary file: no second copy of the whole state in memory. torch's zip
+        # writer turns a failed write (a full disk) into a RuntimeError about positions; raise the OSError instead.
+        recorder = _WriteErrors(f)
+        try:
+            torch.save(state, recorder)
+        except RuntimeError:
+            if recorder.error is not None:
+                raise recorder.error from None
+            raise
+
+    atomic_write(path, write, hint="the previous checkpoint there is intact (continue with --resume)")
+
+
+class _WriteErrors:
+    """A file object that remembers the first OSError its writes raised."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+
+def non_finite(weights: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of a state dict holding NaN or infinity."""
+    return [name for name, t in weights.items()
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -38,6 +72,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise SiamkitError(f"checkpoint {path} does not exist; pass a run folder or a .pt file written by siamkit")
+    check_zip(path, "use another checkpoint, e.g. checkpoints/step-N.pt, or retrain")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about foreign pickle protocols: the error below says it all
@@ -93,6 +128,16 @@ def _exported_kind(path: Path) -> str | None:
         return None
     # torch.jit.save's archive holds the model's Python code (NAME/code/...); torch.save's holds only data.pkl
     return "a TorchScript model" if any("/code/" in name for name in names) else None
+
+
+def require_finite_model(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``ckpt``, if its model's weights are all finite; else one line: a model with NaN weights embeds nothing."""
+    bad = non_finite(ckpt.get("model") or {})
+    if bad:
+        raise SiamkitError(f"{path} holds weights that are not finite (NaN or infinity in {len(bad)} tensor(s), "
+                           f"e.g. {bad[0]}): it cannot embed anything; use an earlier checkpoint, or retrain with a "
+                           f"lower --lr")
+    return ckpt
 
 
 def resolve_checkpoint(run_or_checkpoint: str | os.PathLike) -> Path:

@@ -3,11 +3,13 @@ generated from TrainConfig."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from ._version import __version__
@@ -27,25 +29,59 @@ class _Parser(argparse.ArgumentParser):
         raise SiamkitError(f"{message} (see siamkit {command + ' ' if command != 'siamkit' else ''}--help)")
 
 
-def _train_parser(sub) -> argparse.ArgumentParser:
+def _train_parser(sub, start: TrainStart) -> argparse.ArgumentParser:
     from .config import GROUPS, RECIPES, TrainConfig
-    from .options import add_arguments
+    from .options import DefaultsHelpFormatter, add_arguments
 
-    p = sub.add_parser("train", help=TRAIN_HELP,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("train", help=TRAIN_HELP, formatter_class=DefaultsHelpFormatter,
+                       description=f"{TRAIN_HELP}. The defaults shown are what this command runs on {start.describe()}: "
+                                   f"`siamkit train --data DATA --help` shows another data set's.")
     groups = {name: p.add_argument_group(name) for name in GROUPS}
-    add_arguments(p, TrainConfig, groups)
+    add_arguments(p, TrainConfig, groups, defaults=start.config())
     g = groups["run"]
-    g.add_argument("--config", default=None, metavar="CONFIG_JSON",
+    g.add_argument("--config", default=start.config_file, metavar="CONFIG_JSON",
                    help="start from a run's config.json (options given here override it)")
-    g.add_argument("--recipe", default="auto", choices=("auto", *RECIPES),
-                   help="start from a set of options measured to work well (README: Accuracy on unseen faces); "
-                        "auto = the data's: faces for face folders and the built-in faces, none for digits; "
-                        "options given here override it")
+    g.add_argument("--recipe", default=start.recipe, choices=("auto", *RECIPES),
+                   help="start from a set of options measured to work well (docs/results.md); "
+                        "auto = dlib-finetune with --pretrained dlib, else the data's: faces for face folders and "
+                        "the built-in faces, none for digits; options given here override it")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    g.add_argument("--force", "--overwrite", dest="overwrite", action="store_true",
+                   help="replace the run folder in --out, if siamkit made it and it holds nothing else "
+                        "(--overwrite is the same flag)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+@dataclass(frozen=True)
+class TrainStart:
+    """What `siamkit train`'s defaults come from: --data, --recipe and --pretrained (TrainConfig.for_data), or a
+    run's config.json (--config). Read before the real parse, so that --help shows the defaults that run."""
+
+    data: str = "att"
+    recipe: str = "auto"
+    pretrained: str = "none"
+    config_file: str | None = None
+
+    @classmethod
+    def of(cls, argv: list[str]) -> "TrainStart":
+        pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        for name, value in dataclasses.asdict(cls()).items():
+            pre.add_argument("--" + name.replace("_", "-").removesuffix("-file"), dest=name, default=value)
+        return cls(**vars(pre.parse_known_args(argv)[0]))
+
+    def config(self):
+        from .config import TrainConfig
+
+        if self.config_file:
+            return TrainConfig(**TrainConfig.read_options(self.config_file))
+        return TrainConfig.for_data(self.data, self.recipe, pretrained=self.pretrained)
+
+    def describe(self) -> str:
+        if self.config_file:
+            return f"--config {self.config_file}"
+        return f"--data {self.data}" + (f" --recipe {self.recipe}" if self.recipe != "auto" else "") + (
+            f" --pretrained {self.pretrained}" if self.pretrained != "none" else "")
 
 
 def _train(args) -> int:
@@ -53,17 +89,19 @@ def _train(args) -> int:
     from .train.loop import train
 
     cfg = TrainConfig.from_dict(vars(args))  # the parser's other options (--resume, ...) are not config
-    train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+          inputs=[args.config] if args.config else [])
     return 0
 
 
 def _evaluate(args) -> int:
-    from .api import load_model, run_flip, run_shifts
+    from .api import load_run, run_flip, run_shifts
     from .data.transforms import Preprocess
     from .eval.protocol import evaluate
-    from .eval.report import format_summary, write_report
-    from .checkpoint import resolve_checkpoint, run_dir_of
+    from .eval.report import REPORT_FILES, format_summary, write_report
     from .device import resolve_device
+    from .models.zoo import builtin_model
+    from .outputs import check_report_files, existing_inputs, is_run_folder, run_inputs
 
     if args.protocol == "identification" and (args.pairs or args.calibrate):
         from .options import one_of
@@ -71,10 +109,15 @@ def _evaluate(args) -> int:
         raise one_of("--protocol identification", "--pairs" if args.pairs else "--calibrate",
                      "belong to different evaluations (--pairs and --calibrate are verification's)")
     device = resolve_device(args.device)
-    model, ckpt = load_model(args.run, device)
-    pre = Preprocess.from_dict(ckpt["preprocess"])
-    run_dir = run_dir_of(resolve_checkpoint(args.run))
+    model, ckpt, run_dir = load_run(args.run, device)
     out = Path(args.out) if args.out else run_dir / "eval"
+    # A run's own eval/ (or a built-in model's, in the cache) is the report evaluate replaces; any other folder's
+    # reports are replaced only when asked.
+    own = args.out is None and (is_run_folder(run_dir) or builtin_model(args.run) is not None)
+    check_report_files(out, ("identification.json",) if args.protocol == "identification" else REPORT_FILES,
+                       [*run_inputs(args.run), *existing_inputs([args.data, args.pairs, args.gallery, args.probes])],
+                       force=args.force or own)
+    pre = Preprocess.from_dict(ckpt["preprocess"])
     score = args.score or ckpt.get("score", "cosine")
     flip, shifts = _views(args, ckpt)
     if args.protocol == "identification":
@@ -90,14 +133,16 @@ def _evaluate(args) -> int:
         from .calibration import prepare_calibration
 
         previous = prepare_calibration(run_dir, ckpt)  # before the report: a run it cannot calibrate gets none
-    with _model_data(args, ckpt) as data:
-        ds = _load_model_data(data, pre, args)
+    ds = _load_model_data(args, ckpt, pre)
     result = evaluate(model, pre, ds, pairs_file=args.pairs, score=score, flip=flip, shifts=shifts, device=device,
-                      seed=args.seed, max_genuine_pairs=args.max_genuine_pairs or None)
+                      seed=args.seed, max_genuine_pairs=args.max_genuine_pairs or None,
+                      baseline_dlib=args.baseline_dlib and not ckpt.get("builtin"))
     report = result.report
     write_report(report, result.scores, result.same, out, result.baseline_scores)
     print(f"{args.data}: {out / 'report.json'}")
     print(format_summary(report))
+    if ckpt.get("threshold_source"):  # a built-in model's own threshold, which verify uses until --calibrate
+        print(f"default threshold {ckpt['threshold']:g}: {ckpt['threshold_source']}")
     if args.calibrate:
         from .calibration import calibration_entry, record_calibration
 
@@ -117,6 +162,10 @@ def _verify(args) -> int:
         raise SiamkitError("give two images, or --pairs PAIRS.csv --out DECISIONS.csv (not both)")
     if args.pairs is not None and (args.out is None or args.image1 is not None):
         raise SiamkitError("--pairs takes no image arguments and needs --out DECISIONS.csv")
+    if args.pairs is not None:
+        from .outputs import check_output_file, existing_inputs, run_inputs
+
+        check_output_file(args.out, [*run_inputs(args.run), *existing_inputs([args.pairs])], args.force)
     verifier = load(args.run, align=args.align)
     threshold, what = pick_threshold(verifier.calibration, args.threshold, args.far, verifier.score_name)
     if args.pairs is not None:
@@ -140,14 +189,14 @@ def _refuse_threshold_beside_far(args) -> None:
 
 
 def _export(args) -> int:
-    from .export import check_images, export_run, same_decisions
-    from .api import load_model
+    from .api import open_run
+    from .export import check_export_out, check_images, export_run, same_decisions
+    from .outputs import existing_inputs, run_inputs
 
-    if args.format == "onnx" and not args.out.lower().endswith(".onnx"):
-        raise SiamkitError(f"--out {args.out} must end in .onnx (siamkit.load and verify recognise the file by it)")
-    _, ckpt = load_model(args.run)
+    check_export_out(args.format, args.out, [*run_inputs(args.run), *existing_inputs([args.data])], args.force)
+    ckpt, run_dir = open_run(args.run)  # the checkpoint, read once; export_run builds the model from it
     ds, what = check_images(ckpt, args.data)
-    result = export_run(args.run, args.format, args.out, ds.images)
+    result = export_run(args.run, args.format, args.out, ds.images, opened=(ckpt, run_dir))
     meta = result["metadata"]
     line = (f"{args.format} export -> {args.out}; checked on {len(ds)} images ({what}): max abs difference "
             f"{result['max_abs_diff']:.1e} (limit 1e-4)")
@@ -159,64 +208,74 @@ def _export(args) -> int:
     return 0
 
 
-def _embed_dataset(verifier, ds, progress: bool = True):
-    """Embeddings of an IdentityDataset with a run's Verifier, in chunks behind a progress bar."""
-    import numpy as np
-    from .eval.embed import embed_images
-    from .progress import progress_bar
+def _source_for_model(data: str, alignment: dict | None, pre):
+    """A folder or built-in source decoded for a model; for one that reads dlib's face chips, its chips (cut once
+    into the cache, faces/chip_data.py)."""
+    from .data.sources import load_source
+    from .faces.chips import is_dlib_chip
 
-    chunks = [embed_images(verifier.model, ds.images[i:i + 256], verifier.preprocess, verifier.device,
-                           flip=verifier.flip, shifts=verifier.shifts)
-              for i in progress_bar(range(0, len(ds), 256), desc="embed", unit="chunk", disable=not progress)]
-    return np.concatenate(chunks)
+    if is_dlib_chip(alignment):
+        from .faces.chip_data import chip_folder
+
+        data = chip_folder(data)
+    return load_source(data, pre)
 
 
 def _enroll(args) -> int:
-    from pathlib import Path as _Path
+    from .gallery import GALLERY_FILE, load_gallery, update_gallery
 
-    from .gallery import GALLERY_FILE, load_gallery, model_probe, new_gallery, save_gallery
-
-    out = _Path(args.out)
+    out = Path(args.out)
     if args.remove and (args.data is not None or args.add):
         from .options import one_of
 
         raise one_of("--remove", "--data/--add", "change the gallery in opposite ways (run enroll once for each)")
     if args.remove:
-        gallery = load_gallery(out)
-        for name in args.remove:
-            gallery = gallery.remove(name)
-        save_gallery(gallery, out)
+        load_gallery(out)  # one line if there is none, before anything is created
+        gallery = update_gallery(out, lambda g: _remove_people(g, args.remove))
         print(f"removed {', '.join(args.remove)}: {len(gallery.names)} identities ({len(gallery.labels)} images) "
               f"in {out / GALLERY_FILE}")
         return 0
     if args.run is None or args.data is None:
         raise SiamkitError("enroll needs RUN and --data GALLERY_FOLDER (or --remove NAME)")
-    if (out / GALLERY_FILE).exists() and not args.add:
-        raise SiamkitError(f"{out / GALLERY_FILE} exists; pass --add to add people to it, or another --out")
+    if args.add and args.force:
+        raise SiamkitError("--add adds people to the gallery and --force replaces it: pass only one of them")
     from .api import load
-    from .data.sources import load_source
+    from .gallery import enroll_change, model_probe, new_gallery
+    from .models.zoo import builtin_model
+    from .outputs import check_not_input, existing_inputs, run_inputs
+    from .verifier import require_finite
 
+    check_not_input(out / GALLERY_FILE, [*run_inputs(args.run), *existing_inputs([args.data])])
+    if (out / GALLERY_FILE).exists() and not (args.add or args.force):
+        raise SiamkitError(f"{out / GALLERY_FILE} exists; pass --add to add people to it, --force to replace it, or "
+                           f"another --out")
     verifier = load(args.run)
     probe = model_probe(verifier)
     if args.add:
-        gallery = load_gallery(out)
-        gallery.check_model(probe, args.run)  # before embedding anything
-    ds = load_source(args.data, verifier.preprocess)
-    new = new_gallery(_embed_dataset(verifier, ds, not args.no_progress), ds.labels, ds.names,
-                      [str(_Path(ds.root) / p) if ds.root else p for p in ds.paths], score=verifier.score_name,
-                      model=str(_Path(args.run).resolve()), probe_embedding=probe,
+        load_gallery(out).check_model(probe, args.run)  # before embedding anything
+    ds = _source_for_model(args.data, verifier.alignment, verifier.preprocess)
+    paths = [str(Path(ds.root) / p) if ds.root else p for p in ds.paths]
+    embeddings = require_finite(verifier.embed_pixels(ds.images, progress=not args.no_progress), paths)
+    new = new_gallery(embeddings, ds.labels, ds.names, paths, score=verifier.score_name,
+                      model=args.run if builtin_model(args.run) else str(Path(args.run).resolve()),
+                      probe_embedding=probe,
                       preprocess=verifier.preprocess.to_dict(), calibration=verifier.calibration)
-    gallery = gallery.add(new) if args.add else new
-    save_gallery(gallery, out)
+    gallery = update_gallery(out, enroll_change(new, probe, args.run, add=args.add, replace=args.force))
     print(f"enrolled {len(ds.names)} identities ({len(ds)} images) from {args.data}: {len(gallery.names)} identities "
           f"({len(gallery.labels)} images) in {out / GALLERY_FILE}")
     return 0
 
 
+def _remove_people(gallery, names: list[str]):
+    for name in names:
+        gallery = gallery.remove(name)
+    return gallery
+
+
 def _identify(args) -> int:
     from . import load
     from .calibration import pick_threshold
-    from .gallery import load_gallery, model_probe
+    from .gallery import load_gallery
 
     if args.top_k < 1:
         raise SiamkitError(f"--top-k must be at least 1, got {args.top_k}")
@@ -224,14 +283,14 @@ def _identify(args) -> int:
     gallery = load_gallery(args.gallery)
     model = args.model or gallery.meta["model"]
     verifier = load(model)
-    gallery.check_model(model_probe(verifier), model)
     threshold, what = pick_threshold(verifier.calibration, args.threshold, args.far, verifier.score_name)
-    ids, scores = gallery.search(verifier.embed(args.images), args.top_k, args.backend)
-    for image, row_ids, row_scores in zip(args.images, ids, scores):
-        best, best_score = gallery.names[row_ids[0]], row_scores[0]
-        verdict = best if best_score >= threshold else f"unknown (best {best} {best_score:.4f} < threshold)"
-        top = ", ".join(f"{gallery.names[i]} {s:.4f}" for i, s in zip(row_ids, row_scores))
-        print(f"{image}: {verdict}\n  top-{len(row_ids)}: {top}")
+    found = verifier.identify(args.images, gallery, args.top_k, threshold=threshold, backend=args.backend,
+                              model_name=model)
+    for image, match in zip(args.images, found):
+        best, best_score = match["top_k"][0]
+        verdict = match["identity"] or f"unknown (best {best} {best_score:.4f} < threshold)"
+        top = ", ".join(f"{name} {s:.4f}" for name, s in match["top_k"])
+        print(f"{image}: {verdict}\n  top-{len(match['top_k'])}: {top}")
     print(f"threshold {threshold:.6g}: {what}")
     return 0
 
@@ -239,7 +298,6 @@ def _identify(args) -> int:
 def _evaluate_identification(args, model, ckpt, pre, device, out) -> int:
     import numpy as np
 
-    from .data.sources import load_source
     from .eval.baseline import pixel_embeddings
     from .eval.embed import embed_images
     from .eval.identification import format_identification, identification_report
@@ -248,7 +306,9 @@ def _evaluate_identification(args, model, ckpt, pre, device, out) -> int:
 
     if not args.gallery or not args.probes:
         raise SiamkitError("--protocol identification needs --gallery FOLDER and --probes FOLDER")
-    gallery, probes = load_source(args.gallery, pre), load_source(args.probes, pre)
+    alignment = ckpt.get("alignment")
+    gallery = _source_for_model(args.gallery, alignment, pre)
+    probes = _source_for_model(args.probes, alignment, pre)
     score = args.score or ckpt.get("score", "cosine")
     flip, shifts = _views(args, ckpt)
     g_emb = embed_images(model, gallery.images, pre, device, flip=flip, shifts=shifts)
@@ -272,10 +332,12 @@ def _evaluate_identification(args, model, ckpt, pre, device, out) -> int:
 
 def _embed(args) -> int:
     from .exported import is_exported
+    from .outputs import check_output_file, existing_inputs, run_inputs
 
+    if not args.out.endswith(".npz"):
+        raise SiamkitError(f"--out {args.out} must end in .npz")
+    check_output_file(args.out, [*run_inputs(args.run), *existing_inputs([args.data])], args.force)
     if is_exported(args.run):  # before anything imports torch
-        if not args.out.endswith(".npz"):
-            raise SiamkitError(f"--out {args.out} must end in .npz")
         return _embed_exported(args)
     import io
 
@@ -286,16 +348,15 @@ def _embed(args) -> int:
     from .eval.embed import embed_images
     from .device import resolve_device
     from .fileio import atomic_write_bytes
+    from .verifier import require_finite
 
-    if not args.out.endswith(".npz"):
-        raise SiamkitError(f"--out {args.out} must end in .npz")
     device = resolve_device(args.device)
     model, ckpt = load_model(args.run, device)
     pre = Preprocess.from_dict(ckpt["preprocess"])
-    with _model_data(args, ckpt) as data:
-        ds = _load_model_data(data, pre, args)
+    ds = _load_model_data(args, ckpt, pre)
     flip, shifts = _views(args, ckpt)
     emb = embed_images(model, ds.images, pre, device, flip=flip, shifts=shifts)
+    require_finite(emb, [os.path.join(ds.root, p) if ds.root else p for p in ds.paths])
     buf = io.BytesIO()
     np.savez(buf, embeddings=emb, labels=ds.labels, names=np.array(ds.names), paths=np.array(ds.paths))
     atomic_write_bytes(args.out, buf.getvalue())
@@ -326,27 +387,36 @@ def _embed_exported(args) -> int:
 
 @contextmanager
 def _model_data(args, ckpt: dict):
-    """--data as the model should see it: with --align, an aligned copy in a temporary folder (removed after)."""
-    from .faces.use import align_data, is_aligned_folder, warn_mismatch
+    """(--data as the model should see it, whether that is a temporary folder): with --align, an aligned copy in a
+    temporary folder (removed after); for a model that reads dlib's face chips, the chips cut into the cache
+    (faces/chip_data.py)."""
+    from .faces.chips import is_dlib_chip
+    from .faces.use import align_data, check_chip_templates, is_aligned_folder, warn_mismatch
 
     alignment = ckpt.get("alignment")
+    if is_dlib_chip(alignment):
+        from .faces.chip_data import chip_folder
+
+        yield chip_folder(args.data, args.cache_dir), False
+        return
+    check_chip_templates(alignment, args.data)
     if not args.align:
         warn_mismatch(alignment, is_aligned_folder(args.data), f"the images of {args.data}")
-        yield args.data
+        yield args.data, False
         return
     from .faces.detect import check_installed
 
     check_installed()
     warn_mismatch(alignment, True, f"the images of {args.data} (--align)")
     with tempfile.TemporaryDirectory(prefix="siamkit-align-") as tmp:
-        yield align_data(args.data, alignment, Path(tmp) / "aligned")
+        yield align_data(args.data, alignment, Path(tmp) / "aligned"), True
 
 
 def _align(args) -> int:
     from .faces.folder import AlignOptions, align_folder
 
-    opts = AlignOptions(size=args.size, margin=args.margin, pick=args.pick, undetected=args.undetected)
-    align_folder(args.src, args.dst, opts, workers=args.workers, progress=not args.no_progress)
+    opts = AlignOptions.for_template(args.template, args.size, args.margin, pick=args.pick, undetected=args.undetected)
+    align_folder(args.src, args.dst, opts, workers=args.workers, progress=not args.no_progress, force=args.force)
     return 0
 
 
@@ -372,49 +442,31 @@ def _add_align_flag(p: argparse.ArgumentParser) -> None:
                         "(needs: pip install \"siamkit[align]\")")
 
 
-def _load_model_data(data: str, pre, args):
-    """--data decoded through the decoded cache; an aligned temporary copy (--align) is decoded into memory instead,
-    since a cache of a folder removed right after would only take disk space."""
+def _load_model_data(args, ckpt: dict, pre):
+    """--data as the model sees it (_model_data), decoded through the decoded cache; an aligned temporary copy
+    (--align) is decoded into memory instead, since a cache of a folder removed right after would only take disk space."""
     from .data.cache import load_data
 
-    return load_data(data, pre, "none" if args.align else args.cache_dir)
+    with _model_data(args, ckpt) as (data, temporary):
+        return load_data(data, pre, "none" if temporary else args.cache_dir)
 
 
-def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
-    """The command line; ``torch_free``: only the parts the TORCH_FREE_COMMANDS need are complete."""
+def build_parser(torch_free: bool = False, train_start: TrainStart = TrainStart()) -> argparse.ArgumentParser:
+    """The command line; ``torch_free``: only the parts the TORCH_FREE_COMMANDS need are complete; ``train_start``:
+    where `train`'s defaults come from (a plain `siamkit train`'s by default)."""
     parser = _Parser(prog="siamkit", description="Train and evaluate Siamese networks for verification.")
     parser.add_argument("--version", action="version", version=f"siamkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    parser.train_parser = sub.add_parser("train", help=TRAIN_HELP) if torch_free else _train_parser(sub)
+    parser.train_parser = sub.add_parser("train", help=TRAIN_HELP) if torch_free else _train_parser(sub, train_start)
     if torch_free:
         sources_help = lambda: "a data folder or built-in source"  # noqa: E731
     else:
         from .config import sources_help
 
-    p = sub.add_parser("evaluate", help="verification report of a trained model on a data set")
-    p.add_argument("run", help="run folder or checkpoint file")
-    p.add_argument("--data", default=None, help=sources_help())
-    p.add_argument("--pairs", default=None, help="LFW-format pairs.txt (folds = its sets)")
-    p.add_argument("--protocol", choices=("verification", "identification"), default="verification",
-                   help="identification: 1:N search of --probes against --gallery (rank-1/5, CMC, mAP, open set)")
-    p.add_argument("--gallery", default=None, help="identification: folder of enrolled identities")
-    p.add_argument("--probes", default=None,
-                   help="identification: folder of probe images (identities not in --gallery are unknowns)")
-    _add_views_flags(p)
-    p.add_argument("--out", default=None, help="report folder (default: RUN/eval)")
-    p.add_argument("--score", choices=("cosine", "euclidean"), default=None, help="default: the model's own")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0, help="seed of the impostor pairs (no --pairs)")
-    p.add_argument("--calibrate", action="store_true",
-                   help="store this report's thresholds in the run (RUN/calibration.json, the previous ones kept "
-                        "in its history): verify then uses them")
-    p.add_argument("--max-genuine-pairs", type=int, default=MAX_GENUINE_PAIRS,
-                   help="no --pairs: draw at most this many genuine pairs (seeded; 0 = every one)")
-    _cache_option(p)
-    _add_align_flag(p)
+    _evaluate_parser(sub, sources_help)
 
     p = sub.add_parser("verify", help="do two images show the same identity?")
-    p.add_argument("run", help="run folder, checkpoint file or exported .onnx file")
+    p.add_argument("run", help="run folder, checkpoint file, exported .onnx file or built-in model (dlib)")
     p.add_argument("image1", nargs="?")
     p.add_argument("image2", nargs="?")
     p.add_argument("--threshold", type=float, default=None,
@@ -424,21 +476,24 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--pairs", default=None, metavar="PAIRS_CSV",
                    help="verify many pairs: a CSV file of two image paths per row (relative to its folder)")
     p.add_argument("--out", default=None, metavar="DECISIONS_CSV", help="with --pairs: score, threshold, decision")
+    _add_force_flag(p, "replace the file in --out")
     _add_align_flag(p)
 
     p = sub.add_parser("export", help="export the embedding network (ONNX or TorchScript) with its preprocessing "
                                       "and thresholds, checked against PyTorch on the spot")
-    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("run", help="run folder, checkpoint file or built-in model (dlib)")
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     p.add_argument("--out", required=True, help="FILE.onnx, or FILE.pt for TorchScript (metadata in FILE.pt.json)")
     p.add_argument("--data", default=None, help="images to check the export on (default: the run's held-out identities)")
+    _add_force_flag(p, "replace the file in --out (and its sidecar)")
 
     p = sub.add_parser("enroll", help="embed a folder-per-identity gallery into an index on disk, for identify")
-    p.add_argument("run", nargs="?", help="run folder or checkpoint file")
+    p.add_argument("run", nargs="?", help="run folder, checkpoint file or built-in model (dlib)")
     p.add_argument("--data", default=None, help="folder of identity sub-folders to enroll")
     p.add_argument("--out", required=True, metavar="GALLERY_DIR", help="where the gallery lives (gallery.npz)")
     p.add_argument("--add", action="store_true", help="add --data's people to the gallery in --out")
     p.add_argument("--remove", action="append", default=None, metavar="NAME", help="take a person out (repeatable)")
+    _add_force_flag(p, "replace the gallery in --out with a new one")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("identify", help="who, of an enrolled gallery, is in each image? (top-k, or unknown)")
@@ -453,28 +508,75 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="default: the model the gallery was enrolled with")
 
     p = sub.add_parser("embed", help="write embeddings of a data set to an .npz file")
-    p.add_argument("run", help="run folder, checkpoint file or exported .onnx file (then --data is a folder)")
+    p.add_argument("run", help="run folder, checkpoint file, built-in model (dlib) or exported .onnx file (then --data "
+                               "is a folder)")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="FILE.npz")
+    _add_force_flag(p, "replace the file in --out")
     _add_views_flags(p)
     p.add_argument("--device", default="auto")
     _cache_option(p)
     _add_align_flag(p)
 
+    _align_parser(sub)
+    return parser
+
+
+def _evaluate_parser(sub, sources_help) -> None:
+    p = sub.add_parser("evaluate", help="verification report of a trained model on a data set")
+    p.add_argument("run", help="run folder, checkpoint file or built-in model (dlib)")
+    p.add_argument("--data", default=None, help=sources_help())
+    p.add_argument("--pairs", default=None, help="LFW-format pairs.txt (folds = its sets)")
+    p.add_argument("--protocol", choices=("verification", "identification"), default="verification",
+                   help="identification: 1:N search of --probes against --gallery (rank-1/5, CMC, mAP, open set)")
+    p.add_argument("--gallery", default=None, help="identification: folder of enrolled identities")
+    p.add_argument("--probes", default=None,
+                   help="identification: folder of probe images (identities not in --gallery are unknowns)")
+    _add_views_flags(p)
+    p.add_argument("--out", default=None, help="report folder (default: RUN/eval; for a built-in model, its folder "
+                                               "in the cache)")
+    p.add_argument("--score", choices=("cosine", "euclidean"), default=None, help="default: the model's own")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of the impostor pairs (no --pairs)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="store this report's thresholds in the run (RUN/calibration.json, the previous ones kept "
+                        "in its history; for a built-in model, its folder in the cache: "
+                        "$SIAMKIT_CACHE_DIR/models/NAME/calibration.json): verify then uses them")
+    p.add_argument("--max-genuine-pairs", type=int, default=MAX_GENUINE_PAIRS,
+                   help="no --pairs: draw at most this many genuine pairs (seeded; 0 = every one)")
+    p.add_argument("--no-baseline-dlib", dest="baseline_dlib", action="store_false",
+                   help="leave out the second baseline: the off-the-shelf dlib face model on the same pairs "
+                        "(docs/face-model.md)")
+    _add_force_flag(p, "replace the report files in --out (a run's own eval/ is replaced without it)")
+    _cache_option(p)
+    _add_align_flag(p)
+
+
+def _align_parser(sub) -> None:
     p = sub.add_parser("align", help="detect, landmark and align the faces of a folder of photos into DST",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("src", help="folder of photos: one sub-folder per identity, or flat")
     p.add_argument("dst", help="output folder: the aligned crops at the same relative paths, and align_report.json")
-    p.add_argument("--size", type=int, default=112, help="side of the square aligned crop, in pixels")
-    p.add_argument("--margin", type=float, default=0.0, help="extra border around the face, as a fraction of it per side")
+    p.add_argument("--template", choices=("siamkit", "dlib"), default="siamkit",
+                   help="siamkit: the 5 landmarks warped onto siamkit's template; dlib: dlib's own 150 px face chip "
+                        "(dlib.get_face_chip, padding 0.25), what the built-in dlib model reads")
+    p.add_argument("--size", type=int, default=None, help="side of the square aligned crop, in pixels (default: 112; "
+                                                          "dlib's chip is 150)")
+    p.add_argument("--margin", type=float, default=None,
+                   help="extra border around the face, as a fraction of it per side (default 0)")
     p.add_argument("--pick", choices=("largest", "center"), default="largest",
                    help="which face of a photo with several: the largest, or the one nearest the centre")
     p.add_argument("--undetected", choices=("skip", "frame"), default="skip",
                    help="photos without a detected face: skip them, or align them with the whole frame as the face "
                         "(for tight crops; listed apart in the report)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per CPU core)")
+    _add_force_flag(p, "write into a DST that holds other files (crops of the same name are replaced)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
+
+
+def _add_force_flag(p: argparse.ArgumentParser, what: str) -> None:
+    """--force: the one spelling, in every command, for "replace what exists" (outputs.py says what never is)."""
+    p.add_argument("--force", action="store_true", help=what)
 
 
 def _cache_option(p: argparse.ArgumentParser) -> None:
@@ -483,26 +585,25 @@ def _cache_option(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line, with `train`'s options resolved: flags > --config file or --recipe > TrainConfig defaults."""
-    words = [w for w in (sys.argv[1:] if argv is None else argv) if not w.startswith("-")]
-    parser = build_parser(torch_free=bool(words) and words[0] in TORCH_FREE_COMMANDS)
+    """The command line, with `train`'s options resolved: flags > --config file or the recipe (TrainConfig.for_data).
+
+    `train`'s parser is built with the resolved values as its defaults, so `siamkit train --help` shows what runs."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    words = [w for w in argv if not w.startswith("-")]
+    if not words or words[0] != "train":
+        return build_parser(torch_free=bool(words) and words[0] in TORCH_FREE_COMMANDS).parse_args(argv)
+    start = TrainStart.of(argv)
+    parser = build_parser(train_start=start)
     args = parser.parse_args(argv)
-    if args.command == "train":
-        from .config import RECIPES, TrainConfig
-        from .data.sources import source_of
-
-        if args.config:
-            start = TrainConfig.read_options(args.config)
-        else:
-            start = RECIPES[source_of(args.data).recipe if args.recipe == "auto" else args.recipe]
-        # The file's or the recipe's options become the defaults, so that flags given here override them.
-        parser.train_parser.set_defaults(**start)
+    final = TrainStart(args.data, args.recipe, args.pretrained, args.config)
+    if final != start and not start.config_file:  # an abbreviated --dat or --pre that only the full parser reads
+        parser = build_parser(train_start=final)
         args = parser.parse_args(argv)
-        if args.steps and args.epochs and _given_here(parser, argv, ("steps", "epochs")) == {"steps", "epochs"}:
-            from .options import one_of
+    if args.steps and args.epochs and _given_here(parser, argv, ("steps", "epochs")) == {"steps", "epochs"}:
+        from .options import one_of
 
-            # (a recipe's or a --config file's --epochs gives way to --steps given here, as every option does)
-            raise one_of("--steps", "--epochs", "both set the run's length")
+        # (a recipe's or a --config file's --epochs gives way to --steps given here, as every option does)
+        raise one_of("--steps", "--epochs", "both set the run's length")
     return args
 
 

@@ -5,13 +5,14 @@ data/pixels.py makes of an image file: channels, centre crop, resize, done by Pi
 since ONNX's Resize does not reproduce Pillow's filter) and does the rest inside: scale to [0, 1],
 mean/std, the embedding network in eval mode, the mirrored and shifted views' embeddings if the run adds them, and
 the L2 normalisation. The batch dimension is dynamic. Everything a user needs besides the graph is
-metadata: ONNX metadata_props (key "siamkit", a JSON object), or a JSON sidecar FILE.json beside a
-TorchScript file. Before anything is written, the exported model and the PyTorch model embed the same
-images (the run's held-out images, or --data) and the export fails in one line if they differ by more
-than PARITY_TOLERANCE.
+metadata: ONNX metadata_props (key "siamkit", a JSON object, with the file's own sha256 that loading checks), or a
+JSON sidecar FILE.json beside a TorchScript file (with the sha256 of the TorchScript file). Before anything is
+written, the exported model and the PyTorch model embed the same images (the run's held-out images, or --data)
+and the export fails in one line if they differ by more than PARITY_TOLERANCE.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -24,7 +25,6 @@ import torch
 
 from ._version import __version__
 from .calibration import run_calibration
-from .checkpoint import resolve_checkpoint, run_dir_of
 from .data.pairs import folder_pairs
 from .data.pixels import Preprocess
 from .data.transforms import shift_pixels
@@ -32,10 +32,14 @@ from .data.sources import IdentityDataset, load_source, split_identities
 from .errors import SiamkitError
 from .eval.embed import embed_images, view_embedding
 from .eval.verification import pair_scores
-from .exported import EXPORT_FORMAT
+from .exported import EXPORT_FORMAT, HASH_PLACEHOLDER, hash_field
+from .faces.chips import is_dlib_chip
 from .fileio import atomic_write_bytes, atomic_write_json
+from .outputs import check_output_file
 
 FORMATS = ("onnx", "torchscript")
+# The file names each format is written to: siamkit.load and verify recognise an ONNX file by its name.
+EXTENSIONS = {"onnx": (".onnx",), "torchscript": (".pt", ".ts", ".torchscript")}
 PARITY_TOLERANCE = 1e-4  # max abs difference of embeddings between the export and PyTorch (issue 16)
 OPSET = 18
 
@@ -91,8 +95,11 @@ def _onnx_bytes(wrapper: torch.nn.Module, example: torch.Tensor, metadata: dict)
         )
     proto = program.model_proto
     entry = proto.metadata_props.add()
-    entry.key, entry.value = "siamkit", json.dumps(metadata)
-    return proto.SerializeToString()
+    # The file's own sha256 goes into its metadata: hashed with a placeholder of the same length in its place,
+    # then the placeholder replaced (exported.check_export_hash undoes that to check the file before use).
+    entry.key, entry.value = "siamkit", json.dumps({**metadata, "sha256": HASH_PLACEHOLDER})
+    data = proto.SerializeToString()
+    return data.replace(hash_field(HASH_PLACEHOLDER), hash_field(hashlib.sha256(data).hexdigest()), 1)
 
 
 def _torchscript_bytes(wrapper: torch.nn.Module, example: torch.Tensor) -> bytes:
@@ -119,18 +126,31 @@ def _embed_exported(fmt: str, data: bytes, images: np.ndarray, batch_size: int =
 
 
 def check_images(ckpt: dict, data: str | None) -> tuple[IdentityDataset, str]:
-    """The images the export is checked on: ``data``'s, else the run's held-out identities (as training split them)."""
+    """The images the export is checked on: ``data``'s, else the run's held-out identities (as training split them),
+    else a built-in model's own check set; dlib's face chips of them for a model that reads those."""
     pre = Preprocess.from_dict(ckpt["preprocess"])
+    load = _chip_loader(ckpt) or load_source
+    if data is None and ckpt.get("check_data"):
+        data = ckpt["check_data"]
     if data is not None:
-        return load_source(data, pre), data
+        return load(data, pre), data
     cfg = ckpt.get("config", {})
     if not cfg.get("val_identities"):
         raise SiamkitError("this run held out no identities to check the export on; pass --data FOLDER")
     try:
-        _, held_out = split_identities(load_source(cfg["data"], pre), cfg["val_identities"], cfg["seed"])
+        _, held_out = split_identities(load(cfg["data"], pre), cfg["val_identities"], cfg["seed"])
     except SiamkitError as e:
         raise SiamkitError(f"cannot load the run's data to check the export on ({e}); pass --data FOLDER") from None
     return held_out, f"the {held_out.n_identities} held-out identities of {cfg['data']}"
+
+
+def _chip_loader(ckpt: dict):
+    """For a model that reads dlib's face chips: --data -> its chips (faces/chip_data.py), decoded; else None."""
+    if not is_dlib_chip(ckpt.get("alignment")):
+        return None
+    from .faces.chip_data import chip_folder
+
+    return lambda data, pre: load_source(chip_folder(data), pre)
 
 
 def same_decisions(ds: IdentityDataset, exported: np.ndarray, reference: np.ndarray, score: str, threshold: float,
@@ -142,22 +162,26 @@ def same_decisions(ds: IdentityDataset, exported: np.ndarray, reference: np.ndar
     return int(np.count_nonzero(a != b)), len(idx_a)
 
 
-def export_run(run: str | os.PathLike, fmt: str, out: str | os.PathLike, images: torch.Tensor) -> dict:
+def export_run(run: str | os.PathLike, fmt: str, out: str | os.PathLike, images: torch.Tensor,
+               opened: tuple[dict, Path] | None = None) -> dict:
     """Export ``run`` to ``out`` after checking the export against PyTorch on ``images`` (uint8 [N, C, H, W]).
 
+    ``opened``: ``api.open_run(run)``'s (checkpoint, run folder), when the caller has read them already.
     Returns {"max_abs_diff", "n_images", "metadata", "exported", "reference"} (the two [N, D] embeddings);
     raises SiamkitError (writing nothing) if the check fails.
     """
-    from .api import load_model, run_flip, run_shifts
+    from .api import open_run, run_flip, run_shifts
+    from .models.siamese import network_of
 
     if fmt not in FORMATS:
         raise SiamkitError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
-    model, ckpt = load_model(run, "cpu")
+    ckpt, run_dir = opened or open_run(run)
+    model = network_of(ckpt, str(run))  # built once, here
     pre = Preprocess.from_dict(ckpt["preprocess"])
     if len(images) == 0:
         raise SiamkitError("no images to check the export on; pass --data FOLDER with images")
     flip, shifts = run_flip(ckpt), run_shifts(ckpt)
-    metadata = export_metadata(ckpt, pre, flip, run_calibration(run_dir_of(resolve_checkpoint(run)), ckpt), shifts)
+    metadata = export_metadata(ckpt, pre, flip, run_calibration(run_dir, ckpt), shifts)
     wrapper = PreprocessedEmbedder(model, pre, flip, shifts).eval()
     example = images[:2] if len(images) >= 2 else images.repeat(2, 1, 1, 1)
     data = _onnx_bytes(wrapper, example, metadata) if fmt == "onnx" else _torchscript_bytes(wrapper, example)
@@ -171,9 +195,21 @@ def export_run(run: str | os.PathLike, fmt: str, out: str | os.PathLike, images:
     out = Path(out)
     atomic_write_bytes(out, data)
     if fmt == "torchscript":
-        atomic_write_json(sidecar_of(out), metadata)
+        atomic_write_json(sidecar_of(out), {**metadata, "sha256": hashlib.sha256(data).hexdigest()})
     return {"max_abs_diff": diff, "n_images": len(images), "metadata": metadata, "exported": exported,
             "reference": reference}
+
+
+def check_export_out(fmt: str, out: str | os.PathLike, inputs: list[Path], force: bool) -> None:
+    """Refuse (one line) an --out whose name does not say its format, and one that outputs.py would not write."""
+    if fmt not in FORMATS:
+        raise SiamkitError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if not str(out).lower().endswith(EXTENSIONS[fmt]):
+        raise SiamkitError(f"--out {out}: {'an' if fmt[0] in 'aeiou' else 'a'} {fmt} export's file name ends in {' or '.join(EXTENSIONS[fmt])} (the "
+                           f"name says what the file holds); pass --format {fmt} with such a name")
+    check_output_file(out, inputs, force)
+    if fmt == "torchscript":
+        check_output_file(sidecar_of(out), inputs, force)
 
 
 def sidecar_of(path: str | os.PathLike) -> Path:

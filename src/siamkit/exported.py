@@ -6,6 +6,7 @@ score and calibrated thresholds come from the file's metadata.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,10 +17,24 @@ import numpy as np
 from .data.pixels import Preprocess, list_image_folder, warn_small
 from .errors import SiamkitError, warn
 from .progress import progress_bar
-from .verifier import VerifierBase, image_pixels
+from .verifier import VerifierBase, as_pil, image_names, image_pixels, require_finite
 
 EXPORT_FORMAT = "siamkit-export-v1"  # export.py writes it; kept here too so that this module needs no torch
 BATCH = 256
+HASH_PLACEHOLDER = "0" * 64  # where the file's sha256 stands while it is hashed (export.py)
+
+
+def hash_field(digest: str) -> bytes:
+    """The bytes of the metadata's sha256 entry as json.dumps writes it inside the file."""
+    return f'"sha256": "{digest}"'.encode()
+
+
+def check_export_hash(data: bytes, digest: str, path: Path) -> None:
+    """Refuse an exported file whose bytes do not hash to the sha256 stored in its metadata."""
+    unhashed = data.replace(hash_field(digest), hash_field(HASH_PLACEHOLDER), 1)
+    if hashlib.sha256(unhashed).hexdigest() != digest:
+        raise SiamkitError(f"{path} is damaged: its bytes do not match the sha256 stored in it at export (a disk or "
+                           f"copy error changed it); export the run again with siamkit export")
 
 
 def is_exported(path: str | os.PathLike) -> bool:
@@ -46,7 +61,8 @@ class ExportedVerifier(VerifierBase):
         if not path.is_file():
             raise SiamkitError(f"{path} does not exist; pass a file written by siamkit export")
         try:
-            self.session = onnx_session(path)
+            data = path.read_bytes()
+            self.session = onnx_session(data)
         except SiamkitError:
             raise
         except Exception as e:  # onnxruntime raises its own types for a damaged or foreign file
@@ -60,18 +76,45 @@ class ExportedVerifier(VerifierBase):
         except (TypeError, ValueError, AttributeError):
             raise SiamkitError(f"{path} is an ONNX model but not one siamkit exported (no '{EXPORT_FORMAT}' "
                                f"metadata); export a run with siamkit export RUN --format onnx") from None
+        if self.metadata.get("sha256"):  # exports from before the hash have none
+            check_export_hash(data, self.metadata["sha256"], path)
         self.path = path
         self.preprocess = Preprocess.from_dict(self.metadata["preprocess"])
         self.score_name = self.metadata["score"]
         self.calibration = self.metadata.get("calibration")
         self.threshold = None if self.calibration is None else float(self.calibration["threshold"])
 
-    def embed(self, images: Sequence) -> np.ndarray:
-        """Embeddings [N, D] of image paths, PIL images, HxW(xC) arrays or CxHxW tensors."""
-        return self.embed_pixels(np.stack([image_pixels(im, self.preprocess) for im in images]))
+    @property
+    def reads_dlib_chips(self) -> bool:
+        """Whether the model reads dlib's face chips, which it then cuts itself from every photo (faces/chips.py)."""
+        from .faces.chips import is_dlib_chip
+
+        return is_dlib_chip(self.metadata.get("alignment"))
+
+    def embed(self, images: Sequence, align: bool | None = None) -> np.ndarray:
+        """Embeddings [N, D] of image paths, PIL images, HxW(xC) arrays or CxHxW tensors (a model that reads dlib's
+        face chips cuts them from the photos first, unless ``align`` is False: the images are chips already)."""
+        names = image_names(images)
+        if self.reads_dlib_chips and align is not False:
+            images = [self._chip(im) for im in images]
+        emb = self.embed_pixels(np.stack([image_pixels(im, self.preprocess) for im in images]))
+        return require_finite(emb, names)
+
+    def _chip(self, image):
+        from .faces.folder import open_photo
+        from .faces.use import align_one
+
+        if not isinstance(image, (str, os.PathLike)):
+            return align_one(as_pil(image), self.metadata["alignment"], "the image")
+        try:
+            photo = open_photo(image)
+        except (ValueError, FileNotFoundError) as e:
+            raise SiamkitError(f"cannot read image {image}: {e}") from None
+        return align_one(photo, self.metadata["alignment"], str(image))
 
     def embed_pixels(self, pixels: np.ndarray, progress: bool = False) -> np.ndarray:
         """Embeddings [N, D] of uint8 pixels [N, C, H, W] at the model's size."""
+        pixels = np.asarray(pixels)
         starts = range(0, len(pixels), BATCH)
         out = [self.session.run(None, {"images": pixels[i:i + BATCH]})[0]
                for i in progress_bar(starts, desc="embed", unit="batch", disable=not progress)]
@@ -83,6 +126,13 @@ def embed_folder(verifier: ExportedVerifier, root: str | os.PathLike, progress: 
 
     Unreadable images are skipped with one warning, as when training or evaluating on the folder.
     """
+    if verifier.reads_dlib_chips:
+        from .faces.chips import is_dlib_chip
+        from .faces.folder import read_alignment
+
+        if not is_dlib_chip(read_alignment(root)):
+            raise SiamkitError(f"this exported model reads dlib's face chips: pass a folder written by siamkit align "
+                               f"--template dlib (or embed {root} with the model itself, which cuts the chips)")
     names, files = list_image_folder(root)
     pixels, labels, paths, bad, small = [], [], [], [], []
     for label, folder in enumerate(files):
@@ -101,7 +151,8 @@ def embed_folder(verifier: ExportedVerifier, root: str | os.PathLike, progress: 
         raise SiamkitError(f"no readable images in {root}; check the files are images Pillow can open")
     used = sorted(set(labels))  # identities whose every image was unreadable drop out, labels stay 0..K-1
     remap = {old: new for new, old in enumerate(used)}
-    return {"embeddings": verifier.embed_pixels(np.stack(pixels), progress),
+    embeddings = require_finite(verifier.embed_pixels(np.stack(pixels), progress), paths)
+    return {"embeddings": embeddings,
             "labels": np.array([remap[label] for label in labels]), "names": [names[i] for i in used],
             "paths": paths}
 

@@ -2,14 +2,23 @@
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import io
 import json
 import os
 import tempfile
+import time
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from .errors import SiamkitError
+from .errors import SiamkitError, info
+
+
+# How long a writer of a shared file (a gallery, a calibration) waits for another one before it says "busy".
+LOCK_TIMEOUT_S = 120.0
 
 
 class WriteError(SiamkitError, OSError):
@@ -109,3 +118,86 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    """The sha256 of a file's bytes (hex), read in chunks: what a stored hash of the file is compared with."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_zip(path: Path, fix: str) -> None:
+    """Refuse a zip file (a checkpoint, a gallery) whose stored CRC-32 checksums do not match its contents.
+
+    torch checkpoints and .npz galleries are zip files: every member carries the CRC-32 of its bytes, so flipped
+    bytes anywhere in the data are found before anything is used. A file that is not a zip at all is left to the
+    reader's own error.
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        if zipfile.is_zipfile(path):
+            raise SiamkitError(f"{path} is damaged (its zip structure is broken); {fix}") from None
+        return
+    except Exception as e:  # zlib errors of a damaged compressed member
+        raise SiamkitError(f"{path} is damaged ({type(e).__name__} while checking it); {fix}") from None
+    if bad is not None:
+        raise SiamkitError(f"{path} is damaged: its part {bad!r} fails the zip's checksum or header check (a disk "
+                           f"or copy error changed it); {fix}")
+
+
+class Busy(SiamkitError):
+    """Another process holds the lock of a file this one wants to change."""
+
+
+def lock_path(target: str | os.PathLike) -> Path:
+    """The lock file of ``target``: ``.NAME.lock`` beside it."""
+    target = Path(target)
+    return target.parent / f".{target.name}.lock"
+
+
+@contextmanager
+def file_lock(lock: str | os.PathLike, what: str, timeout: float | None = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold an exclusive flock on the file ``lock`` (created if missing) while the block runs.
+
+    flock, not a lock file that exists or not: the kernel releases it when the holder dies, so a killed writer never
+    leaves a stale lock. ``what`` names the shared thing in messages. Another holder is waited for, with one line
+    saying so, for at most ``timeout`` seconds (None: as long as it takes; 0: not at all), then Busy is raised.
+    """
+    lock = Path(lock)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise write_error(lock, e, f"the lock file of {what} must be writable") from e
+    try:
+        _acquire(fd, what, timeout)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _acquire(fd: int, what: str, timeout: float | None) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        if timeout == 0:
+            raise Busy(f"{what} is busy: another process is writing it; run the command again when it is done") from None
+    info(f"waiting for another process that is writing {what}")
+    if timeout is None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            continue
+    raise Busy(f"{what} is busy: another process has been writing it for over {timeout:g} s; run the command "
+               f"again when it is done")

@@ -2,8 +2,9 @@
 
 GALLERY_DIR/gallery.npz holds every enrolled image's embedding, its identity, its path and a JSON header
 (format, score, the model it was embedded with and that model's embedding of a fixed probe image). One
-zip file, replaced atomically: a reader sees the old or the new gallery, and zip's CRCs make a truncated
-or damaged file fail to load. The probe embedding recognises the model whatever its form (a run or its
+zip file, replaced atomically: a reader sees the old or the new gallery, and zip's CRCs, checked before
+anything is read, make a truncated or damaged file fail to load. Changes (enroll, --add, --remove) read, change
+and write the file under a lock (update_gallery), so two processes never lose each other's people. The probe embedding recognises the model whatever its form (a run or its
 ONNX export embed the probe alike, to the export's 1e-4), so a gallery is never searched with another model.
 
 An identity is represented by each of its images and by their mean (re-normalised for cosine scores);
@@ -18,12 +19,13 @@ import zipfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ._version import __version__
 from .errors import SiamkitError
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, check_zip, file_lock, lock_path, write_error
 
 GALLERY_FORMAT = "siamkit-gallery-v1"
 GALLERY_FILE = "gallery.npz"
@@ -43,7 +45,8 @@ def probe_image(channels: int, size: tuple[int, int]) -> np.ndarray:
 def model_probe(verifier) -> np.ndarray:
     """The verifier's embedding [D] of probe_image: recorded at enrolment, compared before every search."""
     pre = verifier.preprocess
-    return verifier.embed([probe_image(pre.channels, tuple(pre.image_size))])[0]
+    # the probe is no photo of a face: embedded as it is, also by a model that cuts face chips from photos
+    return verifier.embed([probe_image(pre.channels, tuple(pre.image_size))], align=False)[0]
 
 
 def normalise_rows(x: np.ndarray) -> np.ndarray:
@@ -81,6 +84,10 @@ class Gallery:
 
     def check_model(self, probe_embedding: np.ndarray, model: str) -> None:
         stored = np.asarray(self.meta["model_probe"], dtype=np.float32)
+        if self.embeddings.shape[1:] != probe_embedding.shape:  # before any product of mismatched shapes
+            raise SiamkitError(f"this gallery holds embeddings of dimension {self.embeddings.shape[1]}, and {model} "
+                               f"makes embeddings of dimension {probe_embedding.shape[-1]}; enroll the gallery again "
+                               f"with this model, or use the one it was enrolled with ({self.meta['model']})")
         if stored.shape != probe_embedding.shape or not np.abs(stored - probe_embedding).max() <= PROBE_TOLERANCE:
             if _same_path(self.meta["model"], model):  # retrained or replaced in place since the enrolment
                 raise SiamkitError(f"the model {model} has changed since this gallery was enrolled with it (its weights "
@@ -129,12 +136,46 @@ def save_gallery(gallery: Gallery, folder: str | os.PathLike) -> Path:
     return path
 
 
+def update_gallery(folder: str | os.PathLike, change: Callable[[Gallery | None], Gallery]) -> Gallery:
+    """Read GALLERY_DIR/gallery.npz (None if there is none), ``change`` it and write the result, all under the
+    gallery's lock: another process changing it meanwhile is waited for, never overwritten."""
+    path = Path(folder) / GALLERY_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(path, e) from e
+    with file_lock(lock_path(path), f"the gallery {path}"):
+        gallery = change(load_gallery(folder) if path.is_file() else None)
+        save_gallery(gallery, folder)
+    return gallery
+
+
+def enroll_change(new: Gallery, probe_embedding: np.ndarray, model: str, *, add: bool,
+                  replace: bool) -> Callable[[Gallery | None], Gallery]:
+    """What enroll does to the gallery it finds under the lock (update_gallery): add ``new``'s people to it
+    (``add``), or put ``new`` in its place, when there is none or ``replace`` is given."""
+    def change(current: Gallery | None) -> Gallery:
+        if add:
+            if current is None:
+                raise SiamkitError(f"the gallery to add to is gone (another process removed it); enroll again "
+                                   f"without --add")
+            current.check_model(probe_embedding, model)
+            return current.add(new)
+        if current is not None and not replace:
+            raise SiamkitError(f"another process wrote a gallery to this --out while this one embedded; pass --add "
+                               f"to add people to it, --force to replace it, or another --out")
+        return new
+
+    return change
+
+
 def load_gallery(folder: str | os.PathLike) -> Gallery:
     folder = Path(folder)
     path = folder / GALLERY_FILE if folder.is_dir() else folder
     if not path.is_file():
         raise SiamkitError(f"{folder} holds no {GALLERY_FILE}; create a gallery with siamkit enroll RUN --data "
                            f"FOLDER --out {folder}")
+    check_zip(path, "enroll it again with siamkit enroll")
     try:
         with np.load(path, allow_pickle=False) as z:
             g = Gallery(z["embeddings"], z["labels"], [str(n) for n in z["names"]], [str(p) for p in z["paths"]],

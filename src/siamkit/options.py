@@ -27,14 +27,17 @@ def option(
     metavar: Any = None,
     flag: str | None = None,
     cli: bool = True,
+    none_means: str = "auto",
     default_factory: Callable[[], Any] | None = None,
 ) -> Any:
     """A dataclass field with what the CLI and the checks need.
 
     minimum: "positive" (> 0) or "non-negative" (>= 0); flag: the CLI spelling when it is not --field-name
-    (e.g. "--no-channels-last" for a True default); cli=False: not a command-line option.
+    (e.g. "--no-channels-last" for a True default); cli=False: not a command-line option; none_means: how
+    ``--help`` shows a default of None (the help text says what it stands for).
     """
-    meta = dict(help=help, group=group, choices=choices, minimum=minimum, nargs=nargs, metavar=metavar, flag=flag, cli=cli)
+    meta = dict(help=help, group=group, choices=choices, minimum=minimum, nargs=nargs, metavar=metavar, flag=flag, cli=cli,
+                none_means=none_means)
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -76,10 +79,15 @@ def _type_of(f: dataclasses.Field, default: Any) -> Callable[[str], Any] | None:
     return None if isinstance(default, bool) else str
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, groups: dict[str, Any] | None = None) -> None:
-    """One argparse option per command-line field of dataclass ``cls``, in declaration order, grouped by metadata."""
+def add_arguments(parser: argparse.ArgumentParser, cls: type, groups: dict[str, Any] | None = None,
+                  defaults: Any = None) -> None:
+    """One argparse option per command-line field of dataclass ``cls``, in declaration order, grouped by metadata.
+
+    ``defaults``: an instance of ``cls`` whose values are the options' defaults (default: ``cls()``), so that
+    ``--help`` shows the values a run without the option uses.
+    """
     groups = {} if groups is None else groups
-    defaults = cls()
+    defaults = cls() if defaults is None else defaults
     for f in dataclasses.fields(cls):
         meta = f.metadata
         if not meta.get("cli", True):
@@ -90,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, groups: dict[str, 
         target = groups[group_name]
         default = getattr(defaults, f.name)
         text = meta.get("help")
-        kwargs: dict[str, Any] = {"dest": f.name, "help": (text() if callable(text) else text) or None}
+        kwargs: dict[str, Any] = {"dest": f.name, "help": (text() if callable(text) else text) or ""}
         if isinstance(default, bool) and meta.get("flag"):  # a flag of its own names the one way to set it
             kwargs["action"] = "store_false" if default else "store_true"
         elif isinstance(default, bool):
@@ -105,4 +113,31 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, groups: dict[str, 
             choices = choices_of(f)
             if choices is not None:
                 kwargs["choices"] = choices
-        target.add_argument(meta.get("flag") or flag_of(f.name), **kwargs)
+        action = target.add_argument(meta.get("flag") or flag_of(f.name), **kwargs)
+        action.none_means = meta.get("none_means", "auto")
+
+
+def default_text(action: argparse.Action) -> str:
+    """The one value ``--help`` shows as an option's default: on/off for switches (for a --no-x flag, whether the
+    flag is given), lists as their items, None as what it stands for."""
+    default = action.default
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return "off"
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if default is None:
+        return getattr(action, "none_means", "none")
+    if isinstance(default, (list, tuple)):
+        return " ".join(str(v) for v in default)
+    return str(default) if default != "" else "none"
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with ``(default: V)``, V its one default (default_text)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = (action.help or "").removesuffix(" (default: %(default)s)")  # BooleanOptionalAction's own, 3.11
+        if not action.option_strings or action.default is argparse.SUPPRESS:
+            return text
+        shown = default_text(action).replace("%", "%%")
+        return f"{text} (default: {shown})" if text else f"(default: {shown})"

@@ -39,6 +39,26 @@ def image_pixels(image, pre: Preprocess, small: list | None = None) -> np.ndarra
     return image_to_array(as_pil(image), pre)
 
 
+def image_names(images: Sequence) -> list[str]:
+    """How error lines name each of ``images``: a path as given, anything else by its position."""
+    return [str(im) if isinstance(im, (str, os.PathLike)) else f"image {i} of the batch" for i, im in enumerate(images)]
+
+
+def require_finite(embeddings: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """``embeddings`` [N, D], if every row is finite; else one line naming the first image whose row is not.
+
+    A NaN or infinite embedding scores as nothing at all (every comparison with NaN is false), so it is never
+    written, enrolled or scored.
+    """
+    bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1)) if embeddings.size else []
+    if len(bad):
+        more = f" (and of {len(bad) - 1} other image(s))" if len(bad) > 1 else ""
+        raise SiamkitError(f"the embedding of {names[bad[0]]} is not finite (NaN or infinity){more}: the model "
+                           f"overflows on it, so nothing is scored or written; check the image, and evaluate the "
+                           f"model on a data set")
+    return embeddings
+
+
 def as_pil(image) -> Image.Image:
     """A PIL image of a PIL image, an HxW(xC) array (uint8, or floats in [0, 1]) or a CxHxW tensor."""
     if hasattr(image, "detach") and hasattr(image, "numpy"):  # a torch tensor, recognised without importing torch
@@ -62,7 +82,7 @@ class VerifierBase:
     threshold: float | None
     calibration: dict | None
 
-    def embed(self, images: Sequence) -> np.ndarray:
+    def embed(self, images: Sequence, align: bool | None = None) -> np.ndarray:
         raise NotImplementedError
 
     def score(self, a, b) -> float | np.ndarray:
@@ -97,16 +117,17 @@ class VerifierBase:
         return choose_threshold(self.calibration, far)[0]
 
     def identify(self, images: Sequence, gallery, k: int = 5, threshold: float | None = None,
-                 far: float | None = None, backend: str = "exact") -> list[dict]:
+                 far: float | None = None, backend: str = "exact", model_name: str = "this model") -> list[dict]:
         """Who of ``gallery`` (a folder written by siamkit enroll, or a gallery.Gallery) is in each image?
 
         One dict per image: ``identity`` (None when the best score is below the threshold: unknown), ``score``
-        (the best identity's) and ``top_k`` ([(name, score), ...], best first). The threshold as in ``verify``.
+        (the best identity's) and ``top_k`` ([(name, score), ...], best first). The threshold as in ``verify``;
+        ``model_name``: how a gallery enrolled with another model names this one.
         """
         from .gallery import Gallery, load_gallery, model_probe
 
         g = gallery if isinstance(gallery, Gallery) else load_gallery(gallery)
-        g.check_model(model_probe(self), "this model")
+        g.check_model(model_probe(self), model_name)
         t = self.decision_threshold(threshold, far)[0]
         ids, scores = g.search(self.embed(list(images)), k, backend)
         return [{"identity": g.names[row[0]] if s[0] >= t else None, "score": float(s[0]),

@@ -19,6 +19,7 @@ from siamkit.data import cache
 from siamkit.data.cache import ImageRows, load_cached_folder, load_data
 from siamkit.data.sources import load_folder
 from siamkit.data.transforms import Preprocess
+from siamkit.fileio import file_lock
 
 REPO = Path(__file__).resolve().parents[2]
 PRE = Preprocess(image_size=(24, 20), channels=1, mean=(0.5,), std=(0.5,))
@@ -95,7 +96,7 @@ def test_a_touched_file_or_other_preprocessing_builds_a_new_cache(faces, tmp_pat
     assert len(_caches(base)) == 4
 
 
-@pytest.mark.parametrize("damage", ["truncate", "foreign-index", "garbled-index", "no-images"])
+@pytest.mark.parametrize("damage", ["truncate", "flipped-bytes", "foreign-index", "garbled-index", "no-images"])
 def test_a_damaged_cache_is_rebuilt_never_trusted(faces, tmp_path, capfd, damage):
     base = tmp_path / "cache"
     load_cached_folder(faces, PRE, base, progress=False)
@@ -104,6 +105,12 @@ def test_a_damaged_cache_is_rebuilt_never_trusted(faces, tmp_path, capfd, damage
     if damage == "truncate":
         with open(images, "rb+") as f:
             f.truncate(images.stat().st_size - 100)
+    elif damage == "flipped-bytes":  # the same size: only the stored sha256 tells
+        with open(images, "rb+") as f:
+            f.seek(1000)
+            block = f.read(64)
+            f.seek(1000)
+            f.write(bytes(b ^ 0xFF for b in block))
     elif damage == "foreign-index":
         data = json.loads(index.read_text())
         index.write_text(json.dumps({**data, "key": "0" * 32}))
@@ -179,7 +186,7 @@ def test_two_processes_building_one_cache_one_builds_the_other_waits_then_reads(
     logs = [tmp_path / f"err{i}.txt" for i in range(2)]
     # Hold the build lock here, so that both processes find no cache and queue for the lock at the same time
     # (each says so on stderr before it blocks).
-    with cache._locked(base / f"{key}.lock"):
+    with file_lock(base / f"{key}.lock", "the cache", timeout=None):
         procs = [subprocess.Popen([sys.executable, "-c", _CHILD, str(faces), str(base)], env=env, text=True,
                                   stdout=subprocess.PIPE, stderr=open(log, "w")) for log in logs]
         deadline = time.monotonic() + 120
@@ -212,7 +219,7 @@ def test_the_size_cap_skips_a_cache_another_process_is_rebuilding(faces, tmp_pat
     load_cached_folder(faces, small, base, progress=False)
     (other,) = _caches(base)
     os.utime(other / "index.json", (time.time() - 100, time.time() - 100))
-    with cache._locked(base / f"{other.name}.lock"):  # as if another process were rebuilding it
+    with file_lock(base / f"{other.name}.lock", "the cache", timeout=None):  # as if another process were rebuilding it
         load_cached_folder(faces, PRE, base, max_gb=1e-9, progress=False)  # does not wait for it
     assert other in _caches(base) and len(_caches(base)) == 2
 

@@ -153,3 +153,15 @@ def test_align_size_has_an_upper_bound(tmp_path):
     with pytest.raises(SiamkitError, match=f"--size takes sides of 8 to {MAX_IMAGE_SIDE} pixels, got 100000"):
         align_folder(tmp_path, tmp_path / "out", AlignOptions(size=100_000), workers=1, progress=False)
     assert not (tmp_path / "out").exists()  # refused before DST, its journal or a crop exists
+
+
+def test_a_journal_from_before_templates_resumes(photos, tmp_path):
+    """A DST whose journal predates --template (no "template" in its options) finishes as siamkit's template."""
+    from siamkit.faces.folder import JOURNAL
+
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    old = {k: v for k, v in vars(AlignOptions()).items() if k != "template"}
+    (dst / JOURNAL).write_text(json.dumps({"options": old}) + "\n")
+    summary = align_folder(photos, dst, AlignOptions(), workers=1, progress=False)
+    assert summary.count("aligned") >= 1

@@ -133,3 +133,19 @@ def test_flat_map_features_are_the_normalised_final_map_in_order():
                * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)).reshape(3, -1)
     # float32, same operations up to BatchNorm's fused form: agreement to a few ulps of values of order 1
     torch.testing.assert_close(model(x), by_hand, rtol=1e-5, atol=1e-5)
+
+
+def test_dlib_backbone_with_dlibs_weights_and_its_stages():
+    from siamkit.models.dlib_weights import load_dlib_state_dict
+    from siamkit.models.siamese import ModelSpec, SiameseNet
+
+    model, width = build_backbone("dlib-resnet29", pretrained="dlib")
+    assert width == 256
+    dlib_state = load_dlib_state_dict()
+    assert all(torch.equal(v, dlib_state[k]) for k, v in model.state_dict().items())  # every tensor is dlib's
+    assert model(torch.zeros(1, 3, 150, 150)).shape == (1, 256)
+    with pytest.raises(SiamkitError, match="drop --backbone resnet18"):
+        build_backbone("resnet18", pretrained="dlib")
+    net = SiameseNet(ModelSpec(backbone="dlib-resnet29", freeze_until="layer3"))
+    frozen = {name.split(".")[1] for name, p in net.backbone.named_parameters(prefix="backbone") if not p.requires_grad}
+    assert frozen == {"stem", "layer1", "layer2", "layer3"}

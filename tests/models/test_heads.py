@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from siamkit.models.heads import EmbeddingHead, MarginClassifier, SoftmaxClassifier, build_classifier
+from siamkit.errors import SiamkitError
+from siamkit.models.heads import (CLASSIFIERS, ArcFace, CosFace, EmbeddingHead, MarginClassifier, SoftmaxClassifier,
+                                   build_classifier)
 
 
 def _cos(f: list[float], w: list[float]) -> float:
@@ -47,7 +49,7 @@ def _features_near_targets(weight: torch.Tensor, labels: torch.Tensor, seed: int
 @pytest.mark.parametrize("margin", [0.3, 0.5])
 def test_arcface_logits_match_the_formula(margin):
     torch.manual_seed(0)
-    head = MarginClassifier(6, 5, "arcface", scale=16.0, margin=margin).double()
+    head = ArcFace(6, 5, scale=16.0, margin=margin).double()
     labels = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1])
     features = _features_near_targets(head.weight.detach(), labels, seed=1)
     got = head(features, labels)
@@ -60,7 +62,7 @@ def test_arcface_logits_match_the_formula(margin):
 
 def test_cosface_logits_match_the_formula():
     torch.manual_seed(1)
-    head = MarginClassifier(6, 5, "cosface", scale=30.0, margin=0.35).double()
+    head = CosFace(6, 5, scale=30.0, margin=0.35).double()
     labels = torch.tensor([4, 3, 2, 1, 0, 0, 1, 2])
     features = _features_near_targets(head.weight.detach(), labels, seed=2)
     expected = torch.tensor(cosface_by_hand(features, head.weight.detach(), labels, 30.0, 0.35), dtype=torch.float64)
@@ -70,7 +72,7 @@ def test_cosface_logits_match_the_formula():
 @pytest.mark.parametrize("kind", ["arcface", "cosface"])
 def test_margin_heads_without_labels_give_scaled_cosines(kind):
     torch.manual_seed(2)
-    head = MarginClassifier(4, 3, kind, scale=10.0, margin=0.4).double()
+    head = CLASSIFIERS[kind](4, 3, scale=10.0, margin=0.4).double()
     features = torch.randn(5, 4, dtype=torch.float64)
     expected = [[10.0 * _cos(f, w) for w in head.weight.tolist()] for f in features.tolist()]
     torch.testing.assert_close(head(features), torch.tensor(expected, dtype=torch.float64), rtol=1e-9, atol=1e-9)
@@ -78,7 +80,7 @@ def test_margin_heads_without_labels_give_scaled_cosines(kind):
 
 def test_arcface_gradient_is_finite_when_a_feature_equals_its_class_weight():
     torch.manual_seed(3)
-    head = MarginClassifier(4, 3, "arcface")
+    head = ArcFace(4, 3)
     features = head.weight.detach()[[0, 2]].clone().requires_grad_(True)
     head(features, torch.tensor([0, 2])).sum().backward()
     assert torch.isfinite(features.grad).all() and torch.isfinite(head.weight.grad).all()
@@ -97,10 +99,11 @@ def test_softmax_classifier_is_an_affine_map():
 def test_build_classifier_kinds():
     assert isinstance(build_classifier("softmax", 8, 3, 30.0, 0.3), SoftmaxClassifier)
     arc = build_classifier("arcface", 8, 3, 20.0, 0.4)
-    assert isinstance(arc, MarginClassifier) and (arc.kind, arc.scale, arc.margin) == ("arcface", 20.0, 0.4)
-    assert build_classifier("cosface", 8, 3, 30.0, 0.3).kind == "cosface"
-    with pytest.raises(ValueError, match="unknown margin classifier"):
-        MarginClassifier(8, 3, "sphereface")
+    assert isinstance(arc, ArcFace) and isinstance(arc, MarginClassifier) and (arc.scale, arc.margin) == (20.0, 0.4)
+    assert isinstance(build_classifier("cosface", 8, 3, 30.0, 0.3), CosFace)
+    with pytest.raises(SiamkitError, match="--classifier 'sphereface' is not known; choose one of: softmax, arcface, "
+                                           "cosface"):
+        build_classifier("sphereface", 8, 3, 30.0, 0.3)
 
 
 def test_embedding_head_activations():
@@ -122,7 +125,7 @@ def test_subcenter_heads_score_each_class_by_its_closest_subcenter(kind, by_hand
     """K sub-centers: a class's cosine is the largest of its K rows' (rows k * n_classes + c), margin on that one."""
     torch.manual_seed(4)
     k, n_classes = 3, 4
-    head = MarginClassifier(6, n_classes, kind, scale=20.0, margin=0.3, subcenters=k).double()
+    head = CLASSIFIERS[kind](6, n_classes, scale=20.0, margin=0.3, subcenters=k).double()
     assert head.weight.shape == (k * n_classes, 6)
     w = head.weight.detach()
     labels = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])

@@ -113,7 +113,7 @@ class CountingBackend:
         return self.inner(gm, example_inputs)
 
 
-def _small_resnet(name: str, pretrained: str = "none", in_channels: int = 3):
+def _small_resnet(name: str, pretrained: str = "none", in_channels: int = 3, **_):
     assert name == "resnet18" and pretrained == "none" and in_channels == 3
     model = ResNet(BasicBlock, [1, 1, 1, 1])
     model.fc = torch.nn.Identity()
@@ -208,7 +208,7 @@ def test_compiled_step_matches_eager_in_one_graph(faces, combo):
     _run_and_compare(faces, combo, combo.backend, rtol=1e-4)
 
 
-def _two_conv_backbone(name: str, pretrained: str = "none", in_channels: int = 3):
+def _two_conv_backbone(name: str, pretrained: str = "none", in_channels: int = 3, **_):
     layers = [
         torch.nn.Conv2d(in_channels, 16, 3, 2, 1, bias=False), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
         torch.nn.Conv2d(16, 32, 3, 2, 1, bias=False), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),

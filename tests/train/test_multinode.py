@@ -1,4 +1,4 @@
-"""The README's torchrun command across machines, with two "nodes" on this machine: two torchrun launches with
+"""The torchrun command across machines of docs/guide/multi-gpu.md, with two "nodes" on this machine: two torchrun launches with
 --nnodes 2 and a c10d rendezvous on localhost, one process each, training from each node's decoded cache (streamed)
 and resuming."""
 from __future__ import annotations

@@ -5,13 +5,13 @@ A cache is a folder ``<cache dir>/<key>/`` holding ``images.u8`` (N x C x H x W 
 relative path, size and modification time and of the preprocessing, so a changed folder or preprocessing gets a
 new cache and the next run on the same data finds the old one. A cache is built under a temporary name and
 renamed into place when complete, under a lock file, so two processes building the same cache never read half
-of one: one builds, the others wait and then read it. A cache that does not check out (a truncated images file,
-an index of another key or format) is rebuilt, never trusted. After a build, the oldest caches beyond the size
+of one: one builds, the others wait and then read it. A cache that does not check out (a truncated or damaged
+images file: the index holds its sha256, checked at every open; an index of another key or format) is rebuilt,
+never trusted. After a build, the oldest caches beyond the size
 cap are removed (a run still using one keeps reading it: its files are unlinked, not overwritten).
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import SiamkitError, info, warn
-from ..fileio import atomic_write_json, write_error
+from ..fileio import Busy, atomic_write_json, file_lock, file_sha256, write_error
 from ..progress import progress_bar
 from .limits import check_fits_disk
 from .pixels import DECODING_VERSION
@@ -35,7 +35,7 @@ from .sources import IdentityDataset, decode_image, list_folder, load_source, so
 from .transforms import Preprocess
 
 FORMAT = "siamkit-decoded-cache"
-VERSION = 1
+VERSION = 2  # 2: index.json holds the sha256 of images.u8, checked at every open
 IMAGES_FILE, INDEX_FILE = "images.u8", "index.json"
 DEFAULT_MAX_GB = 50.0
 # Decoding in worker processes pays off from this many images (each worker imports torch first).
@@ -73,10 +73,6 @@ class ImageRows:
     @property
     def dtype(self) -> torch.dtype:
         return torch.uint8
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.rows) * int(np.prod(self.array.shape[1:]))
 
     def __getitem__(self, index) -> "ImageRows":
         if isinstance(index, torch.Tensor):
@@ -129,7 +125,7 @@ def load_cached_folder(
         # Before the cache folder or a file in it exists: what the disk cannot hold leaves nothing behind.
         check_fits_disk(sum(map(len, files)), pre.channels, pre.image_size, base)
         _make_dir(base)
-        with _locked(base / f"{key}.lock"):
+        with file_lock(base / f"{key}.lock", f"the decoded cache {final}", timeout=None):
             found = _open(final, key)  # another process may have built it while this one waited
             if isinstance(found, str):
                 if final.exists():
@@ -186,6 +182,8 @@ def _open(folder: Path, key: str) -> tuple[np.ndarray, dict] | str:
         return "images file missing"
     if size != expected:
         return f"images file holds {size} bytes, the index says {expected} (truncated or overwritten)"
+    if file_sha256(images) != index.get("sha256"):
+        return "images file damaged (its sha256 differs from the one stored in the index)"
     # Copy-on-write: the tensors built on it are writable (PyTorch warns about read-only arrays), the file never is.
     return np.memmap(images, dtype=np.uint8, mode="c", shape=shape), index
 
@@ -225,6 +223,7 @@ def _build(final: Path, names: list[str], files: list[list[str]], root: Path, pr
         }
         with open(images_path, "rb+") as f:
             os.fsync(f.fileno())
+        index["sha256"] = file_sha256(images_path)  # checked at every open: a damaged cache is rebuilt
         atomic_write_json(tmp / INDEX_FILE, index)
         os.rename(tmp, final)
     except OSError as e:
@@ -319,9 +318,9 @@ def evict(base: Path, max_gb: float, keep: str) -> None:
             continue
         try:
             # Not while another process rebuilds it; never wait for one (two evicting builders would deadlock).
-            with _locked(base / f"{folder.name}.lock", wait=False):
+            with file_lock(base / f"{folder.name}.lock", f"the decoded cache {folder}", timeout=0):
                 _remove(folder)
-        except BlockingIOError:
+        except Busy:
             continue
         total -= size
         info(f"removed the decoded cache {folder} ({size / 2**30:.2f} GiB, least recently used; --cache-max-gb {max_gb:g})")
@@ -337,36 +336,6 @@ def _complete_caches(base: Path) -> Iterator[Path]:
 
 def _size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-
-
-class _locked:
-    """An exclusive lock on ``path`` (flock: released by the kernel if the holder dies); says when it waits.
-
-    ``wait=False``: raise BlockingIOError instead of waiting for another holder.
-    """
-
-    def __init__(self, path: Path, wait: bool = True):
-        self.path, self.wait = path, wait
-
-    def __enter__(self):
-        try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e:
-            raise write_error(self.path, e, "the decoded cache folder must be writable (--cache-dir picks another)") from e
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not self.wait:
-                os.close(self.fd)
-                raise
-            info(f"waiting for another process that is building the decoded cache ({self.path.with_suffix('')})")
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
-        return False
 
 
 def _make_dir(base: Path) -> None:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from ..errors import SiamkitError, warn
+from ..registry import Registry
 from .pixels import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, PILLOW_FORMATS, decode_image_array, list_image_folder, too_small, warn_small  # noqa: F401 (imported from here)
 from .limits import check_fits_memory
 from .transforms import Preprocess, image_to_uint8
@@ -69,14 +70,13 @@ class Source:
     augment: str = "flip-shift"  # what --augment auto means for it (none where mirrored images are other symbols)
     grayscale: bool = False  # one channel by default (greyscale data)
     recipe: str = "faces"  # the options `siamkit train --recipe auto` starts from (config.RECIPES)
+    native_size: tuple[int, int] | None = None  # (H, W) of its original images, where faces are detected; None: no faces
 
 
 # --data NAME -> Source; anything else given to --data is a folder (FOLDER).
-SOURCES: dict[str, Source] = {}
-
-
-def register_source(name: str, source: Source) -> None:
-    SOURCES[name] = source
+SOURCES: Registry = Registry("--data")
+# ``register_source("name", Source(...))``: --data name.
+register_source = SOURCES.register
 
 
 def source_of(data: str) -> Source:
@@ -95,6 +95,15 @@ def default_preprocess(source: str, image_size=None, center_crop=None, grayscale
         mean=(0.5,) * channels,
         std=(0.5,) * channels,
     )
+
+
+def native_preprocess(source: str) -> Preprocess | None:
+    """A built-in source's images as they are (their own size and channels, no crop), or None for one without faces."""
+    entry = source_of(source)
+    if entry is FOLDER or entry.native_size is None:
+        return None
+    channels = 1 if entry.grayscale else 3
+    return Preprocess(image_size=entry.native_size, channels=channels, mean=(0.5,) * channels, std=(0.5,) * channels)
 
 
 def load_source(source: str, pre: Preprocess, data_home: str | None = None) -> IdentityDataset:
@@ -261,13 +270,14 @@ FOLDER = Source(lambda path, pre, data_home: load_folder(path, pre))
 # Mirrored digits are other symbols: no augmentation by default.
 register_source("digits", Source(lambda _, pre, data_home: _load_digits(pre), image_size=(32, 32), augment="none",
                                  recipe="none"))
-register_source("olivetti", Source(lambda _, pre, data_home: _load_olivetti(pre, data_home)))
+register_source("olivetti", Source(lambda _, pre, data_home: _load_olivetti(pre, data_home), native_size=(64, 64)))
 # LFW's 250x250 frames hold much more than the face: keep the central half by default.
-register_source("lfw", Source(lambda _, pre, data_home: _load_lfw(pre, data_home), center_crop=0.5))
+register_source("lfw", Source(lambda _, pre, data_home: _load_lfw(pre, data_home), center_crop=0.5,
+                              native_size=(250, 250)))
 # The built-in faces: all 40 people, or the split the README's accuracy numbers use (train s1-s30, test s31-s40).
 for _name, _ids in (("att", range(40)), ("att-train", range(30)), ("att-test", range(30, 40))):
     register_source(_name, Source(lambda _, pre, data_home, ids=_ids, name=_name: load_att_faces(pre, ids, name),
-                                  image_size=(64, 64), grayscale=True))
+                                  image_size=(64, 64), grayscale=True, native_size=ATT_SHAPE[2:]))
 
 
 def split_identities(

@@ -6,7 +6,7 @@ and augmentation then run on whole batches of tensors, never image by image.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import SiamkitError
+from ..registry import Registry
 from .pixels import IMAGENET_MEAN, IMAGENET_STD, Preprocess, image_to_array  # noqa: F401 (imported from here)
 
 
@@ -150,3 +151,36 @@ class FaceAugment:
         inside = (ys >= y0.view(n, 1, 1)) & (ys < (y0 + eh).view(n, 1, 1))
         inside = inside & (xs >= x0.view(n, 1, 1)) & (xs < (x0 + ew).view(n, 1, 1))
         return inside & erase.view(n, 1, 1)
+
+
+# A training batch's augmentation: (uint8 batch [N, C, H, W], the step's generator) -> the augmented batch.
+Augmentation = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+# --augment NAME -> a function (image size (H, W), --face-augment's text) -> the Augmentation. Every draw must
+# come from the generator, so that a step's batch is a pure function of (seed, step) and --resume stays exact.
+# ``@register_augment("name")`` on such a function adds one.
+AUGMENTATIONS: Registry = Registry("--augment")
+register_augment = AUGMENTATIONS.register
+
+
+@register_augment("none")
+def no_augmentation(image_size: Sequence[int], settings: str) -> Augmentation:
+    return lambda batch, generator: batch
+
+
+@register_augment("flip")
+def flip_augmentation(image_size: Sequence[int], settings: str) -> Augmentation:
+    """Mirror images at random."""
+    return lambda batch, generator: augment(batch, generator, flip=True)
+
+
+@register_augment("flip-shift")
+def flip_shift_augmentation(image_size: Sequence[int], settings: str) -> Augmentation:
+    """Mirror + shifts of up to 1/16 of the side (edges repeated)."""
+    shift = shift_pixels(image_size)
+    return lambda batch, generator: augment(batch, generator, flip=True, shift=shift)
+
+
+@register_augment("face")
+def face_augmentation(image_size: Sequence[int], settings: str) -> Augmentation:
+    """FaceAugment with --face-augment's changes."""
+    return FaceAugment.from_overrides(settings)

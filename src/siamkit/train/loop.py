@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
+from typing import Sequence
 
 from ..config import TrainConfig
 from ..errors import SiamkitError, info, warn
@@ -45,13 +46,18 @@ class StopRequested:
         return False
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
-    """Train a run to completion (or to a stop signal) and evaluate its held-out identities."""
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          inputs: Sequence[str] = ()) -> Path:
+    """Train a run to completion (or to a stop signal) and evaluate its held-out identities.
+
+    ``overwrite``: replace the run folder cfg.out if siamkit made it (outputs.py); ``inputs``: files the run is made
+    from besides cfg.data and cfg.pretrained (the --config file), never removed by ``overwrite``.
+    """
     cfg.validate()
     ctx = distributed.setup(cfg.device)
     log_file = RunLogFile(enabled=ctx.is_main)
     try:
-        return _train(cfg, ctx, log_file, resume=resume, overwrite=overwrite, progress=progress)
+        return _train(cfg, ctx, log_file, resume=resume, overwrite=overwrite, progress=progress, inputs=inputs)
     except Exception as e:
         if ctx.enabled and distributed.is_comm_failure(e):
             raise SiamkitError(distributed.comm_failure_message(ctx, e)) from None
@@ -61,10 +67,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         distributed.teardown(ctx)
 
 
-def _train(cfg: TrainConfig, ctx, log_file: RunLogFile, *, resume: bool, overwrite: bool, progress: bool) -> Path:
+def _train(cfg: TrainConfig, ctx, log_file: RunLogFile, *, resume: bool, overwrite: bool, progress: bool,
+           inputs: Sequence[str]) -> Path:
     if cfg.tensorboard:
         require_tensorboard()  # before the run folder exists
-    run = build_run(cfg, ctx, resume=resume, overwrite=overwrite, progress=progress)
+    run = build_run(cfg, ctx, resume=resume, overwrite=overwrite, progress=progress, inputs=inputs)
     try:
         return _run(run, log_file, resume=resume, progress=progress)
     finally:
@@ -139,7 +146,7 @@ def _run(run: Run, log_file: RunLogFile, *, resume: bool, progress: bool) -> Pat
             info("no identities held out (--val-identities 0): no evaluation")
         distributed.barrier(ctx)  # return once rank 0 has written everything: the run is complete
         return run.run_dir
-    report, scores, same, baseline_scores = _evaluate_held_out(run)
+    report, scores, same, baseline_scores = _evaluate_held_out(run, final=True)
     if ctx.is_main:
         write_report(report, scores, same, run.run_dir / "eval", baseline_scores)
         checkpoints.save(step, threshold=report["threshold"], thresholds_at_far=report["thresholds_at_far"])
@@ -187,12 +194,12 @@ def _tensorboard_held_out(tb: TensorBoardLog, run: Run, step: int, report: dict,
     tb.close()
 
 
-def _evaluate_held_out(run: Run):
+def _evaluate_held_out(run: Run, final: bool = False):
     """The held-out identities' evaluation (of the EMA weights with --ema-decay); each process embeds a share in a
-    distributed run."""
+    distributed run. The final one adds the off-the-shelf dlib model's metrics (--no-baseline-dlib: not)."""
     with evaluation_weights(run.training.ema):
         return evaluate(
             run.training.model, run.pre, run.val_ds, score=score_for(run.cfg.embedding_activation),
             flip=run.cfg.eval_flip, shifts=run.cfg.eval_shifts, device=run.device, seed=run.cfg.seed,
-            sharded=run.ctx.enabled,
+            sharded=run.ctx.enabled, baseline_dlib=final and run.cfg.baseline_dlib,
         )

@@ -11,14 +11,13 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from .. import accel, kernel_choice
 from .._version import __version__
@@ -29,50 +28,29 @@ from ..data.cache import ImageRows, load_data
 from ..data.prefetch import BatchPrefetcher
 from ..data.samplers import PKSampler, TupleSampler
 from ..data.sources import IdentityDataset, default_preprocess, require_trainable, source_of, split_identities
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, FaceAugment, Preprocess, augment, normalize, shift_pixels
+from ..data.transforms import (AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, Augmentation, Preprocess, no_augmentation,
+                               normalize)
 from ..device import resolve_device, use_fast_cuda_kernels
 from ..errors import SiamkitError, info, warn
+from ..faces.chip_data import chip_folder
+from ..faces.chips import is_dlib_chip
 from ..faces.folder import read_alignment
 from ..fileio import atomic_write_json, write_error
 from ..losses import JointLoss, build_metric_loss
-from ..models.backbones import siamkit_checkpoint
+from ..models.backbones import NOT_READ, siamkit_checkpoint
 from ..models.siamese import ModelSpec, SiameseNet
+from ..models.zoo import BUILTIN_MODELS, dlib_preprocess
+from ..outputs import RUN_MARKER, check_not_input, check_replace_run, existing_inputs, write_run_marker
 from . import distributed
 from .ema import WeightEMA
-from .step import TrainStep, build_optimizer
+from .small_data import fit_to_data
+from .step import Training, TrainStep, build_optimizer
 from .sync_bn import convert_to_sync_bn
 
 # Step budget when neither --steps nor --epochs is given.
 DEFAULT_STEPS = 200
 # --data-in-memory auto keeps the training images on the device while they take at most this share of its free memory.
 MAX_IN_MEMORY_SHARE = 0.5
-
-
-@dataclass
-class Training:
-    """The model and everything that updates it: what one optimisation step needs (train/step.py)."""
-
-    cfg: TrainConfig
-    device: torch.device
-    ctx: distributed.DistContext
-    model: SiameseNet
-    step_module: TrainStep
-    step_fn: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]  # step_module, or compiled
-    params: list[nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    sync_bn: bool  # BatchNorm statistics are global already (no averaging of running stats after a step)
-    # BatchNorm buffers, put back when a step is skipped (they change in the forward pass).
-    buffers: list[torch.Tensor] = field(default_factory=list)
-    # --cpu-tuning auto on CPU: {convolution shape key: kernel} (kernel_choice.py), kept in checkpoints
-    conv_kernels: dict[str, str] = field(default_factory=dict)
-    tuning_note: str = ""  # how many shapes took which kernel, and where the choices came from (the run's log)
-    ema: WeightEMA | None = None  # --ema-decay: the averaged weights the run evaluates and saves (train/ema.py)
-
-    @property
-    def amp_dtype(self) -> torch.dtype | None:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp)
 
 
 @dataclass
@@ -97,7 +75,8 @@ class Run:
     resumed: bool = False  # continued from checkpoints/last.pt
     log_window: dict[str, Any] | None = None  # the resumed checkpoint's loss sums since its last metrics row
     alignment: dict | None = None  # the training folder's alignment (siamkit align's report), kept in checkpoints
-    face_augment: FaceAugment = field(default_factory=FaceAugment)  # --augment face's settings (--face-augment)
+    # --augment's function (data/transforms.py AUGMENTATIONS), with --face-augment's settings for face
+    augmentation: Augmentation = no_augmentation((), "")
 
     @property
     def ckpt_dir(self) -> Path:
@@ -111,13 +90,7 @@ class Run:
         """Normalised images and labels of ``step``: a pure function of (seed, step, rank), so resume is exact."""
         idx = torch.from_numpy(self.sampler.batch(step).reshape(-1)).to(self.device)
         x = self.stream.get(step) if self.stream is not None else self.images[idx]
-        mode = augment_mode(self.cfg)
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-        if mode == "face":
-            x = self.face_augment(x, gen)
-        elif mode != "none":
-            shift = shift_pixels(self.pre.image_size) if mode == "flip-shift" else 0
-            x = augment(x, gen, flip=True, shift=shift)
+        x = self.augmentation(x, torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step))
         return normalize(x, self.pre, self.cfg.channels_last), self.labels[idx]
 
 
@@ -139,19 +112,27 @@ def augment_mode(cfg: TrainConfig) -> str:
     return source_of(cfg.data).augment if cfg.augment == "auto" else cfg.augment
 
 
-def fill_box_for(cfg: TrainConfig) -> tuple[float, float, float, float] | None:
+def fill_box_for(cfg: TrainConfig, alignment: dict | None | object = NOT_READ) -> tuple[float, float, float, float] | None:
     """--photo-box auto: the aligned folder's photo box as fractions of its crop, None when the photos filled the
-    whole crop or the data was not written by `siamkit align`."""
-    alignment = read_alignment(cfg.data) if cfg.photo_box == "auto" else None
+    whole crop or the data was not written by `siamkit align`. ``alignment``: --data's, when read already."""
+    if cfg.photo_box != "auto":
+        return None
+    alignment = read_alignment(cfg.data) if alignment is NOT_READ else alignment
     box, size = (alignment or {}).get("photo_box"), (alignment or {}).get("size")
     if not box or list(box) == [0.0, 0.0, float(size), float(size)]:
         return None
     return tuple(round(float(v) / size, 4) for v in box)
 
 
-def preprocess_for(cfg: TrainConfig) -> Preprocess:
-    pre = replace(default_preprocess(cfg.data, cfg.image_size, cfg.center_crop, cfg.grayscale), fill_box=fill_box_for(cfg))
-    run = siamkit_checkpoint(cfg.pretrained)
+def preprocess_for(cfg: TrainConfig, pretrained_run: dict | None | object = NOT_READ,
+                   alignment: dict | None | object = NOT_READ) -> Preprocess:
+    """The preprocessing of the run's images; ``pretrained_run`` (--pretrained's checkpoint) and ``alignment``
+    (--data's alignment report), when the caller has read them already."""
+    if cfg.pretrained == "dlib":
+        return dlib_preprocess()  # dlib's own normalisation of its 150x150 RGB chips
+    pre = replace(default_preprocess(cfg.data, cfg.image_size, cfg.center_crop, cfg.grayscale),
+                  fill_box=fill_box_for(cfg, alignment))
+    run = siamkit_checkpoint(cfg.pretrained) if pretrained_run is NOT_READ else pretrained_run
     if run is not None:
         # Fine-tuning a siamkit run: its normalisation, and its channels (the backbone's first layer has them).
         theirs = Preprocess.from_dict(run["preprocess"])
@@ -165,8 +146,25 @@ def preprocess_for(cfg: TrainConfig) -> Preprocess:
     return pre
 
 
-def build_model(cfg: TrainConfig, n_classes: int, in_channels: int) -> SiameseNet:
-    return SiameseNet(ModelSpec.of(cfg, in_channels, n_classes), cfg.pretrained)
+def build_model(cfg: TrainConfig, n_classes: int, in_channels: int,
+                pretrained_run: dict | None | object = NOT_READ) -> SiameseNet:
+    model = SiameseNet(ModelSpec.of(cfg, in_channels, n_classes), cfg.pretrained, pretrained_run)
+    if cfg.pretrained_head == "keep":  # dlib's 128-d layer (no bias) as the embedding head's start
+        dlib_head = BUILTIN_MODELS["dlib"].weights()
+        with torch.no_grad():
+            for name in ("weight", "bias"):
+                getattr(model.embedding.fc, name).copy_(dlib_head[f"embedding.fc.{name}"])
+    return model
+
+
+def reads_dlib_chips(cfg: TrainConfig, pretrained_run: dict | None) -> bool:
+    """Whether the run trains on dlib's face chips: --pretrained dlib, or a run fine-tuned from it (its checkpoint)."""
+    return cfg.pretrained == "dlib" or is_dlib_chip((pretrained_run or {}).get("alignment"))
+
+
+def training_data(cfg: TrainConfig, progress: bool, pretrained_run: dict | None) -> str:
+    """What --data is read from: itself, or for a run on dlib's face chips, the chips cut from it into the cache."""
+    return chip_folder(cfg.data, cfg.cache_dir, progress) if reads_dlib_chips(cfg, pretrained_run) else cfg.data
 
 
 def batch_rows(cfg: TrainConfig) -> int:
@@ -225,16 +223,18 @@ def build_training(
     cfg: TrainConfig, n_classes: int, in_channels: int, device: torch.device, total: int,
     ctx: distributed.DistContext | None = None, *, image_size: Sequence[int] | None = None,
     conv_kernels: Mapping[str, str] | None = None, progress: bool = False,
+    pretrained_run: dict | None | object = NOT_READ,
 ) -> Training:
     """Model, loss, optimizer, schedule and the fused step of ``cfg``, on ``device``.
 
     ``image_size`` (default: cfg.image_size) is the training images' size, at which --cpu-tuning auto
-    measures the convolutions; ``conv_kernels``: the choices of a resumed checkpoint, reused instead.
+    measures the convolutions; ``conv_kernels``: the choices of a resumed checkpoint, reused instead;
+    ``pretrained_run``: --pretrained's siamkit checkpoint, when the caller has read it already.
     """
     ctx = ctx or distributed.DistContext()
     accel.tune_process(device, cfg.cpu_tuning)
     use_fast_cuda_kernels(device)
-    model = build_model(cfg, n_classes, in_channels).to(device)
+    model = build_model(cfg, n_classes, in_channels, pretrained_run).to(device)
     sync_bn, gather = distributed.plan(cfg, ctx)
     if sync_bn:
         convert_to_sync_bn(model, device)
@@ -264,13 +264,17 @@ def build_training(
 
 
 def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, overwrite: bool,
-              progress: bool = True) -> Run:
-    """Everything a run needs, checked before anything is written; then its folder, created. ``progress``: the
-    decoding and kernel-measuring bars (the main process only)."""
+              progress: bool = True, inputs: Sequence[str | os.PathLike] = ()) -> Run:
+    """Everything a run needs, checked before anything is written; then its folder, created.
+
+    ``progress``: the decoding and kernel-measuring bars (the main process only). ``inputs``: files the run was made
+    from besides its data and --pretrained (the --config file), which --force must never remove.
+    """
     device = resolve_device(cfg.device, ctx.local_rank, ctx.enabled)
     run_dir = Path(cfg.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     # Every process checks before rank 0 creates anything, and all stop if any check fails.
-    distributed.agree(ctx, lambda: check_run_dir(run_dir, resume, overwrite))
+    sources = existing_inputs([cfg.data, cfg.pretrained, *inputs])
+    distributed.agree(ctx, lambda: check_run_dir(run_dir, resume, overwrite, sources))
     checkpoint = distributed.agree(ctx, lambda: load_checkpoint(run_dir / "checkpoints" / "last.pt")) if resume else None
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -280,12 +284,15 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
     if cfg.face_augment and augment_mode(cfg) != "face":
         raise SiamkitError(f"--face-augment applies to --augment face, and this run's augmentation is "
                            f"{augment_mode(cfg)}; add --augment face or drop --face-augment")
-    pre = preprocess_for(cfg)
     progress = progress and ctx.is_main
-    data = load_data(cfg.data, pre, cfg.cache_dir, cfg.cache_max_gb, progress=progress)
+    pretrained_run = siamkit_checkpoint(cfg.pretrained)  # read once: the data, the preprocessing and the backbone
+    source = training_data(cfg, ctx.is_main, pretrained_run)
+    alignment = read_alignment(source)  # None unless the data is a folder written by `siamkit align` (or chips)
+    pre = preprocess_for(cfg, pretrained_run, alignment if source == cfg.data else NOT_READ)
+    data = load_data(source, pre, cfg.cache_dir, cfg.cache_max_gb, progress=progress)
+    cfg = fit_to_data(cfg, data, ctx.world, say=ctx.is_main)  # small data: the default hold-out and batch shrink
     train_ds, val_ds = split_identities(data, cfg.val_identities, cfg.seed)
     require_trainable(train_ds)
-    alignment = read_alignment(cfg.data)  # None unless --data is a folder written by `siamkit align`
     sampler = build_sampler(cfg, train_ds, ctx)
     total = cfg.steps or (cfg.epochs * sampler.steps_per_epoch) or DEFAULT_STEPS
     if cfg.max_steps and not cfg.steps:
@@ -297,6 +304,7 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
     training = build_training(
         cfg, n_classes, pre.channels, device, total, ctx, image_size=pre.image_size,
         conv_kernels=checkpoint.get("conv_kernels") if checkpoint is not None else None, progress=progress,
+        pretrained_run=pretrained_run,
     )
     start_step, best_accuracy = restore(training, checkpoint, run_dir) if checkpoint is not None else (0, -1.0)
     if ctx.is_main:
@@ -307,8 +315,7 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
             + (f", {len(val_ds)} held-out images of {val_ds.n_identities} identities" if val_ds else "")
             + f"; {cfg.backbone} on {device}" + distributed.describe(ctx)
             + f", {n_train:,} of {n_total:,} parameters train; {total} steps ({sampler.steps_per_epoch} per epoch)"
-            + (f"; faces aligned by siamkit align ({alignment['size']}x{alignment['size']}, margin "
-               f"{alignment['margin']}): use --align on raw photos" if alignment else "")
+            + _alignment_note(alignment)
             + (f"; beyond the box {list(pre.fill_box)} of each image, where most of its photos ended, filled from "
                f"the box's edge (--photo-box auto)" if pre.fill_box else "")
         )
@@ -323,8 +330,18 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
         total=total, training=training, images=train_ds.images.to(device) if in_memory else None,
         labels=torch.from_numpy(train_ds.labels).to(device), stream=stream, start_step=start_step,
         best_accuracy=best_accuracy, resumed=checkpoint is not None, log_window=(checkpoint or {}).get("log_window"),
-        alignment=alignment, face_augment=FaceAugment.from_overrides(cfg.face_augment),
+        alignment=alignment,
+        augmentation=AUGMENTATIONS.lookup(augment_mode(cfg))(pre.image_size, cfg.face_augment),
     )
+
+
+def _alignment_note(alignment: dict | None) -> str:
+    if is_dlib_chip(alignment):
+        return "; dlib's 150 px face chips cut from the photos (the model cuts them itself at every use)"
+    if alignment:
+        return (f"; faces aligned by siamkit align ({alignment['size']}x{alignment['size']}, margin "
+                f"{alignment['margin']}): use --align on raw photos")
+    return ""
 
 
 def free_memory(device: torch.device) -> int:
@@ -378,14 +395,19 @@ def build_sampler(cfg: TrainConfig, train_ds: IdentityDataset, ctx: distributed.
     return PKSampler(train_ds.labels, cfg.identities_per_batch, cfg.images_per_identity, cfg.seed, ctx.rank, ctx.world)
 
 
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to touch an earlier run unless asked; nothing is left behind here."""
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
+    """Refuse to touch an earlier run unless asked, and anything but a run siamkit made even then (outputs.py);
+    nothing is left behind here."""
     if resume and overwrite:
-        raise SiamkitError("--resume continues a run and --overwrite replaces it: pass only one of them")
+        raise SiamkitError("--resume continues a run and --force replaces it: pass only one of them")
+    if overwrite:
+        check_replace_run(run_dir, inputs)
+    if not resume:
+        check_not_input(run_dir, inputs)
     if resume:
         if not (run_dir / "checkpoints" / "last.pt").is_file():
             raise SiamkitError(f"--resume: {run_dir}/checkpoints/last.pt does not exist, so there is nothing to resume; "
-                               f"pass --overwrite instead to start the run again, or the --out of an earlier run")
+                               f"pass --force instead to start the run again, or the --out of an earlier run")
         probe = run_dir / "checkpoints"
     else:
         if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not overwrite:
@@ -393,8 +415,8 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
             can_resume = (run_dir / "checkpoints" / "last.pt").is_file()
             raise SiamkitError(
                 f"run folder {run_dir} already exists; "
-                + ("pass --resume to continue it, --overwrite to replace it" if can_resume else
-                   "it holds no checkpoint to resume (checkpoints/last.pt); pass --overwrite to start it again")
+                + ("pass --resume to continue it, --force to replace it" if can_resume else
+                   "it holds no checkpoint to resume (checkpoints/last.pt); pass --force to start it again")
                 + ", or another --out"
             )
         probe = run_dir if run_dir.is_dir() else next((p for p in run_dir.parents if p.exists()), Path("."))
@@ -411,15 +433,18 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 
 def make_run_folder(run_dir: Path, cfg: TrainConfig, world: int, *, resume: bool, overwrite: bool) -> None:
-    """The run folder with its checkpoints/ and config.json (an --overwrite'n run is removed first)."""
+    """The run folder with siamkit's marker, checkpoints/ and config.json (a run replaced with --force, which
+    check_run_dir allowed, is removed first)."""
     ckpt_dir = run_dir / "checkpoints"
-    if overwrite and run_dir.exists() and not resume:
-        shutil.rmtree(run_dir) if run_dir.is_dir() else run_dir.unlink()
+    if overwrite and run_dir.is_dir() and any(run_dir.iterdir()) and not resume:
+        shutil.rmtree(run_dir)
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise write_error(ckpt_dir, e) from e
     remove_stale_temp_files(ckpt_dir)
+    if not resume or not (run_dir / RUN_MARKER).exists():
+        write_run_marker(run_dir)
     atomic_write_json(run_dir / "config.json", {**cfg.to_dict(), "siamkit_version": __version__, "world_size": world})
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..checkpoint import prune_checkpoints, rng_state, save_checkpoint
+from ..checkpoint import non_finite, prune_checkpoints, rng_state, save_checkpoint
+from ..errors import SiamkitError
 from .logging import LossWindow
 from .run import Run, score_for
 
@@ -56,6 +57,7 @@ class Checkpoints:
 
     def save(self, step: int, **extra: Any) -> None:
         run = self.run
+        self.require_finite(step)
         if run.ctx.is_main:
             state = training_state(run, step, self.window, **extra)
             save_checkpoint(run.ckpt_dir / "last.pt", state)
@@ -66,7 +68,19 @@ class Checkpoints:
         run.ctx.checkpoint, run.ctx.checkpoint_step = run.ckpt_dir / "last.pt", step  # named if another process dies
 
     def save_best(self, step: int, **extra: Any) -> None:
+        self.require_finite(step)
         save_checkpoint(self.run.ckpt_dir / "best.pt", training_state(self.run, step, self.window, **extra))
+
+    def require_finite(self, step: int) -> None:
+        """Stop the run, keeping the last checkpoint, when its weights (or their average) hold NaN or infinity: a
+        step can have a finite loss and gradient and still overflow the weights (a huge --lr)."""
+        t = self.run.training
+        bad = non_finite(t.model.state_dict()) + ([] if t.ema is None else non_finite(t.ema.model_state()))
+        if bad:
+            raise SiamkitError(
+                f"step {step}: the model's weights are not finite (NaN or infinity in {len(bad)} tensor(s), e.g. "
+                f"{bad[0]}): training stopped without saving them; {self.describe_last()}; lower --lr or check the "
+                f"data")
 
     def describe_last(self) -> str:
         if self.saved_step is None:

@@ -1,10 +1,11 @@
 """One optimisation step: the fused module from images to every loss term (one graph for torch.compile),
-and ``optimisation_step``, which runs it with the finite check and the BatchNorm rollback."""
+``Training`` (what a step updates: the model, optimizer, schedule; built by train/run.py) and
+``optimisation_step``, which runs it with the finite check and the BatchNorm rollback."""
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -13,10 +14,9 @@ from ..batchnorm import forward_branches
 from ..config import TrainConfig
 from ..losses import JointLoss
 from ..models.siamese import SiameseNet
+from ..optimizers import OPTIMIZERS
 from . import distributed
-
-if TYPE_CHECKING:  # annotations only: run.py imports this module
-    from .run import Training
+from .ema import WeightEMA
 
 # (tensor of this process, n_branches) -> the same rows of every process, branch-major.
 Gather = Callable[[torch.Tensor, int], torch.Tensor]
@@ -64,20 +64,36 @@ class TrainStep(nn.Module):
         return self.loss(embeddings, labels, logits)
 
 
-def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam or AdamW with fused kernels: one pass over all parameters per step, on CUDA and on CPU.
+@dataclass
+class Training:
+    """The model and everything that updates it: what one optimisation step needs (train/step.py)."""
 
-    On a 2-core CPU the fused step of ResNet18's 11M parameters is several times faster than the
-    per-parameter loop or the foreach kernels. AdamW's decoupled weight decay applies to weights only,
-    not to biases and normalisation parameters (1-D tensors), as is usual.
-    """
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=True)
-    groups = [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
+    cfg: TrainConfig
+    device: torch.device
+    ctx: distributed.DistContext
+    model: SiameseNet
+    step_module: TrainStep
+    step_fn: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]  # step_module, or compiled
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    sync_bn: bool  # BatchNorm statistics are global already (no averaging of running stats after a step)
+    # BatchNorm buffers, put back when a step is skipped (they change in the forward pass).
+    buffers: list[torch.Tensor] = field(default_factory=list)
+    # --cpu-tuning auto on CPU: {convolution shape key: kernel} (kernel_choice.py), kept in checkpoints
+    conv_kernels: dict[str, str] = field(default_factory=dict)
+    tuning_note: str = ""  # how many shapes took which kernel, and where the choices came from (the run's log)
+    ema: WeightEMA | None = None  # --ema-decay: the averaged weights the run evaluates and saves (train/ema.py)
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp)
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The --optimizer of ``cfg`` over ``params`` (optimizers.py's registry: adam, adamw with fused kernels)."""
+    return OPTIMIZERS.lookup(cfg.optimizer)(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
 def gradients_finite(params: list[nn.Parameter]) -> torch.Tensor:
@@ -105,7 +121,7 @@ class StepResult:
     stop: bool  # some process was asked to stop (SIGINT/SIGTERM): every process stops after this step
 
 
-def optimisation_step(t: "Training", x: torch.Tensor, y: torch.Tensor, stop_requested: bool = False) -> StepResult:
+def optimisation_step(t: Training, x: torch.Tensor, y: torch.Tensor, stop_requested: bool = False) -> StepResult:
     """Forward, backward and update of one batch; a non-finite step changes nothing but the schedule."""
     # BatchNorm updates its running statistics in the forward pass, before the loss is known to be finite:
     # a skipped step puts them back, so a NaN batch cannot poison the statistics used at evaluation.

@@ -19,6 +19,7 @@ from PIL import Image
 import siamkit
 from conftest import REPO, tree_snapshot
 from siamkit import cli
+from siamkit.outputs import write_run_marker
 from siamkit.train.loop import train
 from tiny_run import ONE_THREAD_ENV, one_torch_thread, tiny_args, tiny_config  # noqa: F401 (fixture)
 
@@ -138,13 +139,14 @@ def test_an_image_too_small_to_use_is_refused_by_verify_and_named_by_embed(run, 
     shutil.copy(tmp_path / "dot.png", data / "alice" / "dot.png")
     # a data folder keeps it (training data stays as it was), with one warning naming it, cached or not
     for cache in (str(tmp_path / "cache"), "none"):
-        code, err, _ = run_main(["embed", run, "--data", data, "--out", tmp_path / "e.npz", "--device", "cpu",
+        out = tmp_path / f"e-{cache == 'none'}.npz"  # a new file each time: embed never replaces one unasked
+        code, err, _ = run_main(["embed", run, "--data", data, "--out", out, "--device", "cpu",
                                  "--cache-dir", cache], capfd)
         assert code == 0, err
         assert f"siamkit: warning: 1 image(s) too small to tell anyone apart, used as they are: {data / 'alice' / 'dot.png'}" \
                f" (1x1 pixels is too small to tell anyone apart (at least 16 px a side, as siamkit align requires)); " \
                f"check them" in err, err
-        assert "alice/dot.png" in np.load(tmp_path / "e.npz")["paths"].tolist()
+        assert "alice/dot.png" in np.load(out)["paths"].tolist()
 
 
 # --- 8. any file-name bytes ----------------------------------------------------------------------------------------
@@ -206,15 +208,18 @@ def test_a_gallery_whose_model_was_retrained_in_place_says_so(run, att_faces, tm
 def test_a_run_folder_without_a_checkpoint_gets_advice_that_leads_somewhere(tmp_path, capfd):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "config.json").write_text("{}")  # a run stopped before its first checkpoint
+    write_run_marker(out)  # a run stopped before its first checkpoint: siamkit's marker, nothing else yet
     before = tree_snapshot(out)
     code, err, _ = run_main(tiny_args(out, steps=1), capfd)
     assert_one_error(code, err, f"run folder {out} already exists; it holds no checkpoint to resume "
-                                f"(checkpoints/last.pt); pass --overwrite to start it again, or another --out")
+                                f"(checkpoints/last.pt); pass --force to start it again, or another --out")
     code, err, _ = run_main([*tiny_args(out, steps=1), "--resume"], capfd)
     assert_one_error(code, err, f"--resume: {out}/checkpoints/last.pt does not exist, so there is nothing to resume; "
-                                f"pass --overwrite instead to start the run again")
+                                f"pass --force instead to start the run again")
     assert tree_snapshot(out) == before
+    code, err, _ = run_main([*tiny_args(out, steps=1), "--force"], capfd)  # the advice, taken, starts the run again
+    assert code == 0, err
+    assert (out / "checkpoints" / "last.pt").is_file()
 
 
 def test_options_that_would_be_ignored_are_refused_alike(run, gallery, tmp_path, capfd):

@@ -83,13 +83,14 @@ class ExportedVerifier(VerifierBase):
         self.score_name = self.metadata["score"]
         self.calibration = self.metadata.get("calibration")
         self.threshold = None if self.calibration is None else float(self.calibration["threshold"])
+        self.alignment = self.metadata.get("alignment")  # as api.Verifier's: how its run's training data was aligned
 
     @property
     def reads_dlib_chips(self) -> bool:
         """Whether the model reads dlib's face chips, which it then cuts itself from every photo (faces/chips.py)."""
         from .faces.chips import is_dlib_chip
 
-        return is_dlib_chip(self.metadata.get("alignment"))
+        return is_dlib_chip(self.alignment)
 
     def embed(self, images: Sequence, align: bool | None = None) -> np.ndarray:
         """Embeddings [N, D] of image paths, PIL images, HxW(xC) arrays or CxHxW tensors (a model that reads dlib's

@@ -75,7 +75,7 @@ def test_training_stores_thresholds_at_far_and_verify_uses_them(held_out_run, at
         first, second = capsys.readouterr().out.splitlines()
         assert float(first.split()[3]) == pytest.approx(t["threshold"], abs=5e-5)  # printed with 4 decimals
         assert second.startswith(f"threshold: threshold at FAR {key}, calibrated on {TRAINING_SOURCE}")
-    with pytest.raises(SiamkitError, match="not both"):
+    with pytest.raises(SiamkitError, match="threshold= and far= both choose the threshold: pass only one of them"):
         v.verify(a, b, threshold=0.5, far=1e-1)
 
 
@@ -148,3 +148,78 @@ def test_bad_pairs_csv_is_one_line_and_writes_nothing(held_out_run, tmp_path, ca
                  str(tmp_path / "d.csv")]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and not (tmp_path / "d.csv").exists()
+
+
+# --- issue 28: every threshold checked, calibration checked before the report, Excel's CSVs ---------------------
+
+def test_thresholds_must_be_finite_and_within_the_scores_range():
+    from siamkit.calibration import check_threshold, pick_threshold
+
+    for score, good in (("cosine", (-1.0, 0.0, 0.37, 1.0)), ("euclidean", (-1e6, -0.5, 0.0))):
+        assert [check_threshold(t, score) for t in good] == list(good)
+    bad = [("cosine", 5.0, r"--threshold 5 is outside the cosine score's range \[-1, 1\]: every pair would be different"),
+           ("cosine", -1.5, r"outside the cosine score's range \[-1, 1\]: every pair would be same"),
+           ("euclidean", 0.5, r"--threshold 0.5 is outside the euclidean score's range at most 0 \(minus a distance\)"),
+           ("cosine", float("nan"), "--threshold nan is not a finite number"),
+           ("euclidean", float("-inf"), "--threshold -inf is not a finite number")]
+    for score, t, message in bad:
+        with pytest.raises(SiamkitError, match=message):
+            check_threshold(t, score)
+    cal = calibration_entry(report(0.25), "my people")
+    assert pick_threshold(cal, 0.5, None, "cosine") == (0.5, "given with --threshold")
+    assert pick_threshold(cal, None, 0.1, "cosine")[0] == 0.3
+    with pytest.raises(SiamkitError, match="--threshold and --far both choose the threshold: pass only one of them"):
+        pick_threshold(cal, 0.5, 0.1, "cosine")
+    for far in (0.0, 1.0, float("nan")):
+        with pytest.raises(SiamkitError, match=f"--far {far} is not a false-accept rate"):
+            pick_threshold(cal, None, far, "cosine")
+
+
+def test_verify_refuses_a_threshold_the_score_cannot_reach(held_out_run, att_faces, capsys):
+    import siamkit
+    from siamkit.cli import main
+
+    a, b = str(att_faces / "s31" / "1.pgm"), str(att_faces / "s32" / "1.pgm")
+    for t, message in (("nan", "--threshold nan is not a finite number"),
+                       ("5", "--threshold 5 is outside the cosine score's range [-1, 1]")):
+        assert main(["verify", str(held_out_run), a, b, "--threshold", t]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1 and message in captured.err
+    with pytest.raises(SiamkitError, match=r"threshold= 5 is outside the cosine score's range"):
+        siamkit.load(held_out_run).verify(a, b, threshold=5)
+
+
+def test_calibrate_checks_the_run_before_writing_a_report(held_out_run, att_split, tmp_path, capsys, monkeypatch):
+    import errno
+    import shutil
+
+    from siamkit.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(held_out_run, run)
+    (run / "calibration.json").write_text("{ damaged")
+    args = ["evaluate", str(run), "--data", str(att_split[1]), "--out", str(tmp_path / "ev"), "--calibrate"]
+    assert main(args) == 2
+    assert "is not a readable calibration" in capsys.readouterr().err
+    assert not (tmp_path / "ev").exists()  # no report of a calibration that could not be stored
+    (run / "calibration.json").unlink()
+
+    def read_only(*a, **k):  # what a read-only file system answers (root ignores permission bits, so simulated)
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr("siamkit.calibration.tempfile.TemporaryFile", read_only)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--calibrate writes {run / 'calibration.json'}, but {run} is not writable (Read-only file system)" in err
+    assert not (tmp_path / "ev").exists() and not (run / "calibration.json").exists()
+
+
+def test_a_pairs_csv_saved_by_excel_keeps_its_header(held_out_run, att_faces, tmp_path, capsys):
+    from siamkit.cli import main
+
+    a, b = att_faces / "s31" / "1.pgm", att_faces / "s31" / "2.pgm"
+    # Excel's "CSV UTF-8 (Comma delimited)": a byte-order mark, then the header row, CRLF line ends
+    (tmp_path / "pairs.csv").write_text(f"image1,image2\r\n{a},{b}\r\n", encoding="utf-8-sig", newline="")
+    assert main(["verify", str(held_out_run), "--pairs", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "d.csv"),
+                 "--threshold", "0.5"]) == 0, capsys.readouterr().err
+    assert "1 pairs (2 images, each embedded once)" in capsys.readouterr().out

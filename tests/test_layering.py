@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "siamkit"
 LAYERS = {
     "siamkit._version": 0, "siamkit.errors": 0, "siamkit.fileio": 0, "siamkit.device": 0,
     "siamkit.checkpoint": 0, "siamkit.options": 0, "siamkit.calibration": 0, "siamkit.outputs": 0,
-    "siamkit.registry": 0,
+    "siamkit.registry": 0, "siamkit.progress": 0,
     "siamkit.data": 1,
     "siamkit.accel": 2, "siamkit.kernel_choice": 2, "siamkit.winograd": 2, "siamkit.faces": 2, "siamkit.models": 2, "siamkit.losses": 2, "siamkit.batchnorm": 2,
     "siamkit.optimizers": 2,

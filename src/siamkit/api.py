@@ -9,7 +9,6 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from .calibration import run_calibration
 from .checkpoint import load_checkpoint, require_finite_model, resolve_checkpoint, run_dir_of
@@ -21,6 +20,7 @@ from .faces.chips import is_dlib_chip
 from .models.siamese import SiameseNet, network_of
 from .models.zoo import builtin_model
 from .models.zoo import checkpoint as checkpoint_of_builtin
+from .progress import progress_bar
 from .verifier import VerifierBase, as_pil, image_names, image_pixels, require_finite
 
 EMBED_CHUNK = 256  # images per call in embed_pixels: the progress bar moves, and memory stays bounded
@@ -100,7 +100,7 @@ class Verifier(VerifierBase):
         return np.concatenate([
             embed_images(self.model, pixels[i:i + EMBED_CHUNK], self.preprocess, self.device, flip=self.flip,
                          shifts=self.shifts)
-            for i in tqdm(range(0, len(pixels), EMBED_CHUNK), desc="embed", unit="chunk", disable=not progress)])
+            for i in progress_bar(range(0, len(pixels), EMBED_CHUNK), desc="embed", unit="chunk", disable=not progress)])
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", align: bool = False) -> VerifierBase:

@@ -9,13 +9,20 @@ Torch-free: an exported model carries an entry in its metadata and uses the same
 from __future__ import annotations
 
 import json
+import math
 import os
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import SiamkitError
 from .fileio import atomic_write_json, file_lock, lock_path
+from .options import one_of
 
+# The values each score takes: cosine of two embeddings, minus the distance between them. A threshold outside
+# makes every decision the same, whatever the images: a mistake, never a choice.
+SCORE_RANGES = {"cosine": (-1.0, 1.0), "euclidean": (-math.inf, 0.0)}
+THRESHOLD_OPTIONS_CONFLICT = "both choose the threshold"
 CALIBRATION_FILE = "calibration.json"
 TRAINING_SOURCE = "held-out identities at the end of training"
 
@@ -63,6 +70,19 @@ def record_calibration(run_dir: str | os.PathLike, entry: dict, previous: dict |
     return path
 
 
+def prepare_calibration(run_dir: str | os.PathLike, ckpt: dict) -> dict | None:
+    """Before `evaluate --calibrate` evaluates anything: the calibration it will replace (read and checked now), and
+    a run folder it can write its calibration.json into, so that a failure leaves no report behind."""
+    previous = run_calibration(run_dir, ckpt)
+    try:
+        with tempfile.TemporaryFile(dir=run_dir):  # a file made and deleted: os.access says yes to root everywhere
+            pass
+    except OSError as e:
+        raise SiamkitError(f"--calibrate writes {Path(run_dir) / CALIBRATION_FILE}, but {run_dir} is not writable "
+                           f"({e.strerror}); make it writable, or evaluate without --calibrate") from None
+    return previous
+
+
 def run_calibration(run_dir: str | os.PathLike, ckpt: dict) -> dict | None:
     """The calibration a run's verify uses: RUN/calibration.json, else the checkpoint's (training's), else None."""
     path = Path(run_dir) / CALIBRATION_FILE
@@ -100,3 +120,30 @@ def choose_threshold(calibration: dict | None, far: float | None = None) -> tupl
     t = at_far[match[0]]
     note = "" if t.get("supported", True) else f", too few impostor pairs ({t['n_impostor']}) to measure it"
     return float(t["threshold"]), f"threshold at FAR {match[0]}, calibrated on {source}{note}"
+
+
+def check_threshold(threshold: float, score: str, option: str = "--threshold") -> float:
+    """``threshold`` if it is finite and within ``score``'s range (SCORE_RANGES); else one line saying so."""
+    low, high = SCORE_RANGES.get(score, (-math.inf, math.inf))
+    span = f"[{low:g}, {high:g}]" if math.isfinite(low) else f"at most {high:g} (minus a distance)"
+    if not math.isfinite(threshold):
+        raise SiamkitError(f"{option} {threshold} is not a finite number; pass a threshold the {score} score can "
+                           f"take: {span}")
+    if not low <= threshold <= high:
+        every = "same" if threshold < low else "different"
+        raise SiamkitError(f"{option} {threshold:g} is outside the {score} score's range {span}: every pair would be "
+                           f"{every}; pass a threshold in that range")
+    return threshold
+
+
+def pick_threshold(calibration: dict | None, threshold: float | None, far: float | None, score: str,
+                   names: tuple[str, str] = ("--threshold", "--far")) -> tuple[float, str]:
+    """(threshold, what it is) for a decision: the one given (checked), else the calibrated one at ``far`` or the
+    accuracy-maximising one. ``names``: how the caller spells the two options (flags, or Python's keywords)."""
+    if threshold is not None and far is not None:
+        raise one_of(names[0], names[1], THRESHOLD_OPTIONS_CONFLICT)
+    if threshold is not None:
+        return check_threshold(float(threshold), score, names[0]), f"given with {names[0]}"
+    if far is not None and not (math.isfinite(far) and 0 < far < 1):
+        raise SiamkitError(f"{names[1]} {far} is not a false-accept rate; pass one in (0, 1), e.g. 1e-3")
+    return choose_threshold(calibration, far)

@@ -6,6 +6,7 @@ import pickle
 import random
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -76,22 +77,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about foreign pickle protocols: the error below says it all
             state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        forbidden = _FORBIDDEN_GLOBAL.search(str(e))
-        if forbidden:
-            raise SiamkitError(
-                f"refused to load {path}: unpickling it would call {forbidden.group(1)}, which is not tensor or "
-                f"plain data; siamkit never runs code from a checkpoint, so use only checkpoints siamkit wrote"
-            ) from None
-        raise SiamkitError(
-            f"{path} is not a readable checkpoint (damaged, not a PyTorch file, or holding objects other than tensors "
-            f"and plain data, which siamkit never unpickles); use a checkpoint siamkit wrote"
-        ) from None
-    except Exception as e:  # zip, EOF, key and value errors: torch reports damage in many ways
-        raise SiamkitError(
-            f"{path} is not a readable checkpoint (truncated, damaged or not a PyTorch file: {type(e).__name__}); "
-            f"use another checkpoint, e.g. checkpoints/step-N.pt, or retrain"
-        ) from None
+    except Exception as e:
+        raise _unreadable(path, e) from None
     fmt = state.get("format") if isinstance(state, dict) else None
     if not isinstance(fmt, str) or not fmt.startswith(_FORMAT_PREFIX):
         raise SiamkitError(
@@ -105,6 +92,42 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"use the siamkit version that wrote it"
         )
     return state
+
+
+def _unreadable(path: Path, error: Exception) -> SiamkitError:
+    """Why torch.load refused ``path``, in one line: an export (not a checkpoint), code in the pickle, or damage."""
+    exported = _exported_kind(path)
+    if exported:
+        return SiamkitError(
+            f"{path} is {exported} (what siamkit export writes), not a checkpoint: pass the run it was exported from "
+            f"(RUN or RUN/checkpoints/last.pt); verify, embed and identify also take an exported .onnx file as it is")
+    forbidden = _FORBIDDEN_GLOBAL.search(str(error)) if isinstance(error, pickle.UnpicklingError) else None
+    if forbidden:
+        return SiamkitError(
+            f"refused to load {path}: unpickling it would call {forbidden.group(1)}, which is not tensor or "
+            f"plain data; siamkit never runs code from a checkpoint, so use only checkpoints siamkit wrote")
+    if isinstance(error, pickle.UnpicklingError):
+        return SiamkitError(
+            f"{path} is not a readable checkpoint (damaged, not a PyTorch file, or holding objects other than tensors "
+            f"and plain data, which siamkit never unpickles); use a checkpoint siamkit wrote")
+    # zip, EOF, key and value errors: torch reports damage in many ways
+    return SiamkitError(
+        f"{path} is not a readable checkpoint (truncated, damaged or not a PyTorch file: {type(error).__name__}); "
+        f"use another checkpoint, e.g. checkpoints/step-N.pt, or retrain")
+
+
+def _exported_kind(path: Path) -> str | None:
+    """"an ONNX model" or "a TorchScript model" when ``path`` is one (by its name, or a TorchScript archive's code
+    folder), else None."""
+    if path.suffix.lower() == ".onnx":
+        return "an ONNX model"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return None
+    # torch.jit.save's archive holds the model's Python code (NAME/code/...); torch.save's holds only data.pkl
+    return "a TorchScript model" if any("/code/" in name for name in names) else None
 
 
 def require_finite_model(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:

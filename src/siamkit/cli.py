@@ -103,6 +103,11 @@ def _evaluate(args) -> int:
     from .models.zoo import builtin_model
     from .outputs import check_report_files, existing_inputs, is_run_folder, run_inputs
 
+    if args.protocol == "identification" and (args.pairs or args.calibrate):
+        from .options import one_of
+
+        raise one_of("--protocol identification", "--pairs" if args.pairs else "--calibrate",
+                     "belong to different evaluations (--pairs and --calibrate are verification's)")
     device = resolve_device(args.device)
     model, ckpt, run_dir = load_run(args.run, device)
     out = Path(args.out) if args.out else run_dir / "eval"
@@ -124,6 +129,10 @@ def _evaluate(args) -> int:
         # verify scores with the run's own score and views: thresholds found otherwise would not fit them.
         raise SiamkitError("--calibrate finds thresholds for the run's own --score, --flip and --shifts; drop those "
                            "options")
+    if args.calibrate:
+        from .calibration import prepare_calibration
+
+        previous = prepare_calibration(run_dir, ckpt)  # before the report: a run it cannot calibrate gets none
     ds = _load_model_data(args, ckpt, pre)
     result = evaluate(model, pre, ds, pairs_file=args.pairs, score=score, flip=flip, shifts=shifts, device=device,
                       seed=args.seed, max_genuine_pairs=args.max_genuine_pairs or None,
@@ -135,10 +144,10 @@ def _evaluate(args) -> int:
     if ckpt.get("threshold_source"):  # a built-in model's own threshold, which verify uses until --calibrate
         print(f"default threshold {ckpt['threshold']:g}: {ckpt['threshold_source']}")
     if args.calibrate:
-        from .calibration import calibration_entry, record_calibration, run_calibration
+        from .calibration import calibration_entry, record_calibration
 
         entry = calibration_entry(report, f"{args.data} (evaluate --calibrate)")
-        path = record_calibration(run_dir, entry, previous=run_calibration(run_dir, ckpt))
+        path = record_calibration(run_dir, entry, previous=previous)
         print(f"calibrated: {path} now holds these thresholds (the previous ones are kept in its history); "
               f"verify uses them")
     return 0
@@ -146,10 +155,9 @@ def _evaluate(args) -> int:
 
 def _verify(args) -> int:
     from . import load
-    from .calibration import choose_threshold
+    from .calibration import pick_threshold
 
-    if args.threshold is not None and args.far is not None:
-        raise SiamkitError("pass --threshold or --far, not both")
+    _refuse_threshold_beside_far(args)
     if (args.pairs is None) == (args.image2 is None):
         raise SiamkitError("give two images, or --pairs PAIRS.csv --out DECISIONS.csv (not both)")
     if args.pairs is not None and (args.out is None or args.image1 is not None):
@@ -159,10 +167,7 @@ def _verify(args) -> int:
 
         check_output_file(args.out, [*run_inputs(args.run), *existing_inputs([args.pairs])], args.force)
     verifier = load(args.run, align=args.align)
-    if args.threshold is not None:
-        threshold, what = args.threshold, "given with --threshold"
-    else:
-        threshold, what = choose_threshold(verifier.calibration, args.far)
+    threshold, what = pick_threshold(verifier.calibration, args.threshold, args.far, verifier.score_name)
     if args.pairs is not None:
         from .eval.decisions import verify_pairs_csv
 
@@ -172,6 +177,15 @@ def _verify(args) -> int:
     print(f"score {s:.4f}  threshold {threshold:.4f}  {'SAME' if s >= threshold else 'DIFFERENT'}")
     print(f"threshold: {what}")
     return 0
+
+
+def _refuse_threshold_beside_far(args) -> None:
+    """--threshold beside --far: refused before anything is loaded, in verify and identify alike."""
+    if args.threshold is not None and args.far is not None:
+        from .calibration import THRESHOLD_OPTIONS_CONFLICT
+        from .options import one_of
+
+        raise one_of("--threshold", "--far", THRESHOLD_OPTIONS_CONFLICT)
 
 
 def _export(args) -> int:
@@ -211,6 +225,10 @@ def _enroll(args) -> int:
     from .gallery import GALLERY_FILE, load_gallery, update_gallery
 
     out = Path(args.out)
+    if args.remove and (args.data is not None or args.add):
+        from .options import one_of
+
+        raise one_of("--remove", "--data/--add", "change the gallery in opposite ways (run enroll once for each)")
     if args.remove:
         load_gallery(out)  # one line if there is none, before anything is created
         gallery = update_gallery(out, lambda g: _remove_people(g, args.remove))
@@ -256,18 +274,16 @@ def _remove_people(gallery, names: list[str]):
 
 def _identify(args) -> int:
     from . import load
-    from .calibration import choose_threshold
+    from .calibration import pick_threshold
     from .gallery import load_gallery
 
     if args.top_k < 1:
         raise SiamkitError(f"--top-k must be at least 1, got {args.top_k}")
+    _refuse_threshold_beside_far(args)
     gallery = load_gallery(args.gallery)
     model = args.model or gallery.meta["model"]
     verifier = load(model)
-    if args.threshold is not None:
-        threshold, what = args.threshold, "given with --threshold"
-    else:
-        threshold, what = choose_threshold(verifier.calibration, args.far)
+    threshold, what = pick_threshold(verifier.calibration, args.threshold, args.far, verifier.score_name)
     found = verifier.identify(args.images, gallery, args.top_k, threshold=threshold, backend=args.backend,
                               model_name=model)
     for image, match in zip(args.images, found):
@@ -577,17 +593,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not words or words[0] != "train":
         return build_parser(torch_free=bool(words) and words[0] in TORCH_FREE_COMMANDS).parse_args(argv)
     start = TrainStart.of(argv)
-    args = build_parser(train_start=start).parse_args(argv)
+    parser = build_parser(train_start=start)
+    args = parser.parse_args(argv)
     final = TrainStart(args.data, args.recipe, args.pretrained, args.config)
     if final != start and not start.config_file:  # an abbreviated --dat or --pre that only the full parser reads
-        args = build_parser(train_start=final).parse_args(argv)
+        parser = build_parser(train_start=final)
+        args = parser.parse_args(argv)
+    if args.steps and args.epochs and _given_here(parser, argv, ("steps", "epochs")) == {"steps", "epochs"}:
+        from .options import one_of
+
+        # (a recipe's or a --config file's --epochs gives way to --steps given here, as every option does)
+        raise one_of("--steps", "--epochs", "both set the run's length")
     return args
+
+
+_UNSET = object()
+
+
+def _given_here(parser: argparse.ArgumentParser, argv: list[str] | None, dests: tuple[str, ...]) -> set[str]:
+    """Which of train's options ``dests`` this command line gives (not a default, a recipe or a --config file)."""
+    train = parser.train_parser
+    saved = {dest: train.get_default(dest) for dest in dests}
+    train.set_defaults(**dict.fromkeys(dests, _UNSET))
+    try:
+        args = parser.parse_args(argv)
+    finally:
+        train.set_defaults(**saved)
+    return {dest for dest in dests if getattr(args, dest) is not _UNSET}
+
+
+def _print_any_file_name() -> None:
+    """A file name may hold any bytes; Python reads the ones that are not UTF-8 as surrogates, which a UTF-8 locale's
+    stdout refuses (UnicodeEncodeError). Print them as the bytes they were, as ls does (stderr already escapes them)."""
+    try:
+        sys.stdout.reconfigure(errors="surrogateescape")
+    except (AttributeError, ValueError):  # not a text stream of its own (a test's capture, a closed stream)
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     # The command line speaks in one-line messages: Pillow's warnings about a file (decompression bomb, truncated
     # TIFF) only repeat what siamkit's own "skipped" line says, with a source line attached.
     warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+    _print_any_file_name()
     try:
         args = parse_args(argv)
         return {"train": _train, "evaluate": _evaluate, "verify": _verify, "embed": _embed,

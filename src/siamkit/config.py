@@ -16,6 +16,7 @@ from typing import Any
 
 from .accel import CPU_TUNINGS
 from .batchnorm import POLICIES, get_policy
+from .data.limits import check_side
 from .data.sources import SOURCES, source_of
 from .data.transforms import AUGMENTATIONS, FaceAugment
 from .errors import SiamkitError
@@ -267,6 +268,8 @@ class TrainConfig(ModelOptions):
             raise SiamkitError("--val-identities takes a fraction below 1 or a whole count of identities")
         if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 8):
             raise SiamkitError(f"--image-size takes H W, each at least 8 pixels, got {self.image_size}")
+        for side in self.image_size or ():
+            check_side(side, "--image-size")
         if self.face_augment:
             FaceAugment.from_overrides(self.face_augment)  # its one-line error, before anything is decoded
         if self.center_crop is not None and not 0 < self.center_crop <= 1:

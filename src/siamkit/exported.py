@@ -14,10 +14,9 @@ from typing import Sequence
 
 import numpy as np
 
-from tqdm import tqdm
-
-from .data.pixels import Preprocess, list_image_folder
+from .data.pixels import Preprocess, list_image_folder, warn_small
 from .errors import SiamkitError, warn
+from .progress import progress_bar
 from .verifier import VerifierBase, as_pil, image_names, image_pixels, require_finite
 
 EXPORT_FORMAT = "siamkit-export-v1"  # export.py writes it; kept here too so that this module needs no torch
@@ -84,13 +83,14 @@ class ExportedVerifier(VerifierBase):
         self.score_name = self.metadata["score"]
         self.calibration = self.metadata.get("calibration")
         self.threshold = None if self.calibration is None else float(self.calibration["threshold"])
+        self.alignment = self.metadata.get("alignment")  # as api.Verifier's: how its run's training data was aligned
 
     @property
     def reads_dlib_chips(self) -> bool:
         """Whether the model reads dlib's face chips, which it then cuts itself from every photo (faces/chips.py)."""
         from .faces.chips import is_dlib_chip
 
-        return is_dlib_chip(self.metadata.get("alignment"))
+        return is_dlib_chip(self.alignment)
 
     def embed(self, images: Sequence, align: bool | None = None) -> np.ndarray:
         """Embeddings [N, D] of image paths, PIL images, HxW(xC) arrays or CxHxW tensors (a model that reads dlib's
@@ -118,7 +118,7 @@ class ExportedVerifier(VerifierBase):
         pixels = np.asarray(pixels)
         starts = range(0, len(pixels), BATCH)
         out = [self.session.run(None, {"images": pixels[i:i + BATCH]})[0]
-               for i in tqdm(starts, desc="embed", unit="batch", disable=not progress)]
+               for i in progress_bar(starts, desc="embed", unit="batch", disable=not progress)]
         return np.concatenate(out)
 
 
@@ -135,11 +135,11 @@ def embed_folder(verifier: ExportedVerifier, root: str | os.PathLike, progress: 
             raise SiamkitError(f"this exported model reads dlib's face chips: pass a folder written by siamkit align "
                                f"--template dlib (or embed {root} with the model itself, which cuts the chips)")
     names, files = list_image_folder(root)
-    pixels, labels, paths, bad = [], [], [], []
+    pixels, labels, paths, bad, small = [], [], [], [], []
     for label, folder in enumerate(files):
         for rel in folder:
             try:
-                pixels.append(image_pixels(os.path.join(root, rel), verifier.preprocess))
+                pixels.append(image_pixels(os.path.join(root, rel), verifier.preprocess, small))
             except SiamkitError as e:
                 bad.append(str(e).removeprefix("cannot read image "))
                 continue
@@ -147,6 +147,7 @@ def embed_folder(verifier: ExportedVerifier, root: str | os.PathLike, progress: 
             paths.append(rel)
     if bad:
         warn(f"skipped {len(bad)} unreadable image(s): {'; '.join(bad[:5])}{'; ...' if len(bad) > 5 else ''}")
+    warn_small("", small)  # kept, as the PyTorch side's loaders keep them (paths already joined to the root)
     if not pixels:
         raise SiamkitError(f"no readable images in {root}; check the files are images Pillow can open")
     used = sorted(set(labels))  # identities whose every image was unreadable drop out, labels stay 0..K-1

@@ -89,6 +89,9 @@ class Gallery:
                                f"makes embeddings of dimension {probe_embedding.shape[-1]}; enroll the gallery again "
                                f"with this model, or use the one it was enrolled with ({self.meta['model']})")
         if stored.shape != probe_embedding.shape or not np.abs(stored - probe_embedding).max() <= PROBE_TOLERANCE:
+            if _same_path(self.meta["model"], model):  # retrained or replaced in place since the enrolment
+                raise SiamkitError(f"the model {model} has changed since this gallery was enrolled with it (its weights "
+                                   f"embed differently now: retrained or replaced); enroll the gallery again with it")
             raise SiamkitError(f"this gallery was enrolled with another model ({self.meta['model']}), not {model}; "
                                f"enroll the gallery again with this model, or use the one it was enrolled with")
 
@@ -305,3 +308,11 @@ class FaissIndex:
         valid = idx.reshape(-1) >= 0  # HNSW pads with -1 when it finds fewer
         np.maximum.at(best, (rows[valid], self.owner[idx.reshape(-1)[valid]]), s.reshape(-1)[valid])
         return _top_k(best, k)
+
+
+def _same_path(a: str, b: str) -> bool:
+    """Whether two model paths name the same file or folder (a gallery stores its model's absolute path)."""
+    try:
+        return os.path.realpath(a) == os.path.realpath(b)
+    except (TypeError, ValueError):
+        return False

@@ -29,7 +29,6 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from . import winograd
 from .accel import (
@@ -38,6 +37,7 @@ from .accel import (
 from .data.cache import default_cache_dir
 from .errors import warn
 from .fileio import atomic_write_json
+from .progress import progress_bar
 
 WINOGRAD2, WINOGRAD4 = winograd.F2.name, winograd.F4.name
 KERNELS = KERNEL_NAMES  # pytorch, swapped, winograd2, winograd4
@@ -262,7 +262,8 @@ def choose(
         else:
             todo.append(shape)
     start = time.perf_counter()
-    for shape in tqdm(todo, desc="measuring convolution kernels", unit="shape", disable=not progress, leave=False):
+    for shape in progress_bar(todo, desc="measuring convolution kernels", unit="shape", disable=not (progress and todo),
+                              leave=False):
         out.kernels[shape] = pick(measure(shape))
     out.measured, out.seconds = len(todo), time.perf_counter() - start
     if todo and cache is not None:

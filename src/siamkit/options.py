@@ -43,6 +43,11 @@ def option(
     return dataclasses.field(default=default, metadata=meta)
 
 
+def one_of(first: str, second: str, reason: str) -> SiamkitError:
+    """The one message, in every command and in Python, for two options that cannot go together."""
+    return SiamkitError(f"{first} and {second} {reason}: pass only one of them")
+
+
 def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 

@@ -11,17 +11,27 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .calibration import choose_threshold
-from .data.pixels import Preprocess, decode_image_array, image_to_array
+from .calibration import choose_threshold, pick_threshold
+from .data.pixels import Preprocess, decode_image_array, image_to_array, too_small
 from .errors import SiamkitError
 from .eval.verification import pair_scores
 
 
-def image_pixels(image, pre: Preprocess) -> np.ndarray:
-    """uint8 [C, H, W] at the model's size from a path, PIL image, HxW(xC) array or CxHxW tensor."""
+def image_pixels(image, pre: Preprocess, small: list | None = None) -> np.ndarray:
+    """uint8 [C, H, W] at the model's size from a path, PIL image, HxW(xC) array or CxHxW tensor.
+
+    A file under MIN_IMAGE_SIDE pixels a side is refused (a blur of a few pixels scored as if it were a photo would
+    be a wrong answer), or, given a list ``small`` (a folder's loader, which warns once), appended to it as
+    (path, why) and kept."""
     if isinstance(image, (str, os.PathLike)):
+        sizes: list = []
         try:
-            return decode_image_array(image, pre)
+            pixels = decode_image_array(image, pre, sizes)
+            if too_small(sizes[0]) and small is None:
+                raise ValueError(too_small(sizes[0]))
+            if too_small(sizes[0]):
+                small.append((str(image), too_small(sizes[0])))
+            return pixels
         except ValueError as e:
             raise SiamkitError(f"cannot read image {image}: {e}") from None
         except FileNotFoundError:
@@ -88,11 +98,17 @@ class VerifierBase:
         The threshold: ``threshold`` if given, else the one calibrated at false-accept rate ``far`` (1e-1, 1e-2,
         1e-3: see ``calibration["thresholds_at_far"]``), else the calibrated accuracy-maximising one.
         """
-        if threshold is not None and far is not None:
-            raise SiamkitError("pass threshold= or far=, not both")
-        t = threshold if threshold is not None else self.threshold_for(far)
+        t = self.decision_threshold(threshold, far)[0]
         s = self.score(a, b)
         return bool(s >= t) if isinstance(s, float) else s >= t
+
+    def decision_threshold(self, threshold: float | None = None, far: float | None = None,
+                           names: tuple[str, str] = ("threshold=", "far=")) -> tuple[float, str]:
+        """(threshold, what it is): ``threshold`` checked against the score's range, else the calibrated one (at
+        ``far``); both given is refused as the command line refuses --threshold beside --far."""
+        if threshold is None and far is None and self.threshold is not None:
+            return self.threshold, "the verifier's threshold"
+        return pick_threshold(self.calibration, threshold, far, self.score_name, names)
 
     def threshold_for(self, far: float | None = None) -> float:
         """The calibrated threshold at false-accept rate ``far`` (None: the accuracy-maximising one)."""
@@ -112,9 +128,7 @@ class VerifierBase:
 
         g = gallery if isinstance(gallery, Gallery) else load_gallery(gallery)
         g.check_model(model_probe(self), model_name)
-        if threshold is not None and far is not None:
-            raise SiamkitError("pass threshold= or far=, not both")
-        t = threshold if threshold is not None else self.threshold_for(far)
+        t = self.decision_threshold(threshold, far)[0]
         ids, scores = g.search(self.embed(list(images)), k, backend)
         return [{"identity": g.names[row[0]] if s[0] >= t else None, "score": float(s[0]),
                  "top_k": [(g.names[i], float(x)) for i, x in zip(row, s)]} for row, s in zip(ids, scores)]

@@ -222,3 +222,49 @@ def test_the_size_cap_skips_a_cache_another_process_is_rebuilding(faces, tmp_pat
     with file_lock(base / f"{other.name}.lock", "the cache", timeout=None):  # as if another process were rebuilding it
         load_cached_folder(faces, PRE, base, max_gb=1e-9, progress=False)  # does not wait for it
     assert other in _caches(base) and len(_caches(base)) == 2
+
+
+# --- issue 28: any file-name bytes, orientation in the key, the disk's free space -----------------------------------
+
+def test_folder_names_that_are_not_utf8_cache_like_any_other(att_faces, tmp_path):
+    # Any bytes but / and NUL make a valid name on Linux; Python reads the others as surrogates (os.fsdecode).
+    root = tmp_path / "faces"
+    root.mkdir()
+    raw_names = [b"\xff\xfe", b"caf\xe9", b"s3"]
+    for i, raw in enumerate(raw_names, start=1):
+        folder = os.path.join(bytes(root), raw)
+        os.mkdir(folder)
+        for k in (1, 2):
+            shutil.copy2(att_faces / f"s{i}" / f"{k}.pgm", os.path.join(folder, f"{k}.pgm".encode()))
+    ds = load_cached_folder(root, PRE, tmp_path / "cache", progress=False)
+    assert ds.names == sorted(os.fsdecode(raw) for raw in raw_names)
+    _same_as_memory(ds, root)
+    again = load_cached_folder(root, PRE, tmp_path / "cache", progress=False)  # its index read back, names intact
+    assert again.names == ds.names and again.paths == ds.paths
+
+
+def test_the_key_covers_the_decoding_so_caches_of_sideways_pixels_are_not_reused(faces, monkeypatch):
+    from siamkit.data import pixels
+
+    key = cache.fingerprint(*_listing(faces), faces, PRE)
+    # The decoders before EXIF orientation was applied: other pixels for tagged photos, so another key.
+    monkeypatch.setattr(cache, "DECODING_VERSION", pixels.DECODING_VERSION - 1)
+    assert cache.fingerprint(*_listing(faces), faces, PRE) != key
+
+
+def test_a_cache_the_disk_cannot_hold_is_refused_before_anything_is_written(faces, tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from siamkit.data import limits
+    from siamkit.errors import SiamkitError
+
+    usage = namedtuple("usage", "total used free")
+    need = 21 * 24 * 20  # the 21 candidate files at 1 x 24 x 20 bytes each, counted before decoding
+    monkeypatch.setattr(limits.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - need + 1, need - 1))
+    base = tmp_path / "cache"
+    with pytest.raises(SiamkitError, match=f"21 images at 1x24x20 decode to 0.0 GiB for the decoded cache, but the "
+                                           f"disk holding {base} has 0.0 GiB free; pass a smaller --image-size"):
+        load_cached_folder(faces, PRE, base, progress=False)
+    assert not base.exists()  # no folder, no lock, no sparse images file
+    monkeypatch.setattr(limits.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - need, need))
+    assert len(load_cached_folder(faces, PRE, base, progress=False)) == 20  # exactly enough is enough

@@ -43,3 +43,53 @@ def test_preprocess_dict_round_trip_and_old_dicts():
     plain = Preprocess(image_size=(32, 32))
     # without a box the dict is the one siamkit wrote before the field existed (decoded caches keep their keys)
     assert "fill_box" not in plain.to_dict() and Preprocess.from_dict(plain.to_dict()) == plain
+
+
+# --- EXIF orientation (issue 28: phone photos were read sideways) -------------------------------------------------
+
+# EXIF orientation -> what a camera did to the upright photo before storing it (the tag asks to undo it).
+STORED_AS = {
+    2: lambda im: im.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+    3: lambda im: im.transpose(Image.Transpose.ROTATE_180),
+    4: lambda im: im.transpose(Image.Transpose.FLIP_TOP_BOTTOM),
+    5: lambda im: im.transpose(Image.Transpose.TRANSPOSE),
+    6: lambda im: im.transpose(Image.Transpose.ROTATE_90),
+    7: lambda im: im.transpose(Image.Transpose.TRANSVERSE),
+    8: lambda im: im.transpose(Image.Transpose.ROTATE_270),
+}
+
+
+def save_tagged(upright: Image.Image, orientation: int, path) -> None:
+    """``upright`` stored as a camera stores it: pixels turned, an EXIF tag saying how to turn them back."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    STORED_AS[orientation](upright).save(path, exif=exif)
+
+
+def test_every_exif_orientation_decodes_to_the_upright_pixels(data_root, tmp_path):
+    from siamkit.data.pixels import decode_image_array
+
+    face = Image.open(sorted((data_root / "rof_neutral" / "al_pacino").glob("*.jpg"))[0]).convert("RGB")
+    face.save(tmp_path / "upright.png")  # PNG: lossless, so the pixels can be compared exactly
+    pre = Preprocess(image_size=(40, 30))  # not square: a sideways decode cannot even have the right aspect
+    expected = decode_image_array(tmp_path / "upright.png", pre)
+    for orientation in STORED_AS:
+        save_tagged(face, orientation, tmp_path / f"o{orientation}.png")
+        stored = np.asarray(Image.open(tmp_path / f"o{orientation}.png"))
+        assert stored.shape != np.asarray(face).shape or not np.array_equal(stored, np.asarray(face))  # really turned
+        np.testing.assert_array_equal(decode_image_array(tmp_path / f"o{orientation}.png", pre), expected,
+                                      err_msg=f"orientation {orientation}")
+
+
+def test_images_smaller_than_a_model_can_use_are_named(tmp_path):
+    from siamkit.data.pixels import MIN_IMAGE_SIDE, decode_image_array, too_small
+
+    pre = Preprocess(image_size=(32, 32))
+    for w, h in ((1, 1), (MIN_IMAGE_SIDE - 1, 200), (200, MIN_IMAGE_SIDE - 1)):
+        assert too_small((w, h)) == (f"{w}x{h} pixels is too small to tell anyone apart (at least {MIN_IMAGE_SIDE} "
+                                     f"px a side, as siamkit align requires)")
+    assert too_small((MIN_IMAGE_SIDE, MIN_IMAGE_SIDE)) is None
+    # the size the decoder reports is the upright one: a 20x10 photo stored as 10x20 with its EXIF tag
+    save_tagged(Image.new("L", (20, 10), 128), 6, tmp_path / "turned.png")
+    sizes = []
+    assert decode_image_array(tmp_path / "turned.png", pre, sizes).shape == (3, 32, 32) and sizes == [(20, 10)]

@@ -253,7 +253,10 @@ def test_any_bytes_in_a_folder_load_or_are_skipped_with_a_warning(content, ext):
         with contextlib.redirect_stderr(err):
             ds = load_folder(root, SMALL_PRE)
         if len(ds) == 5:
-            assert err.getvalue() == ""
+            # kept; a decodable image under 16 px a side is named in one warning (data/pixels.py MIN_IMAGE_SIDE)
+            warning = err.getvalue()
+            assert warning == "" or (warning.count("\n") == 1 and warning.startswith(
+                f"siamkit: warning: 1 image(s) too small to tell anyone apart, used as they are: {fuzzed} (")), warning
             assert ds.paths[-1] == f"b/z{ext}"
         else:
             assert len(ds) == 4 and f"b/z{ext}" not in ds.paths

@@ -131,6 +131,30 @@ def test_cli_align_on_worker_processes(photos, tmp_path, cli):
     assert "(0 processed now)" in r.stderr  # a rerun finds everything done
 
 
+def test_a_photo_stored_sideways_with_an_exif_tag_aligns_like_the_upright_one(data_root, tmp_path):
+    # Phones store a photo turned, with an orientation tag; siamkit aligned the stored pixels (issue 28).
+    face = Image.open(sorted((data_root / "rof_neutral" / "al_pacino").glob("*.jpg"))[0]).convert("RGB")
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    face.save(src / "a" / "upright.png")  # PNG on both sides: lossless, so the crops must be equal pixel for pixel
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to view": the pixels are stored turned counter-clockwise
+    face.transpose(Image.Transpose.ROTATE_90).save(src / "a" / "phone.png", exif=exif)
+    dst = tmp_path / "dst"
+    summary = align_folder(src, dst, AlignOptions(size=96), workers=1, progress=False)
+    assert {r.path: r.status for r in summary.results} == {"a/upright.png": "aligned", "a/phone.png": "aligned"}
+    np.testing.assert_array_equal(np.asarray(Image.open(dst / "a" / "phone.png")),
+                                  np.asarray(Image.open(dst / "a" / "upright.png")))
+
+
+def test_align_size_has_an_upper_bound(tmp_path):
+    MAX_IMAGE_SIDE = 1024  # the bound documented in data/limits.py and docs/reliability-inputs.md
+    AlignOptions(size=MAX_IMAGE_SIDE).check()
+    with pytest.raises(SiamkitError, match=f"--size takes sides of 8 to {MAX_IMAGE_SIDE} pixels, got 100000"):
+        align_folder(tmp_path, tmp_path / "out", AlignOptions(size=100_000), workers=1, progress=False)
+    assert not (tmp_path / "out").exists()  # refused before DST, its journal or a crop exists
+
+
 def test_a_journal_from_before_templates_resumes(photos, tmp_path):
     """A DST whose journal predates --template (no "template" in its options) finishes as siamkit's template."""
     from siamkit.faces.folder import JOURNAL

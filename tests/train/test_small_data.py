@@ -51,7 +51,7 @@ def test_one_person_stops_with_one_line(att_faces, tmp_path, capfd):
     run = tmp_path / "run"
     assert main(["train", "--data", str(data), "--out", str(run), *SHORT]) == 2
     err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("siamkit:")]
-    assert err[-1] == f"siamkit: error: --data {data} has 1 identity; verification needs at least 2 (one sub-folder per person)"
+    assert err[-1] == f"siamkit: error: --data {data} has 1 identity; verification needs at least 2 identities (one sub-folder per person)"
     assert not warnings_of("\n".join(err))
     assert not run.exists()
 

@@ -24,10 +24,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..errors import SiamkitError, info, warn
 from ..fileio import Busy, atomic_write_json, file_lock, file_sha256, write_error
+from ..progress import progress_bar
+from .limits import check_fits_disk
+from .pixels import DECODING_VERSION
+from .pixels import too_small, warn_small
 from .sources import IdentityDataset, decode_image, list_folder, load_source, source_of, FOLDER
 from .transforms import Preprocess
 
@@ -90,16 +93,20 @@ class ImageRows:
 
 
 def fingerprint(names: Sequence[str], files: Sequence[Sequence[str]], root: Path, pre: Preprocess) -> str:
-    """Hash of the format, the preprocessing and every file's relative path, size and mtime (not the root)."""
-    h = hashlib.sha256(json.dumps({"format": FORMAT, "version": VERSION, "preprocess": pre.to_dict()}).encode())
+    """Hash of the format, the decoding (pixels.DECODING_VERSION), the preprocessing and every file's relative path,
+    size and mtime (not the root)."""
+    h = hashlib.sha256(json.dumps({"format": FORMAT, "version": VERSION, "preprocess": pre.to_dict(),
+                                   "decoding": DECODING_VERSION}).encode())
     prefix = f"{root}{os.sep}"  # string concatenation: os.path.join costs more than the stat at 100,000 files
     for paths in files:
         for rel in paths:
             try:
                 st = os.stat(prefix + rel)
-                h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                line = f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n"
             except OSError:  # unreadable now: decoding skips it; its absence is part of the fingerprint
-                h.update(f"{rel}\0missing\n".encode())
+                line = f"{rel}\0missing\n"
+            # surrogateescape: a name that is not valid UTF-8 (any bytes are a valid file name) hashes as its bytes
+            h.update(line.encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:32]
 
 
@@ -115,6 +122,8 @@ def load_cached_folder(
     final = base / key
     found = _open(final, key)
     if isinstance(found, str):
+        # Before the cache folder or a file in it exists: what the disk cannot hold leaves nothing behind.
+        check_fits_disk(sum(map(len, files)), pre.channels, pre.image_size, base)
         _make_dir(base)
         with file_lock(base / f"{key}.lock", f"the decoded cache {final}", timeout=None):
             found = _open(final, key)  # another process may have built it while this one waited
@@ -128,6 +137,7 @@ def load_cached_folder(
                     raise SiamkitError(f"decoded cache {final} could not be read back after building ({found})")
                 evict(base, max_gb, keep=key)
     array, index = found
+    warn_small(root, [tuple(item) for item in index.get("small", [])])  # at every use: evaluate and embed say it too
     _touch(final / INDEX_FILE)  # last use: the size cap removes the least recently used caches first
     return IdentityDataset(
         images=ImageRows(array), labels=np.asarray(index["labels"], dtype=np.int64), names=list(index["names"]),
@@ -192,8 +202,8 @@ def _build(final: Path, names: list[str], files: list[list[str]], root: Path, pr
         images_path = tmp / IMAGES_FILE
         with open(images_path, "wb") as f:
             f.truncate(len(flat) * row_bytes)
-        errors = _decode_all(images_path, (len(flat), *row_shape), [os.path.join(root, p) for _, p in flat], pre,
-                             progress)
+        errors, small = _decode_all(images_path, (len(flat), *row_shape), [os.path.join(root, p) for _, p in flat],
+                                    pre, progress)
         good = [i for i in range(len(flat)) if i not in errors]
         if errors:
             shown = "; ".join(f"{os.path.join(root, flat[i][1])} ({why})" for i, why in sorted(errors.items())[:5])
@@ -209,6 +219,7 @@ def _build(final: Path, names: list[str], files: list[list[str]], root: Path, pr
             "preprocess": pre.to_dict(), "source": str(root), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "names": [names[i] for i in used_labels], "labels": [remap[flat[i][0]] for i in good],
             "paths": [flat[i][1] for i in good],
+            "small": [[flat[i][1], why] for i, why in sorted(small.items())],  # images under MIN_IMAGE_SIDE, kept
         }
         with open(images_path, "rb+") as f:
             os.fsync(f.fileno())
@@ -226,13 +237,16 @@ def _build(final: Path, names: list[str], files: list[list[str]], root: Path, pr
     info(f"decoded {len(good)} images into the cache {final} ({gib:.2f} GiB) in {time.perf_counter() - start:.1f} s")
 
 
-def _decode_all(images_path: Path, shape: tuple, paths: list[str], pre: Preprocess, progress: bool) -> dict[int, str]:
-    """Decode ``paths`` into the rows of ``images_path``: worker processes on every core; -> {row: why unreadable}."""
+def _decode_all(images_path: Path, shape: tuple, paths: list[str], pre: Preprocess,
+                progress: bool) -> tuple[dict[int, str], dict[int, str]]:
+    """Decode ``paths`` into the rows of ``images_path``: worker processes on every core; -> ({row: why unreadable},
+    {row: why too small})."""
     chunks = [(str(images_path), shape, pre.to_dict(), start, paths[start:start + CHUNK])
               for start in range(0, len(paths), CHUNK)]
     workers = os.cpu_count() or 1
     errors: dict[int, str] = {}
-    bar = tqdm(total=len(paths), desc="decode", unit="img", disable=not progress, dynamic_ncols=True)
+    small: dict[int, str] = {}
+    bar = progress_bar(total=len(paths), desc="decode", unit="img", disable=not progress, dynamic_ncols=True)
     if len(paths) >= PROCESS_DECODE_FROM and workers > 1:
         # fork, as PyTorch's DataLoader workers do (one intra-op thread each, so no thread pool is inherited
         # half-made): spawn would import the user's __main__ again in every worker, and fails for `python -`.
@@ -241,30 +255,37 @@ def _decode_all(images_path: Path, shape: tuple, paths: list[str], pre: Preproce
     else:  # Pillow releases the GIL while decoding: threads decode in parallel without the start-up cost.
         pool = ThreadPoolExecutor(max_workers=min(8, workers * 2))
     with pool, bar:
-        for done, bad in pool.map(_decode_chunk, chunks):
+        for done, bad, tiny in pool.map(_decode_chunk, chunks):
             errors.update(bad)
+            small.update(tiny)
             bar.update(done)
-    return errors
+    return errors, small
 
 
 def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _decode_chunk(task: tuple) -> tuple[int, dict[int, str]]:
-    """Worker: decode one chunk of paths into its rows of the images file; -> (count, {row: why unreadable})."""
+def _decode_chunk(task: tuple) -> tuple[int, dict[int, str], dict[int, str]]:
+    """Worker: decode one chunk of paths into its rows of the images file; -> (count, {row: why unreadable},
+    {row: why too small})."""
     images_path, shape, pre_dict, start, paths = task
     pre = Preprocess.from_dict(pre_dict)
     out = np.memmap(images_path, dtype=np.uint8, mode="r+", shape=shape)
     bad: dict[int, str] = {}
+    small: dict[int, str] = {}
     for offset, path in enumerate(paths):
+        sizes: list = []
         try:
-            out[start + offset] = decode_image(path, pre).numpy()
+            out[start + offset] = decode_image(path, pre, sizes).numpy()
         except ValueError as e:
             bad[start + offset] = str(e)
+            continue
+        if too_small(sizes[0]):
+            small[start + offset] = too_small(sizes[0])
     out.flush()
     del out
-    return len(paths), bad
+    return len(paths), bad, small
 
 
 def _compact(images_path: Path, good: list[int], n: int, row_bytes: int) -> None:

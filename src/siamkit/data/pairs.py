@@ -94,7 +94,7 @@ def read_lfw_pairs(pairs_file: str | os.PathLike, root: str | os.PathLike) -> li
     except OSError as e:
         raise SiamkitError(f"pairs file {pairs_file} cannot be read ({e.strerror}); pass a readable file") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # -sig: a byte-order mark (Windows editors write one) is not line 1's text
     except UnicodeDecodeError:
         raise SiamkitError(f"pairs file {pairs_file} is not UTF-8 text; pass an LFW pairs.txt") from None
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import SiamkitError, warn
 
@@ -23,6 +23,22 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".bmp", ".t
 PILLOW_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP", "GIF")
 # Refuse images above this many pixels before decoding them (decompression-bomb guard).
 MAX_IMAGE_PIXELS = 40_000_000
+# Below this many pixels a side an image holds too little to tell anyone apart (`siamkit align` finds no face in it,
+# faces/folder.py MIN_SIDE): verify refuses to score it, and a data folder's loaders warn about it (kept, so that
+# training data and its results stay as they were: ROF-neutral holds three 12x16 crops).
+MIN_IMAGE_SIDE = 16
+# What decoding does to a file's pixels, part of the decoded cache's fingerprint: a change here (2: the EXIF
+# orientation applied) gives every cache a new key, so no cache of the old pixels is reused.
+DECODING_VERSION = 2
+EXIF_ORIENTATION = 0x0112  # the EXIF tag a camera or phone sets instead of rotating the pixels it stores
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: phones store a photo sideways (or mirrored) with an EXIF orientation
+    tag instead of turning its pixels; every decoder in siamkit applies the tag (Pillow does not)."""
+    if img.getexif().get(EXIF_ORIENTATION, 1) in (2, 3, 4, 5, 6, 7, 8):
+        return ImageOps.exif_transpose(img)
+    return img  # no copy for the usual case: an upright photo, or a format without EXIF (PGM, most PNGs)
 
 
 @dataclass(frozen=True)
@@ -102,8 +118,9 @@ def image_to_array(img: Image.Image, pre: Preprocess) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def decode_image_array(path: str | os.PathLike, pre: Preprocess) -> np.ndarray:
-    """Decode one image file to a uint8 array [C, H, W]; raise ValueError with a short reason if it is unusable."""
+def decode_image_array(path: str | os.PathLike, pre: Preprocess, sizes: list | None = None) -> np.ndarray:
+    """Decode one image file to a uint8 array [C, H, W]; raise ValueError with a short reason if it is unusable.
+    ``sizes``: the image's (width, height) as seen upright is appended to it (see MIN_IMAGE_SIDE)."""
     try:
         with Image.open(path, formats=PILLOW_FORMATS) as img:
             w, h = img.size
@@ -112,6 +129,9 @@ def decode_image_array(path: str | os.PathLike, pre: Preprocess) -> np.ndarray:
             if w == 0 or h == 0:
                 raise ValueError("image has no pixels")
             img.load()
+            img = upright(img)
+            if sizes is not None:
+                sizes.append(img.size)
             return image_to_array(img, pre)
     except ValueError:
         raise
@@ -123,6 +143,22 @@ def decode_image_array(path: str | os.PathLike, pre: Preprocess) -> np.ndarray:
         raise ValueError("too large to decode in memory") from None
     except Exception as e:  # Pillow's decoders raise many types on crafted files (struct.error, IndexError...)
         raise ValueError(f"not a decodable image ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def too_small(size: tuple[int, int]) -> str | None:
+    """Why an image of ``size`` (width, height) is too small to tell anyone apart, or None."""
+    w, h = size
+    if min(w, h) >= MIN_IMAGE_SIDE:
+        return None
+    return f"{w}x{h} pixels is too small to tell anyone apart (at least {MIN_IMAGE_SIDE} px a side, as siamkit align requires)"
+
+
+def warn_small(root: str | os.PathLike, small: list) -> None:
+    """One warning for a folder's images under MIN_IMAGE_SIDE: [(relative path, why), ...]; they stay in the data."""
+    if small:
+        shown = "; ".join(f"{os.path.join(root, rel)} ({why})" for rel, why in small[:5])
+        more = f"; and {len(small) - 5} more" if len(small) > 5 else ""
+        warn(f"{len(small)} image(s) too small to tell anyone apart, used as they are: {shown}{more}; check them")
 
 
 def _first_line(e: BaseException) -> str:

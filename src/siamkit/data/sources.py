@@ -18,11 +18,9 @@ from PIL import Image
 
 from ..errors import SiamkitError, warn
 from ..registry import Registry
-from .pixels import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, PILLOW_FORMATS, decode_image_array, list_image_folder  # noqa: F401 (imported from here)
+from .pixels import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, PILLOW_FORMATS, decode_image_array, list_image_folder, too_small, warn_small  # noqa: F401 (imported from here)
+from .limits import check_fits_memory
 from .transforms import Preprocess, image_to_uint8
-
-# Keep decoded images in memory only while they take at most this share of the machine's RAM.
-MAX_MEMORY_SHARE = 0.5
 
 
 @dataclass
@@ -114,16 +112,8 @@ def load_source(source: str, pre: Preprocess, data_home: str | None = None) -> I
 
 
 def _check_memory(n_images: int, pre: Preprocess) -> None:
-    need = n_images * pre.channels * pre.image_size[0] * pre.image_size[1]
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return
-    if need > MAX_MEMORY_SHARE * total:
-        raise SiamkitError(
-            f"{n_images} images at {pre.image_size[0]}x{pre.image_size[1]} need {need / 2**30:.1f} GiB decoded, "
-            f"more than half of this machine's memory; pass a smaller --image-size"
-        )
+    """Before decoding into memory: refuse what would not fit (data/limits.py)."""
+    check_fits_memory(n_images, pre.channels, pre.image_size)
 
 
 def list_folder(root: str | os.PathLike) -> tuple[list[str], list[list[str]]]:
@@ -132,9 +122,11 @@ def list_folder(root: str | os.PathLike) -> tuple[list[str], list[list[str]]]:
     return list_image_folder(root, tuple(SOURCES))
 
 
-def decode_image(path: str | os.PathLike, pre: Preprocess) -> torch.Tensor:
-    """Decode one image file; raise ValueError with a short reason if it is unusable."""
-    return torch.from_numpy(decode_image_array(path, pre))
+def decode_image(path: str | os.PathLike, pre: Preprocess, sizes: list | None = None) -> torch.Tensor:
+    """Decode one image file; raise ValueError with a short reason if it is unusable (``sizes``: its upright
+    (width, height) is appended)."""
+    return torch.from_numpy(decode_image_array(path, pre, sizes))
+
 
 
 def load_folder(root: str | os.PathLike, pre: Preprocess) -> IdentityDataset:
@@ -145,8 +137,9 @@ def load_folder(root: str | os.PathLike, pre: Preprocess) -> IdentityDataset:
     _check_memory(len(flat), pre)
 
     def work(item: tuple[int, str]):
+        sizes: list = []
         try:
-            return decode_image(os.path.join(root_path, item[1]), pre)
+            return decode_image(os.path.join(root_path, item[1]), pre, sizes), too_small(sizes[0])
         except ValueError as e:
             return str(e)
 
@@ -159,7 +152,8 @@ def load_folder(root: str | os.PathLike, pre: Preprocess) -> IdentityDataset:
         shown = "; ".join(f"{os.path.join(root_path, p)} ({why})" for p, why in bad[:5])
         more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
         warn(f"skipped {len(bad)} unreadable image(s): {shown}{more}")
-    good = [(label, path, out) for (label, path), out in zip(flat, decoded) if not isinstance(out, str)]
+    warn_small(root_path, [(path, out[1]) for (_, path), out in zip(flat, decoded) if not isinstance(out, str) and out[1]])
+    good = [(label, path, out[0]) for (label, path), out in zip(flat, decoded) if not isinstance(out, str)]
     if not good:
         raise SiamkitError(f"no readable images in {root}; check the files are images Pillow can open")
     used_labels = sorted({label for label, _, _ in good})
@@ -175,6 +169,7 @@ def load_folder(root: str | os.PathLike, pre: Preprocess) -> IdentityDataset:
 
 def _from_arrays(name: str, images: np.ndarray, labels: np.ndarray, pre: Preprocess, names=None) -> IdentityDataset:
     """Float images in [0, 1] ([N, H, W] or [N, H, W, 3]) -> IdentityDataset through the usual preprocessing."""
+    _check_memory(len(images), pre)
     arr = np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
     tensors = [image_to_uint8(Image.fromarray(a), pre) for a in arr]
     labels = np.asarray(labels, dtype=np.int64)
@@ -260,6 +255,7 @@ def load_att_faces(pre: Preprocess, identities: range = range(40), root: str = "
     if grid.shape != (n_ids * h, per_id * w):
         raise SiamkitError(f"{ATT_FACES_PNG} is damaged ({grid.shape}); reinstall siamkit")
     cells = [(i, k) for i in identities for k in range(per_id)]
+    _check_memory(len(cells), pre)
     return IdentityDataset(
         images=torch.stack([image_to_uint8(Image.fromarray(grid[i * h:(i + 1) * h, k * w:(k + 1) * w]), pre)
                             for i, k in cells]),

@@ -10,11 +10,11 @@ import os
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from ..errors import SiamkitError
 from ..fileio import atomic_write_text
 from ..outputs import check_not_input
+from ..progress import progress_bar
 from .verification import pair_scores
 
 CHUNK = 64  # images per embedding call: the progress bar moves, and memory stays bounded
@@ -25,9 +25,12 @@ def read_pairs_csv(path: str | os.PathLike) -> list[tuple[Path, Path]]:
     row image1,image2; blank rows and rows starting with # are skipped."""
     path = Path(path)
     try:
-        text = path.read_text()
+        # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which would make the header a pair of paths
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as e:
         raise SiamkitError(f"cannot read pairs file {path}: {e.strerror or e}; pass a CSV of two image paths per row") from None
+    except UnicodeDecodeError:
+        raise SiamkitError(f"pairs file {path} is not UTF-8 text; save it as CSV UTF-8") from None
     pairs = []
     for n, row in enumerate(csv.reader(io.StringIO(text)), start=1):
         cells = [c.strip() for c in row]
@@ -55,7 +58,7 @@ def verify_pairs_csv(verifier, pairs_csv: str | os.PathLike, out_csv: str | os.P
     check_not_input(Path(out_csv), [Path(pairs_csv), *images])  # never the pairs file or one of its images
     row = {p: i for i, p in enumerate(images)}
     chunks = []
-    for start in tqdm(range(0, len(images), CHUNK), desc="embed", unit="chunk", disable=not progress):
+    for start in progress_bar(range(0, len(images), CHUNK), desc="embed", unit="chunk", disable=not progress):
         chunks.append(verifier.embed(images[start:start + CHUNK]))
     emb = np.concatenate(chunks)
     scores = pair_scores(emb[[row[a] for a, _ in pairs]], emb[[row[b] for _, b in pairs]], verifier.score_name)

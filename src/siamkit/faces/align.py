@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from ..data.limits import check_side
 from ..errors import SiamkitError
 from .detect import Face
 
@@ -31,6 +32,7 @@ def template(size: int = TEMPLATE_SIZE, margin: float = 0.0) -> np.ndarray:
     """The template's points in a size x size crop; ``margin`` adds that fraction of the face on every side."""
     if size < 8:
         raise SiamkitError(f"--size {size} is too small for a face crop; use 8 or more (default 112)")
+    check_side(size, "--size")
     if not 0.0 <= margin < 2.0:
         raise SiamkitError(f"--margin {margin} must be in [0, 2): the fraction of the face added on each side")
     centre = TEMPLATE_SIZE / 2

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from .._version import __version__
+from ..data.pixels import MIN_IMAGE_SIDE, upright
 from ..errors import SiamkitError, info
 from ..fileio import atomic_write, atomic_write_json
 from ..outputs import check_output_folder
+from ..progress import progress_bar
 from .align import PICKS, pick_face, template
 from .chips import DLIB_CHIP_SIZE, DLIB_TEMPLATE, TEMPLATES, cut_face, dlib_alignment
 from .detect import DETECTOR_DESCRIPTION, LANDMARK_NAMES, check_installed, detect_faces, landmarks_in_frame
@@ -32,7 +33,7 @@ REPORT = "align_report.json"
 JOURNAL = ".align_journal.jsonl"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".bmp", ".tif", ".tiff", ".webp")
 PILLOW_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP")
-MIN_SIDE = 16  # below this many pixels a side there is no face to find (dlib's smallest is about 20 px)
+MIN_SIDE = MIN_IMAGE_SIDE  # below this many pixels a side there is no face to find (dlib's smallest is about 20 px)
 MAX_IMAGE_PIXELS = 40_000_000  # refused before decoding (decompression-bomb guard, as the data loader's)
 UNDETECTED = ("skip", "frame")
 DETECTOR = DETECTOR_DESCRIPTION
@@ -104,7 +105,7 @@ def open_photo(path: str | os.PathLike) -> Image.Image:
             if w * h > MAX_IMAGE_PIXELS:
                 raise ValueError(f"{w}x{h} pixels is too large (limit {MAX_IMAGE_PIXELS:,})")
             img.load()
-            return img.convert("L" if img.mode in ("L", "I", "I;16", "1") else "RGB")
+            return upright(img).convert("L" if img.mode in ("L", "I", "I;16", "1") else "RGB")
     except (ValueError, FileNotFoundError):
         raise
     except Exception as e:  # Pillow raises many types on broken files (OSError, SyntaxError, struct.error...)
@@ -216,7 +217,7 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, opts: AlignOpti
         journal.write_text(json.dumps({"options": vars(opts)}) + "\n")
     summary = AlignSummary(results=list(done.values()))
     workers = workers or min(len(todo), os.cpu_count() or 1) or 1
-    bar = tqdm(total=len(rels), initial=len(done), desc="align", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(rels), initial=len(done), desc="align", unit="img", disable=not progress, dynamic_ncols=True)
     with open(journal, "a") as log:
         def record(result: AlignResult) -> None:
             log.write(json.dumps(vars(result)) + "\n")

@@ -150,7 +150,8 @@ class RunLogFile:
     def open(self, run_dir: Path) -> None:
         if not self.enabled:
             return
-        target = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+        # backslashreplace: a message naming a file whose name is not UTF-8 is written escaped, never dropped
+        target = logging.FileHandler(run_dir / "train.log", encoding="utf-8", errors="backslashreplace")
         target.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         self.buffer.setTarget(target)
         self.buffer.flushLevel = logging.NOTSET  # from now on every message is written at once

@@ -5,13 +5,12 @@ import signal
 from pathlib import Path
 from typing import Sequence
 
-from tqdm import tqdm
-
 from ..config import TrainConfig
 from ..errors import SiamkitError, info, warn
 from ..eval.embed import embed_images
 from ..eval.protocol import evaluate
 from ..eval.report import format_summary, write_report
+from ..progress import progress_bar
 from . import distributed
 from .ema import evaluation_weights
 from .logging import LossWindow, MetricsLog, RunLogFile
@@ -72,7 +71,7 @@ def _train(cfg: TrainConfig, ctx, log_file: RunLogFile, *, resume: bool, overwri
            inputs: Sequence[str]) -> Path:
     if cfg.tensorboard:
         require_tensorboard()  # before the run folder exists
-    run = build_run(cfg, ctx, resume=resume, overwrite=overwrite, inputs=inputs)
+    run = build_run(cfg, ctx, resume=resume, overwrite=overwrite, progress=progress, inputs=inputs)
     try:
         return _run(run, log_file, resume=resume, progress=progress)
     finally:
@@ -92,7 +91,7 @@ def _run(run: Run, log_file: RunLogFile, *, resume: bool, progress: bool) -> Pat
     )
     checkpoints = Checkpoints(run, window)
     step, stopping, bad_steps = run.start_step, False, 0
-    bar = tqdm(total=run.total, initial=step, disable=not (progress and ctx.is_main), desc="train", dynamic_ncols=True)
+    bar = progress_bar(total=run.total, initial=step, disable=not (progress and ctx.is_main), desc="train", dynamic_ncols=True)
     run.training.model.train()
     with StopRequested() as stop, bar:
         while step < run.total and not stopping:
@@ -113,7 +112,9 @@ def _run(run: Run, log_file: RunLogFile, *, resume: bool, progress: bool) -> Pat
             if step % cfg.log_every == 0 or step == run.total:
                 row = window.row(ctx, run.device, step, step // run.sampler.steps_per_epoch,
                                  run.training.scheduler.get_last_lr()[0], x.shape[0], "classification" in result.out)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
+                # refresh=False: shown with the next redraw, never a redraw of its own (a log file gets one line per
+                # PLAIN_EVERY_S, not one per row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}", refresh=False)
                 if metrics is not None:
                     metrics.log(row)
                     metrics.plot_every(20.0)

@@ -264,11 +264,11 @@ def build_training(
 
 
 def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, overwrite: bool,
-              inputs: Sequence[str | os.PathLike] = ()) -> Run:
+              progress: bool = True, inputs: Sequence[str | os.PathLike] = ()) -> Run:
     """Everything a run needs, checked before anything is written; then its folder, created.
 
-    ``inputs``: files the run was made from besides its data and --pretrained (the --config file), which --overwrite
-    must never remove.
+    ``progress``: the decoding and kernel-measuring bars (the main process only). ``inputs``: files the run was made
+    from besides its data and --pretrained (the --config file), which --force must never remove.
     """
     device = resolve_device(cfg.device, ctx.local_rank, ctx.enabled)
     run_dir = Path(cfg.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -284,11 +284,12 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
     if cfg.face_augment and augment_mode(cfg) != "face":
         raise SiamkitError(f"--face-augment applies to --augment face, and this run's augmentation is "
                            f"{augment_mode(cfg)}; add --augment face or drop --face-augment")
+    progress = progress and ctx.is_main
     pretrained_run = siamkit_checkpoint(cfg.pretrained)  # read once: the data, the preprocessing and the backbone
     source = training_data(cfg, ctx.is_main, pretrained_run)
     alignment = read_alignment(source)  # None unless the data is a folder written by `siamkit align` (or chips)
     pre = preprocess_for(cfg, pretrained_run, alignment if source == cfg.data else NOT_READ)
-    data = load_data(source, pre, cfg.cache_dir, cfg.cache_max_gb, progress=ctx.is_main)
+    data = load_data(source, pre, cfg.cache_dir, cfg.cache_max_gb, progress=progress)
     cfg = fit_to_data(cfg, data, ctx.world, say=ctx.is_main)  # small data: the default hold-out and batch shrink
     train_ds, val_ds = split_identities(data, cfg.val_identities, cfg.seed)
     require_trainable(train_ds)
@@ -302,7 +303,7 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
     n_classes = train_ds.n_identities if cfg.classification_weight > 0 else 0
     training = build_training(
         cfg, n_classes, pre.channels, device, total, ctx, image_size=pre.image_size,
-        conv_kernels=checkpoint.get("conv_kernels") if checkpoint is not None else None, progress=ctx.is_main,
+        conv_kernels=checkpoint.get("conv_kernels") if checkpoint is not None else None, progress=progress,
         pretrained_run=pretrained_run,
     )
     start_step, best_accuracy = restore(training, checkpoint, run_dir) if checkpoint is not None else (0, -1.0)
@@ -405,13 +406,18 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, inputs: Sequence
         check_not_input(run_dir, inputs)
     if resume:
         if not (run_dir / "checkpoints" / "last.pt").is_file():
-            raise SiamkitError(f"--resume: {run_dir}/checkpoints/last.pt does not exist; pass the --out of an earlier run")
+            raise SiamkitError(f"--resume: {run_dir}/checkpoints/last.pt does not exist, so there is nothing to resume; "
+                               f"pass --force instead to start the run again, or the --out of an earlier run")
         probe = run_dir / "checkpoints"
     else:
         if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not overwrite:
+            # A folder without a checkpoint (a run stopped before its first one) has nothing --resume could continue.
+            can_resume = (run_dir / "checkpoints" / "last.pt").is_file()
             raise SiamkitError(
-                f"run folder {run_dir} already exists; pass --resume to continue it, --force to replace it, "
-                f"or another --out"
+                f"run folder {run_dir} already exists; "
+                + ("pass --resume to continue it, --force to replace it" if can_resume else
+                   "it holds no checkpoint to resume (checkpoints/last.pt); pass --force to start it again")
+                + ", or another --out"
             )
         probe = run_dir if run_dir.is_dir() else next((p for p in run_dir.parents if p.exists()), Path("."))
     if not probe.is_dir():

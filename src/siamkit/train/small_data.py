@@ -25,7 +25,7 @@ def fit_to_data(cfg: TrainConfig, data: IdentityDataset, world: int = 1, say: bo
     ``say``: on the main process)."""
     if data.n_identities < MIN_PEOPLE:  # nothing to fit: too small to train at all
         raise SiamkitError(f"--data {cfg.data} has {data.n_identities} identity; verification needs at least "
-                           f"{MIN_PEOPLE} (one sub-folder per person)")
+                           f"{MIN_PEOPLE} identities (one sub-folder per person)")
     changes, notes = _fit_hold_out(cfg, data.n_identities)
     cfg = replace(cfg, **changes)
     if cfg.pk_batches:

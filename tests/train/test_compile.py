@@ -277,6 +277,7 @@ def test_compiled_training_run_matches_eager_and_compiles_once(att_faces, tmp_pa
             # the compiler alone (--cpu-tuning auto may pick Winograd, whose rounding differs more, and grows
             # over the steps: tests/test_winograd.py bounds it per call).
             cpu_tuning="off",
+            baseline_dlib=False,  # its dlib network is not the small stand-in backbone, and not what is measured
         )
         runs[compiled] = loop.train(cfg, progress=False)
     assert counter.graphs == 1

@@ -41,6 +41,18 @@ def test_baseline_is_the_builtin_model_on_the_same_pairs(four_people):
     assert got["roc_auc"] == pytest.approx(expected["roc_auc"], abs=1e-6)
 
 
+def test_it_leaves_torchs_random_state_as_it_found_it(four_people):
+    """A run saves torch's random state after its held-out report for --resume (dropout draws from it next): the
+    baseline, whose network is built with random weights before dlib's replace them, must not move it."""
+    import torch
+
+    pairs = pairs_for(four_people, None, seed=0)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    dlib_baseline(four_people, pairs.idx_a, pairs.idx_b, pairs.same, pairs.fold)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_evaluate_adds_it_and_the_summary_says_who_wins():
     from siamkit.data.pixels import Preprocess
     from siamkit.models.zoo import builtin_network

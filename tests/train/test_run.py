@@ -23,10 +23,8 @@ def _args(data: Path, out: Path, steps: int, *extra: str) -> list[str]:
     # The faces recipe (a folder's default) on rof_neutral; a constant schedule so that a shorter first run
     # followed by --resume --steps 6 draws and updates exactly as one run of 6 steps. 10 held-out identities:
     # their report is compared too, and scoring every genuine pair of 20% of the people would take most of the time.
-    # --no-baseline-dlib: with the second baseline, a run after another in the same process drew other losses from
-    # step 1 (an in-process state the baseline leaves behind, not yet found; runs in separate processes agree).
     return ["train", "--data", str(data), "--out", str(out), "--steps", str(steps), "--schedule", "constant",
-            "--log-every", "1", "--device", "cpu", "--no-progress", "--val-identities", "10", "--no-baseline-dlib", *extra]
+            "--log-every", "1", "--device", "cpu", "--no-progress", "--val-identities", "10", *extra]
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,10 @@ def dlib_baseline(ds: IdentityDataset, idx_a: np.ndarray, idx_b: np.ndarray, sam
         return _skipped(f"no face detected in {undetected} of {len(used)} images: not photos of faces")
     from ..models.zoo import builtin_network
 
-    model, ckpt = builtin_network(BUILTIN)
+    # Building the network draws its random initial weights (replaced by dlib's) from torch's global generator: fork
+    # it, so that a training run's state after its held-out report, saved for --resume, is what it would be without.
+    with torch.random.fork_rng(devices=[]):
+        model, ckpt = builtin_network(BUILTIN)
     from ..data.pixels import Preprocess
 
     emb = embed_images(model, pixels, Preprocess.from_dict(ckpt["preprocess"]), device, batch_size=BATCH)

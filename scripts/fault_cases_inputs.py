@@ -242,14 +242,16 @@ def retrained_gallery_explained() -> tuple[bool, str]:
 
 
 def no_checkpoint_advice_leads_somewhere() -> tuple[bool, str]:
-    out = workspace() / "stopped"
+    out = workspace() / "stopped"  # a run siamkit started (its marker) that stopped before its first checkpoint
     out.mkdir()
-    (out / "config.json").write_text("{}")
+    (out / ".siamkit-run").write_text("")
     plain = siamkit("train", "--data", workspace() / "faces", "--out", out, *TINY, "--steps", "1")
     resumed = siamkit("train", "--data", workspace() / "faces", "--out", out, *TINY, "--steps", "1", "--resume")
-    ok1, d1 = plain.one_error("it holds no checkpoint to resume (checkpoints/last.pt); pass --overwrite")
-    ok2, d2 = resumed.one_error("so there is nothing to resume; pass --overwrite instead")
-    return ok1 and ok2, f"{d1} | {d2}"
+    ok1, d1 = plain.one_error("it holds no checkpoint to resume (checkpoints/last.pt); pass --force")
+    ok2, d2 = resumed.one_error("so there is nothing to resume; pass --force")
+    advised = siamkit("train", "--data", workspace() / "faces", "--out", out, *TINY, "--steps", "1", "--force")
+    ok3 = advised.code == 0 and (out / "checkpoints" / "last.pt").is_file()
+    return ok1 and ok2 and ok3, f"{d1} | {d2} | following the advice: exit {advised.code}"
 
 
 def calibrate_leaves_no_report() -> tuple[bool, str]:
@@ -292,7 +294,7 @@ CASES: list[tuple[str, Case]] = [
     ("9 evaluate model.pt (TorchScript): named as such, run asked for", exported_model_named("TorchScript")),
     ("9 evaluate model.onnx: named as such, run asked for", exported_model_named("ONNX")),
     ("9 identify after the model was retrained in place: 'has changed'", retrained_gallery_explained),
-    ("9 a run folder without a checkpoint: --overwrite advised, not --resume", no_checkpoint_advice_leads_somewhere),
+    ("9 a run folder without a checkpoint: --force advised (and works), not --resume", no_checkpoint_advice_leads_somewhere),
     ("9 evaluate --calibrate that cannot calibrate leaves no report", calibrate_leaves_no_report),
     ("9 train --no-progress: no decode, kernel or train bar", no_progress_hides_every_bar),
     ("9 train with stderr to a file: plain lines, no \\r, <= 8 kB", log_file_has_plain_lines),

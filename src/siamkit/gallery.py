@@ -157,13 +157,13 @@ def enroll_change(new: Gallery, probe_embedding: np.ndarray, model: str, *, add:
     def change(current: Gallery | None) -> Gallery:
         if add:
             if current is None:
-                raise SiamkitError(f"the gallery to add to is gone (another process removed it); enroll again "
-                                   f"without --add")
+                raise SiamkitError("the gallery to add to is gone (another process removed it); enroll again "
+                                   "without --add")
             current.check_model(probe_embedding, model)
             return current.add(new)
         if current is not None and not replace:
-            raise SiamkitError(f"another process wrote a gallery to this --out while this one embedded; pass --add "
-                               f"to add people to it, --force to replace it, or another --out")
+            raise SiamkitError("another process wrote a gallery to this --out while this one embedded; pass --add "
+                               "to add people to it, --force to replace it, or another --out")
         return new
 
     return change

@@ -227,9 +227,9 @@ def test_a_closed_pipe_ends_quietly():
     from conftest import REPO
 
     script = (
-        "import sys, siamkit.cli as cli\n"
+        "import sys, siamkit.cli as cli, siamkit.commands.verify as verify\n"
         "def closed(args):\n    raise BrokenPipeError(32, 'Broken pipe')\n"
-        "cli._verify = closed\n"
+        "verify.run = closed\n"
         "sys.exit(cli.main(['verify', 'RUN', 'a.png', 'b.png']))\n"
     )
     env_path = str(REPO / "src")

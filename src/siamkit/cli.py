@@ -1,16 +1,17 @@
 """Command line: siamkit train | evaluate | verify | export | enroll | identify | embed | align. The train options are
-generated from TrainConfig."""
+generated from TrainConfig.
+
+This module only parses and dispatches: each command's body is ``run(args)`` in its own module of
+siamkit.commands (COMMANDS), imported when the command runs."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
 import sys
-import tempfile
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from importlib import import_module
 
 from ._version import __version__
 from .errors import SiamkitError
@@ -19,6 +20,9 @@ from .eval.verification import MAX_GENUINE_PAIRS
 # Commands whose parser needs no PyTorch: an exported .onnx model verifies in an environment without it.
 TORCH_FREE_COMMANDS = ("verify", "identify", "embed")
 TRAIN_HELP = "train a Siamese network, then evaluate it on held-out identities"
+# Each command and the module of siamkit.commands whose run(args) does it.
+COMMANDS = {name: f"siamkit.commands.{name}"
+            for name in ("train", "evaluate", "verify", "embed", "align", "export", "enroll", "identify")}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,342 +88,6 @@ class TrainStart:
             f" --pretrained {self.pretrained}" if self.pretrained != "none" else "")
 
 
-def _train(args) -> int:
-    from .config import TrainConfig
-    from .train.loop import train
-
-    cfg = TrainConfig.from_dict(vars(args))  # the parser's other options (--resume, ...) are not config
-    train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-          inputs=[args.config] if args.config else [])
-    return 0
-
-
-def _evaluate(args) -> int:
-    from .api import load_run, run_flip, run_shifts
-    from .data.transforms import Preprocess
-    from .eval.protocol import evaluate
-    from .eval.report import REPORT_FILES, format_summary, write_report
-    from .device import resolve_device
-    from .models.zoo import builtin_model
-    from .outputs import check_report_files, existing_inputs, is_run_folder, run_inputs
-
-    if args.protocol == "identification" and (args.pairs or args.calibrate):
-        from .options import one_of
-
-        raise one_of("--protocol identification", "--pairs" if args.pairs else "--calibrate",
-                     "belong to different evaluations (--pairs and --calibrate are verification's)")
-    device = resolve_device(args.device)
-    model, ckpt, run_dir = load_run(args.run, device)
-    out = Path(args.out) if args.out else run_dir / "eval"
-    # A run's own eval/ (or a built-in model's, in the cache) is the report evaluate replaces; any other folder's
-    # reports are replaced only when asked.
-    own = args.out is None and (is_run_folder(run_dir) or builtin_model(args.run) is not None)
-    check_report_files(out, ("identification.json",) if args.protocol == "identification" else REPORT_FILES,
-                       [*run_inputs(args.run), *existing_inputs([args.data, args.pairs, args.gallery, args.probes])],
-                       force=args.force or own)
-    pre = Preprocess.from_dict(ckpt["preprocess"])
-    score = args.score or ckpt.get("score", "cosine")
-    flip, shifts = _views(args, ckpt)
-    if args.protocol == "identification":
-        return _evaluate_identification(args, model, ckpt, pre, device, out)
-    if args.data is None:
-        raise SiamkitError("evaluate needs --data (or --protocol identification with --gallery and --probes)")
-    own_views = (flip, shifts) == (run_flip(ckpt), run_shifts(ckpt))
-    if args.calibrate and (score != ckpt.get("score", "cosine") or not own_views):
-        # verify scores with the run's own score and views: thresholds found otherwise would not fit them.
-        raise SiamkitError("--calibrate finds thresholds for the run's own --score, --flip and --shifts; drop those "
-                           "options")
-    if args.calibrate:
-        from .calibration import prepare_calibration
-
-        previous = prepare_calibration(run_dir, ckpt)  # before the report: a run it cannot calibrate gets none
-    ds = _load_model_data(args, ckpt, pre)
-    result = evaluate(model, pre, ds, pairs_file=args.pairs, score=score, flip=flip, shifts=shifts, device=device,
-                      seed=args.seed, max_genuine_pairs=args.max_genuine_pairs or None,
-                      baseline_dlib=args.baseline_dlib and not ckpt.get("builtin"))
-    report = result.report
-    write_report(report, result.scores, result.same, out, result.baseline_scores)
-    print(f"{args.data}: {out / 'report.json'}")
-    print(format_summary(report))
-    if ckpt.get("threshold_source"):  # a built-in model's own threshold, which verify uses until --calibrate
-        print(f"default threshold {ckpt['threshold']:g}: {ckpt['threshold_source']}")
-    if args.calibrate:
-        from .calibration import calibration_entry, record_calibration
-
-        entry = calibration_entry(report, f"{args.data} (evaluate --calibrate)")
-        path = record_calibration(run_dir, entry, previous=previous)
-        print(f"calibrated: {path} now holds these thresholds (the previous ones are kept in its history); "
-              f"verify uses them")
-    return 0
-
-
-def _verify(args) -> int:
-    from . import load
-    from .calibration import pick_threshold
-
-    _refuse_threshold_beside_far(args)
-    if (args.pairs is None) == (args.image2 is None):
-        raise SiamkitError("give two images, or --pairs PAIRS.csv --out DECISIONS.csv (not both)")
-    if args.pairs is not None and (args.out is None or args.image1 is not None):
-        raise SiamkitError("--pairs takes no image arguments and needs --out DECISIONS.csv")
-    if args.pairs is not None:
-        from .outputs import check_output_file, existing_inputs, run_inputs
-
-        check_output_file(args.out, [*run_inputs(args.run), *existing_inputs([args.pairs])], args.force)
-    verifier = load(args.run, align=args.align)
-    threshold, what = pick_threshold(verifier.calibration, args.threshold, args.far, verifier.score_name)
-    if args.pairs is not None:
-        from .eval.decisions import verify_pairs_csv
-
-        verify_pairs_csv(verifier, args.pairs, args.out, threshold, what)
-        return 0
-    s = verifier.score(args.image1, args.image2)
-    print(f"score {s:.4f}  threshold {threshold:.4f}  {'SAME' if s >= threshold else 'DIFFERENT'}")
-    print(f"threshold: {what}")
-    return 0
-
-
-def _refuse_threshold_beside_far(args) -> None:
-    """--threshold beside --far: refused before anything is loaded, in verify and identify alike."""
-    if args.threshold is not None and args.far is not None:
-        from .calibration import THRESHOLD_OPTIONS_CONFLICT
-        from .options import one_of
-
-        raise one_of("--threshold", "--far", THRESHOLD_OPTIONS_CONFLICT)
-
-
-def _export(args) -> int:
-    from .api import open_run
-    from .export import check_export_out, check_images, export_run, same_decisions
-    from .outputs import existing_inputs, run_inputs
-
-    check_export_out(args.format, args.out, [*run_inputs(args.run), *existing_inputs([args.data])], args.force)
-    ckpt, run_dir = open_run(args.run)  # the checkpoint, read once; export_run builds the model from it
-    ds, what = check_images(ckpt, args.data)
-    result = export_run(args.run, args.format, args.out, ds.images, opened=(ckpt, run_dir))
-    meta = result["metadata"]
-    line = (f"{args.format} export -> {args.out}; checked on {len(ds)} images ({what}): max abs difference "
-            f"{result['max_abs_diff']:.1e} (limit 1e-4)")
-    if meta["calibration"] is not None:
-        differ, n = same_decisions(ds, result["exported"], result["reference"], meta["score"],
-                                   meta["calibration"]["threshold"])
-        line += f"; {n - differ} of {n} pair decisions the same"
-    print(line)
-    return 0
-
-
-def _source_for_model(data: str, alignment: dict | None, pre):
-    """A folder or built-in source decoded for a model; for one that reads dlib's face chips, its chips (cut once
-    into the cache, faces/chip_data.py)."""
-    from .data.sources import load_source
-    from .faces.chips import is_dlib_chip
-
-    if is_dlib_chip(alignment):
-        from .faces.chip_data import chip_folder
-
-        data = chip_folder(data)
-    return load_source(data, pre)
-
-
-def _enroll(args) -> int:
-    from .gallery import GALLERY_FILE, load_gallery, update_gallery
-
-    out = Path(args.out)
-    if args.remove and (args.data is not None or args.add):
-        from .options import one_of
-
-        raise one_of("--remove", "--data/--add", "change the gallery in opposite ways (run enroll once for each)")
-    if args.remove:
-        load_gallery(out)  # one line if there is none, before anything is created
-        gallery = update_gallery(out, lambda g: _remove_people(g, args.remove))
-        print(f"removed {', '.join(args.remove)}: {len(gallery.names)} identities ({len(gallery.labels)} images) "
-              f"in {out / GALLERY_FILE}")
-        return 0
-    if args.run is None or args.data is None:
-        raise SiamkitError("enroll needs RUN and --data GALLERY_FOLDER (or --remove NAME)")
-    if args.add and args.force:
-        raise SiamkitError("--add adds people to the gallery and --force replaces it: pass only one of them")
-    from .api import load
-    from .gallery import enroll_change, model_probe, new_gallery
-    from .models.zoo import builtin_model
-    from .outputs import check_not_input, existing_inputs, run_inputs
-    from .verifier import require_finite
-
-    check_not_input(out / GALLERY_FILE, [*run_inputs(args.run), *existing_inputs([args.data])])
-    if (out / GALLERY_FILE).exists() and not (args.add or args.force):
-        raise SiamkitError(f"{out / GALLERY_FILE} exists; pass --add to add people to it, --force to replace it, or "
-                           f"another --out")
-    verifier = load(args.run)
-    probe = model_probe(verifier)
-    if args.add:
-        load_gallery(out).check_model(probe, args.run)  # before embedding anything
-    ds = _source_for_model(args.data, verifier.alignment, verifier.preprocess)
-    paths = [str(Path(ds.root) / p) if ds.root else p for p in ds.paths]
-    embeddings = require_finite(verifier.embed_pixels(ds.images, progress=not args.no_progress), paths)
-    new = new_gallery(embeddings, ds.labels, ds.names, paths, score=verifier.score_name,
-                      model=args.run if builtin_model(args.run) else str(Path(args.run).resolve()),
-                      probe_embedding=probe,
-                      preprocess=verifier.preprocess.to_dict(), calibration=verifier.calibration)
-    gallery = update_gallery(out, enroll_change(new, probe, args.run, add=args.add, replace=args.force))
-    print(f"enrolled {len(ds.names)} identities ({len(ds)} images) from {args.data}: {len(gallery.names)} identities "
-          f"({len(gallery.labels)} images) in {out / GALLERY_FILE}")
-    return 0
-
-
-def _remove_people(gallery, names: list[str]):
-    for name in names:
-        gallery = gallery.remove(name)
-    return gallery
-
-
-def _identify(args) -> int:
-    from . import load
-    from .calibration import pick_threshold
-    from .gallery import load_gallery
-
-    if args.top_k < 1:
-        raise SiamkitError(f"--top-k must be at least 1, got {args.top_k}")
-    _refuse_threshold_beside_far(args)
-    gallery = load_gallery(args.gallery)
-    model = args.model or gallery.meta["model"]
-    verifier = load(model)
-    threshold, what = pick_threshold(verifier.calibration, args.threshold, args.far, verifier.score_name)
-    found = verifier.identify(args.images, gallery, args.top_k, threshold=threshold, backend=args.backend,
-                              model_name=model)
-    for image, match in zip(args.images, found):
-        best, best_score = match["top_k"][0]
-        verdict = match["identity"] or f"unknown (best {best} {best_score:.4f} < threshold)"
-        top = ", ".join(f"{name} {s:.4f}" for name, s in match["top_k"])
-        print(f"{image}: {verdict}\n  top-{len(match['top_k'])}: {top}")
-    print(f"threshold {threshold:.6g}: {what}")
-    return 0
-
-
-def _evaluate_identification(args, model, ckpt, pre, device, out) -> int:
-    import numpy as np
-
-    from .eval.baseline import pixel_embeddings
-    from .eval.embed import embed_images
-    from .eval.identification import format_identification, identification_report
-    from .fileio import atomic_write_json
-    from .gallery import exact_scores
-
-    if not args.gallery or not args.probes:
-        raise SiamkitError("--protocol identification needs --gallery FOLDER and --probes FOLDER")
-    alignment = ckpt.get("alignment")
-    gallery = _source_for_model(args.gallery, alignment, pre)
-    probes = _source_for_model(args.probes, alignment, pre)
-    score = args.score or ckpt.get("score", "cosine")
-    flip, shifts = _views(args, ckpt)
-    g_emb = embed_images(model, gallery.images, pre, device, flip=flip, shifts=shifts)
-    p_emb = embed_images(model, probes.images, pre, device, flip=flip, shifts=shifts)
-    index = {name: i for i, name in enumerate(gallery.names)}
-    probe_ids = np.array([index.get(probes.names[label], -1) for label in probes.labels])
-    if not (probe_ids >= 0).any():
-        raise SiamkitError(f"no probe in {args.probes} shows anyone enrolled in {args.gallery} (identities are "
-                           f"matched by folder name)")
-    report = identification_report(exact_scores(p_emb, g_emb, score), gallery.labels, gallery.n_identities,
-                                   probe_ids)
-    report["score"] = score
-    pixels = identification_report(exact_scores(pixel_embeddings(probes.images), pixel_embeddings(gallery.images),
-                                                 "cosine"), gallery.labels, gallery.n_identities, probe_ids)
-    report["baseline"] = {key: pixels[key] for key in ("rank1", "rank5", "cmc", "map", "open_set") if key in pixels}
-    atomic_write_json(out / "identification.json", report)
-    print(f"gallery {args.gallery}, probes {args.probes}: {out / 'identification.json'}")
-    print(format_identification(report, report["baseline"]))
-    return 0
-
-
-def _embed(args) -> int:
-    from .exported import is_exported
-    from .outputs import check_output_file, existing_inputs, run_inputs
-
-    if not args.out.endswith(".npz"):
-        raise SiamkitError(f"--out {args.out} must end in .npz")
-    check_output_file(args.out, [*run_inputs(args.run), *existing_inputs([args.data])], args.force)
-    if is_exported(args.run):  # before anything imports torch
-        return _embed_exported(args)
-    import io
-
-    import numpy as np
-
-    from .api import load_model
-    from .data.transforms import Preprocess
-    from .eval.embed import embed_images
-    from .device import resolve_device
-    from .fileio import atomic_write_bytes
-    from .verifier import require_finite
-
-    device = resolve_device(args.device)
-    model, ckpt = load_model(args.run, device)
-    pre = Preprocess.from_dict(ckpt["preprocess"])
-    ds = _load_model_data(args, ckpt, pre)
-    flip, shifts = _views(args, ckpt)
-    emb = embed_images(model, ds.images, pre, device, flip=flip, shifts=shifts)
-    require_finite(emb, [os.path.join(ds.root, p) if ds.root else p for p in ds.paths])
-    buf = io.BytesIO()
-    np.savez(buf, embeddings=emb, labels=ds.labels, names=np.array(ds.names), paths=np.array(ds.paths))
-    atomic_write_bytes(args.out, buf.getvalue())
-    print(f"{len(emb)} embeddings of dimension {emb.shape[1]} -> {args.out}")
-    return 0
-
-
-def _embed_exported(args) -> int:
-    """embed with an exported .onnx model: onnxruntime, no torch; the views (flip, shifts) are the export's."""
-    import io
-
-    import numpy as np
-
-    from .exported import embed_folder, load_exported
-    from .fileio import atomic_write_bytes
-
-    if args.flip is not None or args.shifts is not None:
-        raise SiamkitError("an exported model mirrors and shifts images (or not) as its run did; drop --flip and "
-                           "--shifts")
-    out = embed_folder(load_exported(args.run), args.data)
-    buf = io.BytesIO()
-    np.savez(buf, embeddings=out["embeddings"], labels=out["labels"], names=np.array(out["names"]),
-             paths=np.array(out["paths"]))
-    atomic_write_bytes(args.out, buf.getvalue())
-    print(f"{len(out['embeddings'])} embeddings of dimension {out['embeddings'].shape[1]} -> {args.out}")
-    return 0
-
-
-@contextmanager
-def _model_data(args, ckpt: dict):
-    """(--data as the model should see it, whether that is a temporary folder): with --align, an aligned copy in a
-    temporary folder (removed after); for a model that reads dlib's face chips, the chips cut into the cache
-    (faces/chip_data.py)."""
-    from .faces.chips import is_dlib_chip
-    from .faces.use import align_data, check_chip_templates, is_aligned_folder, warn_mismatch
-
-    alignment = ckpt.get("alignment")
-    if is_dlib_chip(alignment):
-        from .faces.chip_data import chip_folder
-
-        yield chip_folder(args.data, args.cache_dir), False
-        return
-    check_chip_templates(alignment, args.data)
-    if not args.align:
-        warn_mismatch(alignment, is_aligned_folder(args.data), f"the images of {args.data}")
-        yield args.data, False
-        return
-    from .faces.detect import check_installed
-
-    check_installed()
-    warn_mismatch(alignment, True, f"the images of {args.data} (--align)")
-    with tempfile.TemporaryDirectory(prefix="siamkit-align-") as tmp:
-        yield align_data(args.data, alignment, Path(tmp) / "aligned"), True
-
-
-def _align(args) -> int:
-    from .faces.folder import AlignOptions, align_folder
-
-    opts = AlignOptions.for_template(args.template, args.size, args.margin, pick=args.pick, undetected=args.undetected)
-    align_folder(args.src, args.dst, opts, workers=args.workers, progress=not args.no_progress, force=args.force)
-    return 0
-
-
 def _add_views_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="add the embedding of the mirrored image (default: as the run was evaluated and calibrated)")
@@ -428,27 +96,10 @@ def _add_views_flags(p: argparse.ArgumentParser) -> None:
                         "evaluated and calibrated, --eval-shifts)")
 
 
-def _views(args, ckpt: dict) -> tuple[bool, bool]:
-    """(flip, shifts): the command line's --flip / --shifts, else the run's own."""
-    from .api import run_flip, run_shifts
-
-    return (run_flip(ckpt) if args.flip is None else args.flip,
-            run_shifts(ckpt) if args.shifts is None else args.shifts)
-
-
 def _add_align_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--align", action="store_true",
                    help="detect and align the face of each raw photo first, as `siamkit align` does "
                         "(needs: pip install \"siamkit[align]\")")
-
-
-def _load_model_data(args, ckpt: dict, pre):
-    """--data as the model sees it (_model_data), decoded through the decoded cache; an aligned temporary copy
-    (--align) is decoded into memory instead, since a cache of a folder removed right after would only take disk space."""
-    from .data.cache import load_data
-
-    with _model_data(args, ckpt) as (data, temporary):
-        return load_data(data, pre, "none" if temporary else args.cache_dir)
 
 
 def build_parser(torch_free: bool = False, train_start: TrainStart = TrainStart()) -> argparse.ArgumentParser:
@@ -638,8 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     _print_any_file_name()
     try:
         args = parse_args(argv)
-        return {"train": _train, "evaluate": _evaluate, "verify": _verify, "embed": _embed,
-                "export": _export, "enroll": _enroll, "identify": _identify, "align": _align}[args.command](args)
+        return import_module(COMMANDS[args.command]).run(args)
     except SiamkitError as e:
         print(f"siamkit: error: {e}", file=sys.stderr)
         return 2

@@ -1,9 +1,9 @@
 """Face alignment measured: detection rate and time per image, and landmark accuracy on synthetic photos.
 
     # `siamkit align` (the product's align_folder, worker processes on every core) on whole data sets:
-    python benchmarks/align.py detect /work/shared/data/rof_neutral /work/shared/data/att_faces --keep /tmp/aligned
+    python experiments/align.py detect /work/shared/data/rof_neutral /work/shared/data/att_faces --keep /tmp/aligned
     # real faces pasted into photos with a known transform (rotation, scale, position, textured background):
-    python benchmarks/align.py synthetic --faces 400 --seed 0
+    python experiments/align.py synthetic --faces 400 --seed 0
 
 `detect` reports, per data set, the share of images in which a face was detected (an image aligned with the
 whole frame as the face, --undetected frame, is counted apart and never as found), how each face was found,
@@ -36,6 +36,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmarks/machine.py
 from machine import describe_device  # noqa: E402
 from siamkit.faces.align import apply, estimate_similarity, template  # noqa: E402
 from siamkit.faces.detect import detect_faces  # noqa: E402

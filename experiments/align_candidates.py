@@ -3,13 +3,13 @@
 Every candidate is a function photo -> faces (box, landmarks). On the same sample it reports:
 - the detection rate on real images (rof_neutral: tight in-the-wild crops; AT&T: frontal, dark background);
 - the detection rate on the same faces pasted into textured photos (rotated by up to +-30 degrees, scaled 0.5-2x,
-  at random positions; benchmarks/align.py's `paste`), counting only a detection on the pasted face;
+  at random positions; experiments/align.py's `paste`), counting only a detection on the pasted face;
 - landmark consistency: the candidate's own points on the untouched face, carried through the known paste
   transform, against its points found in the photo, in pixels of the 112x112 aligned crop (mean over points;
   dlib: the 5 points; OpenCV: the 2 eye centres of its eye cascade, the only points it has);
 - CPU milliseconds per image (detection + landmarks, one thread).
 
-    PYTHONPATH=/tmp/cv4 python benchmarks/align_candidates.py --rof 150 --att 50 --seed 0
+    PYTHONPATH=/tmp/cv4 python experiments/align_candidates.py --rof 150 --att 50 --seed 0
 
 (/tmp/cv4: `pip install --target /tmp/cv4 "opencv-python-headless<5" --no-deps`, the last 4.x release, whose wheel
 still ships the Haar cascades; the current 5.x wheel ships none: see the results file.)
@@ -28,6 +28,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmarks/machine.py
 from align import paste  # noqa: E402
 from machine import describe_device  # noqa: E402
 from siamkit.faces import detect  # noqa: E402

@@ -5,7 +5,7 @@ generalised Procrustes analysis (each face's points similarity-aligned to the ru
 places it in a 112x112 crop with the similarity that puts the centres of the two eyes on the ArcFace
 112x112 template's eye centres. Prints the template as a Python array.
 
-    python benchmarks/align_template.py /work/shared/data/rof_neutral /work/shared/data/att_faces
+    python experiments/align_template.py /work/shared/data/rof_neutral /work/shared/data/att_faces
 """
 from __future__ import annotations
 

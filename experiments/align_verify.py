@@ -3,7 +3,7 @@
 Takes a run trained on an aligned rof_neutral folder (`siamkit align ... --undetected frame`, then `siamkit
 train --data ALIGNED`), the identities it held out (those of the folder that are not in its checkpoint), and
 their original photos whose face `siamkit align` detected. Each original is pasted into a textured photo
-(benchmarks/align.py's `paste`: rotated by up to +-30 degrees, scaled 0.5-2x, at a random position, 400-640 px
+(experiments/align.py's `paste`: rotated by up to +-30 degrees, scaled 0.5-2x, at a random position, 400-640 px
 a side). Then, on the same images and the same pairs (every genuine pair, as many seeded impostor pairs):
 - the aligned originals (the run's own held-out data);
 - the pasted photos with --align (detect, landmarks, warp, then the model's preprocessing, which for a run
@@ -12,7 +12,7 @@ a side). Then, on the same images and the same pairs (every genuine pair, as man
 - the pasted photos as they are (no alignment), and the raw originals (tight crops, no alignment).
 An image is kept only where the pasted photo's face was detected, so that every row scores the same pairs.
 
-    python benchmarks/align_verify.py RUN /tmp/aligned/rof_neutral --photos /work/shared/data/rof_neutral
+    python experiments/align_verify.py RUN /tmp/aligned/rof_neutral --photos /work/shared/data/rof_neutral
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmarks/machine.py
 from align import paste  # noqa: E402
 from machine import describe_device  # noqa: E402
 from siamkit.api import load_model, run_flip  # noqa: E402

@@ -9,7 +9,7 @@ identity split and the same batches) and the same step budget, then reads the he
 data, training, evaluating): CPU time is ``time.process_time`` (all threads of this process), wall
 time is ``time.perf_counter``; "train s" is the training loop alone (wall, from metrics.csv).
 
-    python benchmarks/bn_policies.py --steps 150 --batch-size 16 --image-size 64 64 --out /tmp/bn_policies
+    python experiments/bn_policies.py --steps 150 --batch-size 16 --image-size 64 64 --out /tmp/bn_policies
 
 Data: ../shared/data/rof_neutral beside the repository; override with --data or SIAMKIT_DATA.
 """
@@ -43,7 +43,8 @@ SETTINGS = {
 
 
 def default_data() -> str:
-    from machine import data_root  # benchmarks/machine.py: the script's folder is on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from machine import data_root  # benchmarks/machine.py
 
     return str(data_root() / "rof_neutral")
 

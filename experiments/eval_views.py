@@ -1,6 +1,6 @@
 """Test-time views: which fixed views of each image, averaged into its embedding, verify unseen people best?
 
-For trained runs (e.g. the run folders benchmarks/recipe.py leaves in its work folder), embeds the run's own
+For trained runs (e.g. the run folders experiments/recipe.py leaves in its work folder), embeds the run's own
 held-out identities (its --val-identities and seed), or --data, under several sets of views and prints the
 10-fold accuracy and ROC AUC of each, per run and as the mean over the runs. Every set includes each view's
 mirror image. The candidates:
@@ -11,8 +11,8 @@ mirror image. The candidates:
   out (padded by the shift, resized down);
 - `8 shifts`: the 3x3 grid of shifts; `8 shifts + 2 zooms`.
 
-    python benchmarks/eval_views.py /tmp/recipe_*/rof-0-0 /tmp/recipe_*/rof-0-1 /tmp/recipe_*/rof-0-2
-    python benchmarks/eval_views.py RUN ... --data att-test     # another data set than the runs' held-out people
+    python experiments/eval_views.py /tmp/recipe_*/rof-0-0 /tmp/recipe_*/rof-0-1 /tmp/recipe_*/rof-0-2
+    python experiments/eval_views.py RUN ... --data att-test     # another data set than the runs' held-out people
 """
 from __future__ import annotations
 

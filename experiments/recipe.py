@@ -17,9 +17,9 @@ Every row is the mean ± std over seeds of 10-fold accuracy, ROC AUC and TAR @ F
 raw-pixel baseline on the same pairs, with the wall and CPU seconds of training (decoding and the held-out
 report included).
 
-    python benchmarks/recipe.py --task att --candidates "" "--lr 3e-3" --seeds 0 1 2
-    python benchmarks/recipe.py --task rof --candidates "" --seeds 0 1 2
-    python benchmarks/recipe.py --task rof --rof-val 0.2 --reference dlib --candidates "--pretrained dlib"
+    python experiments/recipe.py --task att --candidates "" "--lr 3e-3" --seeds 0 1 2
+    python experiments/recipe.py --task rof --candidates "" --seeds 0 1 2
+    python experiments/recipe.py --task rof --rof-val 0.2 --reference dlib --candidates "--pretrained dlib"
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))  # benchmarks/machine.py
 
 import torch  # noqa: E402
 

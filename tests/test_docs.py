@@ -22,7 +22,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 RUNNABLE = "<!-- runnable -->"
 DOCS_STEPS = os.environ.get("SIAMKIT_DOCS_STEPS", "5")
-PAGES = [REPO / "README.md", REPO / "benchmarks" / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+PAGES = [REPO / "README.md", REPO / "benchmarks" / "README.md", REPO / "experiments" / "README.md",
+         *sorted((REPO / "docs").rglob("*.md"))]
 
 
 class Example(NamedTuple):
@@ -141,7 +142,8 @@ def _links(text: str) -> list[str]:
     return re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", text)
 
 
-@pytest.mark.parametrize("page", [REPO / "README.md", REPO / "benchmarks" / "README.md"], ids=["README", "benchmarks"])
+@pytest.mark.parametrize("page", [REPO / "README.md", REPO / "benchmarks" / "README.md",
+                                  REPO / "experiments" / "README.md"], ids=["README", "benchmarks", "experiments"])
 def test_relative_links_of_the_readmes_exist(page: Path):
     links = [link.split("#")[0] for link in _links(page.read_text()) if not re.match(r"[a-z]+:|#", link)]
     assert links
@@ -150,12 +152,13 @@ def test_relative_links_of_the_readmes_exist(page: Path):
 
 
 def test_repository_paths_named_in_the_docs_exist():
-    """`src/...`, `tests/...`, `benchmarks/...` and `docs/...` named in code spans point at files that exist."""
+    """`src/...`, `tests/...`, `benchmarks/...`, `experiments/...` and `docs/...` named in code spans point at files
+    that exist."""
     missing = []
     for page in PAGES:
         text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)  # code blocks are checked by running
         for span in re.findall(r"`([^`]+)`", text):
-            for path in re.findall(r"(?<![\w/.$-])((?:src|tests|benchmarks|docs)/[\w./-]*\w)", span):
+            for path in re.findall(r"(?<![\w/.$-])((?:src|tests|benchmarks|experiments|docs)/[\w./-]*\w)", span):
                 if not (REPO / path).exists():
                     missing.append(f"{page.relative_to(REPO)}: {path}")
     assert not missing, "paths that do not exist:\n" + "\n".join(missing)

@@ -31,7 +31,7 @@ from .options import check_fields, option
 AMP_MODES = ("off", "bf16", "fp16")
 SCHEDULES = ("cosine", "constant")
 DATA_IN_MEMORY = ("auto", "yes", "no")
-# Recipes: sets of options that work well together, measured by benchmarks/recipe.py (docs/results.md, "Accuracy on
+# Recipes: sets of options that work well together, measured by experiments/recipe.py (docs/results.md, "Accuracy on
 # unseen faces"). `siamkit train --recipe auto` (the default) applies the data source's recipe; options given
 # on the command line override it. From Python: TrainConfig.for_data(data, **options), the same resolution.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -42,7 +42,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "identities_per_batch": 16, "images_per_identity": 4, "mining": "batch-hard", "metric_weight": 0.0,
         "classifier": "cosface", "classifier_input": "embedding", "scale": 30.0, "class_margin": 0.35,
         "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05, "epochs": 100, "max_steps": 3000, "warmup_steps": 15,
-        # evaluate and ship the weights' moving average (benchmarks/results/recipe.md section 10: +0.2 points on
+        # evaluate and ship the weights' moving average (experiments/results/recipe.md section 10: +0.2 points on
         # AT&T validation and on ROF-neutral, within the seeds' spread; at AT&T's 500 steps the warm-up sets the decay)
         "ema_decay": 0.99,
         # average the embeddings of the image and four 2-pixel shifts, each with its mirror (recipe.md section 13:
@@ -50,7 +50,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "eval_shifts": True,
     },
     # Fine-tuning dlib's face ResNet (`siamkit train --pretrained dlib --data FOLDER`, docs/face-model.md), chosen on
-    # validation folds (benchmarks/results/dlib_finetune.md): a gentle update that keeps what ~3M faces taught it.
+    # validation folds (experiments/results/dlib_finetune.md): a gentle update that keeps what ~3M faces taught it.
     # Candidates that trained more (CosFace with a fresh classifier, lr 1e-4, layer3 and up, weight decay towards 0)
     # fell 2-13 points below the model as it is on AT&T and ROF-neutral validation people.
     "dlib-finetune": {
@@ -200,7 +200,7 @@ class TrainConfig(ModelOptions):
                                help="also add the embeddings of four copies of each image shifted by 1/16 of its "
                                     "side (left, right, up, down; edges repeated; each with its mirror under "
                                     "--eval-flip) at evaluation and at every later use of the model: 5x the "
-                                    "embedding cost (benchmarks/results/recipe.md section 13)")
+                                    "embedding cost (experiments/results/recipe.md section 13)")
     baseline_dlib: bool = option(True, group="run", flag="--no-baseline-dlib",
                                  help="leave out the held-out report's second baseline, the off-the-shelf dlib face "
                                       "model on the same pairs (needs the align extra; docs/face-model.md)")

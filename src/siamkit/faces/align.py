@@ -3,7 +3,7 @@ transform onto it, and the warp that cuts the aligned crop.
 
 The template holds dlib's five points (eye corners, base of the nose; faces/detect.py) in a 112x112 crop.
 It is the mean shape of the points found on the 6,401 faces detected among the 6,101 rof_neutral and
-400 AT&T images (generalised Procrustes analysis, benchmarks/align_template.py), placed so that the centres
+400 AT&T images (generalised Procrustes analysis, experiments/align_template.py), placed so that the centres
 of the eyes fall where the widely used ArcFace 112x112 template puts its eye centres (38.29, 51.70) and
 (73.53, 51.50).
 """

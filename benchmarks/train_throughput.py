@@ -19,17 +19,20 @@ worker process (own peak memory, own compile caches); workers take turns, round 
 other round in reverse order), so a disturbance of the machine hits all rows alike; a row's images/s
 is that of its fastest round.
 Memory: on CPU the peak resident set of the worker minus its resident set before the model was built
-(data and imports excluded); on CUDA torch.cuda.max_memory_allocated. MFU: the FLOPs of one step
-(counted with torch.utils.flop_counter.FlopCounterMode on the eager step: convolutions and matrix
-products, forward and backward, as executed -- row 1 executes its redundant passes) per second,
-divided by the FLOP/s of a large dense matrix product of the row's compute dtype measured in the same
-run (fp32; on CUDA with TF32 allowed, as cuDNN convolutions use it by default; for row 5 bf16, or fp32
-where that is faster, as on CPUs without native bf16), sustained over a window of seconds like the
-rows' (2 s on CPU, 0.5 s on CUDA) and measured right before the row's timed steps in every round (the
-machine's speed drifts, so a reference from another minute would measure the machine rather than the
-row). Each round gets its own MFU against its own reference; the table gives their median and range
-(the median, not the fastest round's: the fastest round is often one whose reference was measured in
-a slow moment, which would read high).
+(data and imports excluded); on CUDA torch.cuda.max_memory_allocated. MFU (``mfu``, the same on CPU and
+CUDA): the direct-convolution FLOPs of one step (counted with torch.utils.flop_counter.FlopCounterMode on
+the eager step and PyTorch's own convolution path: convolutions and matrix products as a direct
+convolution does them, forward and backward, as executed -- row 1 executes its redundant passes) / the
+step's time / the FLOP/s of a large dense matrix product of the row's compute dtype measured in the same
+run (fp32; on CUDA with TF32 allowed, as cuDNN convolutions use it by default; for the bf16 rows bf16,
+measured after the size's rounds, or fp32 where that is faster, as on CPUs without native bf16). Winograd
+(--cpu-tuning) or cuDNN's fast algorithms do fewer multiplications than a direct convolution, so MFU can
+read above 100%. The fp32 rate is sustained over a window of seconds like the rows' (2 s on CPU, 0.5 s on
+CUDA) and measured right before the row's timed steps in every round (the machine's speed drifts, so a
+reference from another minute would measure the machine rather than the row). Each round gets its own
+MFU against its own reference; the table gives their median and range (the median, not the fastest
+round's: the fastest round is often one whose reference was measured in a slow moment, which would read
+high).
 
 End to end: a real `siamkit train` run (same options: 64x64 or 112x112, W = 1, 32 triplets) on
 the ROF-neutral faces (decoded, sampled, augmented on the fly), each of its steps timed from
@@ -85,6 +88,7 @@ BF16_ROWS = ("bf16", "bf16compile", "cudagraphs", "naive6bf16", "naive3bf16")  #
 GPU_ROWS = ["naive6", "naive3", "siamkit", "naive6bf16", "bf16compile", "cudagraphs"]
 BASE_TREE_ENV = "SIAMKIT_BENCH_BASE_TREE"  # --base-tree, read by the "base" row's worker process  # the rest are plain loops
 TRIPLETS = 32  # per step; --triplets sets it (in every worker process too)
+GPU_SHARE = 0.8  # --triplets max: the largest batch whose six-pass step peaks within this share of the card
 N_IDENTITIES, PER_IDENTITY = 40, 10
 MARGIN = 0.2
 
@@ -275,7 +279,9 @@ def _base_tree_siamkit(data, device, size: int):
     return module._Siamkit("siamkit", data, device, size)
 
 
-def _worker(row: str, size: int, device_name: str, warmup: int, triplets: int, conn) -> None:
+def _worker(row: str, size: int, device_name: str, warmup: int, triplets: int, conn, release: bool = False) -> None:
+    """One row in its own process; ``release``: hand the CUDA allocator's cached blocks back after the warm-up and
+    after each run, so that rows whose batch fills the GPU (--triplets max) can take turns on it."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -309,6 +315,8 @@ def _worker(row: str, size: int, device_name: str, warmup: int, triplets: int, c
             runner.flop_step(step)
         step += 1
         sync()
+        if release:
+            torch.cuda.empty_cache()
         conn.send(("ready", counter.get_total_flops()))
         while True:
             cmd = conn.recv()
@@ -322,6 +330,8 @@ def _worker(row: str, size: int, device_name: str, warmup: int, triplets: int, c
                 elapsed = time.perf_counter() - t
                 system_s = os.times().system - cpu.system
                 conn.send(("time", elapsed, system_s, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))
+                if release:  # after the timing: the next run's first step allocates again (a few ms)
+                    torch.cuda.empty_cache()
             elif cmd[0] == "memory":
                 if cuda:
                     peak = torch.cuda.max_memory_allocated()
@@ -337,18 +347,24 @@ def _worker(row: str, size: int, device_name: str, warmup: int, triplets: int, c
 
 
 def _probe_triplets(size: int, device_name: str, candidates: list[int], conn) -> None:
-    """The largest of ``candidates`` at which row 1 (six passes, fp32: the most memory of any row) still steps."""
+    """The largest of ``candidates`` at which row 1 (six passes, fp32: the most memory of any row) still steps
+    within GPU_SHARE of the card's memory: the other rows' processes keep their CUDA context, model, optimizer
+    state and images on the card while one row runs."""
     import torch
 
     global TRIPLETS
     fits = 0
+    total = torch.cuda.get_device_properties(torch.device(device_name)).total_memory
     for triplets in candidates:
         TRIPLETS = triplets
         try:
+            torch.cuda.reset_peak_memory_stats()
             runner = _Plain("naive6", _Data(size, torch.device(device_name)), torch.device(device_name))
             runner.step(0)
             runner.step(1)  # the second step holds the optimizer state too
             torch.cuda.synchronize()
+            if torch.cuda.max_memory_allocated() > GPU_SHARE * total:
+                break
             fits = triplets
         except torch.cuda.OutOfMemoryError:
             break
@@ -370,6 +386,17 @@ def largest_triplets(ctx, size: int, device: str, limit: int = 8192) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- parent
+
+
+def mfu(step_flops: float, step_seconds: float, matmul_rate: float) -> float:
+    """Model FLOPs utilisation, as every table of this script prints it: the direct-convolution FLOPs of one step /
+    the step's time / the dense matmul rate (FLOP/s) measured in the same run.
+
+    The FLOPs are counted by FlopCounterMode on PyTorch's own convolution path (as a direct convolution does them,
+    forward and backward, whatever algorithm runs), so a row whose kernels do fewer multiplications (Winograd under
+    --cpu-tuning, cuDNN's Winograd or FFT algorithms) can read above 100%.
+    """
+    return step_flops / step_seconds / matmul_rate
 
 
 def matmul_flops(device, dtype, sizes, window_s: float) -> tuple[float, float]:
@@ -408,10 +435,10 @@ def matmul_flops(device, dtype, sizes, window_s: float) -> tuple[float, float]:
 
 
 class Worker:
-    def __init__(self, ctx, row: str, size: int, device: str, warmup: int):
+    def __init__(self, ctx, row: str, size: int, device: str, warmup: int, release: bool = False):
         self.row, self.size = row, size
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(row, size, device, warmup, TRIPLETS, child), daemon=True)
+        self.proc = ctx.Process(target=_worker, args=(row, size, device, warmup, TRIPLETS, child, release), daemon=True)
         self.proc.start()
         self.flops = None
         self.error = None
@@ -547,7 +574,7 @@ def main(argv=None) -> int:
                    help="rows to run; 'gpu': the GPU table's rows (" + " ".join(GPU_ROWS) + ")")
     p.add_argument("--triplets", default=str(TRIPLETS),
                    help="triplets per step (default 32), or 'max': the largest power of two from 32 at which row 1 "
-                        "fits in GPU memory (probed first; CUDA only)")
+                        "peaks within 80%% of GPU memory (probed first; CUDA only)")
     p.add_argument("--rounds", type=int, default=3, help="rounds; every row runs --steps steps per round")
     p.add_argument("--steps", type=int, default=None, help="timed steps per round (default: 3 on CPU, 25 on CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2 on CPU, 10 on CUDA)")
@@ -595,17 +622,19 @@ def main(argv=None) -> int:
     else:
         TRIPLETS = int(args.triplets)
     # Workers build and warm up (torch.compile included) before any timing. On CUDA they do it at the same
-    # time (compilation is CPU work on a many-core host); on CPU one after another, so that warm-ups don't
-    # fight over the cores.
+    # time (compilation is CPU work on a many-core host), unless the batch was sized to fill the GPU's memory
+    # (--triplets max): then, as on CPU (where warm-ups would fight over the cores), one after another, each
+    # handing its cached memory back before the next starts and after each of its runs.
+    together = cuda and args.triplets != "max"
     workers: dict[tuple[int, str], Worker] = {}
     for size in args.sizes:
         for row in args.rows:
-            w = Worker(ctx, row, size, args.device, warmup)
+            w = Worker(ctx, row, size, args.device, warmup, release=cuda and not together)
             workers[(size, row)] = w
-            if not cuda:
+            if not together:
                 w.wait_ready()
                 print(f"  ready: {size}x{size} {row}", file=sys.stderr)
-    if cuda:
+    if together:
         for w in workers.values():
             w.wait_ready()
     # The MFU reference is measured right before each row's timed steps, every round: this VM's speed
@@ -660,10 +689,14 @@ def main(argv=None) -> int:
     print(
         f"torch {torch.__version__}; ResNet18, triplet loss + softmax classifier (W=1), {TRIPLETS} triplets "
         f"({3 * TRIPLETS} images) per step; fastest of {args.rounds} interleaved rounds of {steps} steps after "
-        f"{warmup} warm-up steps. MFU: each round's FLOP/s divided by the dense fp32 matmul rate measured over "
-        f"{mm_window:g} s right before that round's steps; the median over rounds and the range (matmul over the run: "
-        f"{min(mm_seen, default=0) / 1e9:,.1f}-{max(mm_seen, default=0) / 1e9:,.1f} GFLOP/s; fastest single "
-        f"product: {mm_burst / 1e9:,.1f})"
+        f"{warmup} warm-up steps. MFU = direct-convolution FLOPs of the step (GFLOP/step: convolutions and matrix "
+        f"products as a direct convolution does them, forward and backward, counted on PyTorch's own path whatever "
+        f"algorithm runs) / step time / the dense matmul rate measured in this run: for fp32 rows the fp32 rate"
+        f"{' (TF32 allowed)' if cuda else ''} measured over {mm_window:g} s right before the same round's steps, "
+        f"for bf16 rows the bf16 rate measured after the rounds (or the fp32 one where faster); Winograd or "
+        f"cuDNN's fast algorithms do fewer multiplications, so it can read above 100%; the median over rounds and "
+        f"the range (fp32 matmul over the run: {min(mm_seen, default=0) / 1e9:,.1f}-"
+        f"{max(mm_seen, default=0) / 1e9:,.1f} GFLOP/s; fastest single product: {mm_burst / 1e9:,.1f})"
         + (f"; bf16 matmul: {mm_bf16 / 1e9:,.1f} GFLOP/s" if mm_bf16 else "")
         + f"; {datetime.now():%Y-%m-%d %H:%M}."
         + (
@@ -672,7 +705,8 @@ def main(argv=None) -> int:
         )
         + "\n"
     )
-    print("| size | row | images/s | × row 1 | peak memory | GFLOP/step | MFU: median of rounds (range) |")
+    print("| size | row | images/s | × row 1 | peak memory | GFLOP/step "
+          "| MFU (step FLOP/s ÷ matmul rate): median of rounds (range) |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for size in args.sizes:
         base = results.get((size, "naive6"), {}).get("images_per_s")
@@ -684,13 +718,12 @@ def main(argv=None) -> int:
             ips = res["images_per_s"]
             ratio = f"{ips / base:.2f}" if base else "-"
             # CPUs without native bf16 run bf16 matmuls far slower than fp32: measure against the faster one.
-            mfus = [
-                res["flops"] * steps / t / (max(mm_bf16, ref) if row in BF16_ROWS else ref) for t, ref in res["rounds"]
-            ]
-            mfu = f"{statistics.median(mfus):.0%} ({min(mfus):.0%}-{max(mfus):.0%})"
+            mfus = [mfu(res["flops"], t / steps, max(mm_bf16, ref) if row in BF16_ROWS else ref)
+                    for t, ref in res["rounds"]]
+            mfu_text = f"{statistics.median(mfus):.0%} ({min(mfus):.0%}-{max(mfus):.0%})"
             print(
                 f"| {size}x{size} | {ROWS[row]} | {ips:,.1f} | {ratio} | {_fmt_mem(res['memory'])} "
-                f"| {res['flops'] / 1e9:,.1f} | {mfu} |"
+                f"| {res['flops'] / 1e9:,.1f} | {mfu_text} |"
             )
     if e2e:
         print("\nEnd to end: `siamkit train` on ROF-neutral (decoding excluded; sampling, augmentation, logging included):\n")

@@ -181,8 +181,9 @@ def test_evaluate_identification_on_att(trained_run, att_faces, tmp_path, capsys
     assert len(report["cmc"]) == 5 and report["cmc"][-1] == 1.0 and report["rank1"] == report["cmc"][0]
     assert set(report["open_set"]) == {"1e-1", "1e-2", "1e-3", "0.4"}  # 0.4 = 10 / 25 unknown probes
     assert [o["supported"] for o in report["open_set"].values()] == [False, False, False, True]
+    assert report["baseline_dlib"]["n_images"] == 75  # the second baseline on the same gallery and probes
     out = capsys.readouterr().out
-    assert "needs at least 100 unknown probes" in out and "pixels:" in out and "rank-1" in out
+    assert "needs at least 100 unknown probes" in out and "pixels:" in out and "rank-1" in out and "dlib:" in out
 
 
 def test_verifier_identify(trained_run, att_faces, tmp_path):

@@ -196,8 +196,8 @@ def _evaluate_parser(sub, sources_help) -> None:
     p.add_argument("--max-genuine-pairs", type=int, default=MAX_GENUINE_PAIRS,
                    help="no --pairs: draw at most this many genuine pairs (seeded; 0 = every one)")
     p.add_argument("--no-baseline-dlib", dest="baseline_dlib", action="store_false",
-                   help="leave out the second baseline: the off-the-shelf dlib face model on the same pairs "
-                        "(docs/face-model.md)")
+                   help="leave out the second baseline: the off-the-shelf dlib face model on the same pairs (or "
+                        "the same gallery and probes) (docs/face-model.md)")
     _add_force_flag(p, "replace the report files in --out (a run's own eval/ is replaced without it)")
     _cache_option(p)
     _add_align_flag(p)

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from siamkit.data.sources import load_source, default_preprocess
-from siamkit.eval.dlib_baseline import dlib_baseline
+from siamkit.data.sources import IdentityDataset
+from siamkit.eval.dlib_baseline import dlib_baseline, dlib_identification_baseline
+from siamkit.eval.identification import format_identification, identification_report
 from siamkit.eval.protocol import evaluate, pairs_for
 from siamkit.eval.report import format_summary
 from siamkit.eval.verification import pair_scores, verification_report
@@ -39,6 +41,45 @@ def test_baseline_is_the_builtin_model_on_the_same_pairs(four_people):
     # the same chips and network: every pair decided alike, so the fold accuracies agree exactly
     assert got["accuracy_mean"] == pytest.approx(expected["accuracy_mean"], abs=1e-12)
     assert got["roc_auc"] == pytest.approx(expected["roc_auc"], abs=1e-6)
+
+
+def _images(ds, index: np.ndarray, n_names: int) -> IdentityDataset:
+    import torch
+
+    return IdentityDataset(ds.images[torch.from_numpy(index)], ds.labels[index], ds.names[:n_names],
+                           [ds.paths[i] for i in index], ds.root)
+
+
+def test_identification_baseline_is_the_builtin_model_searching_the_same_gallery(four_people):
+    """Gallery: images 0-4 of s31-s33; probes: images 5-9 of s31-s34 (s34's five are the unknowns)."""
+    import siamkit
+    from siamkit.data.sources import native_preprocess
+
+    n = len(four_people)
+    in_gallery = np.array([i for i in range(n) if four_people.labels[i] < 3 and i % 10 < 5])
+    probing = np.array([i for i in range(n) if i % 10 >= 5])
+    gallery, probes = _images(four_people, in_gallery, 3), _images(four_people, probing, 4)
+    probe_ids = np.where(probes.labels < 3, probes.labels, -1)
+    got = dlib_identification_baseline(gallery, probes, probe_ids)
+    assert got["n_images"] == 35 and got["n_without_detection"] == 0 and got["score"] == "euclidean"
+    # independently: siamkit.load("dlib") on the original 92x112 images, and rank-1 by a loop over the probes
+    native = load_source("att-test", native_preprocess("att-test")).subset(np.arange(4))
+    emb = siamkit.load("dlib").embed([im for im in native.images])
+    best = [max(range(3), key=lambda person: max(-np.linalg.norm(emb[p] - emb[g]) for g in in_gallery
+                                                 if four_people.labels[g] == person))
+            for p in probing[probe_ids >= 0]]
+    # the same chips and network: every probe's best identity is the same, so rank-1 agrees exactly
+    assert got["rank1"] == np.mean(np.array(best) == probe_ids[probe_ids >= 0])
+    expected = identification_report(-np.linalg.norm(emb[probing][:, None] - emb[in_gallery][None], axis=2),
+                                     gallery.labels, 3, probe_ids)
+    # mAP ranks the 15 gallery images of each probe: the two paths' embeddings agree to float32 rounding, so the
+    # rankings agree unless two distances tie that closely; 1e-9 is the float64 mean's rounding, not a model's
+    assert got["map"] == pytest.approx(expected["map"], abs=1e-9)
+    assert set(got["open_set"]) == set(expected["open_set"])
+    report = {**expected, "baseline_dlib": got}
+    assert format_identification(report).splitlines()[-1] == (
+        f"dlib:      off-the-shelf dlib model, rank-1 {got['rank1']:.2%}, rank-5 {got['rank5']:.2%}, "
+        f"mAP {got['map']:.4f} -> the model does not beat it (+0.0 rank-1 points)")
 
 
 def test_it_leaves_torchs_random_state_as_it_found_it(four_people):

@@ -73,7 +73,7 @@ def _identification(args: argparse.Namespace, model, ckpt, pre, device, out) -> 
 
     from ..eval.baseline import pixel_embeddings
     from ..eval.embed import embed_images
-    from ..eval.identification import format_identification, identification_report
+    from ..eval.identification import IDENTIFICATION_BASELINE_KEYS, format_identification, identification_report
     from ..fileio import atomic_write_json
     from ..gallery import exact_scores
 
@@ -96,7 +96,11 @@ def _identification(args: argparse.Namespace, model, ckpt, pre, device, out) -> 
     report["score"] = score
     pixels = identification_report(exact_scores(pixel_embeddings(probes.images), pixel_embeddings(gallery.images),
                                                  "cosine"), gallery.labels, gallery.n_identities, probe_ids)
-    report["baseline"] = {key: pixels[key] for key in ("rank1", "rank5", "cmc", "map", "open_set") if key in pixels}
+    report["baseline"] = {key: pixels[key] for key in IDENTIFICATION_BASELINE_KEYS if key in pixels}
+    if args.baseline_dlib and not ckpt.get("builtin"):  # (the built-in dlib model would be compared with itself)
+        from ..eval.dlib_baseline import dlib_identification_baseline
+
+        report["baseline_dlib"] = dlib_identification_baseline(gallery, probes, probe_ids, device)
     atomic_write_json(out / "identification.json", report)
     print(f"gallery {args.gallery}, probes {args.probes}: {out / 'identification.json'}")
     print(format_identification(report, report["baseline"]))

@@ -1,4 +1,5 @@
-"""The second baseline of a face report: the off-the-shelf dlib face model on the report's own pairs.
+"""The second baseline of a face report: the off-the-shelf dlib face model on the report's own pairs (or, for an
+identification report, searching the same probes in the same gallery).
 
 Beside the raw pixels (eval/baseline.py), ``baseline_dlib`` says what a free face model that the align extra
 installs already achieves on the same pairs, so a user sees whether training was worth it (docs/face-model.md).
@@ -28,22 +29,53 @@ MIN_DETECTED_SHARE = 0.5
 def dlib_baseline(ds: IdentityDataset, idx_a: np.ndarray, idx_b: np.ndarray, same: np.ndarray, folds: np.ndarray,
                   device: str | torch.device = "cpu") -> dict:
     """report.json's ``baseline_dlib``: the metrics of dlib's model on the pairs, or {"skipped": why}."""
+    used = np.unique(np.concatenate([idx_a, idx_b]))
+    subset = IdentityDataset(ds.images[torch.from_numpy(used)], ds.labels[used], ds.names,
+                             [ds.paths[i] for i in used], ds.root)
+    got = dlib_embeddings(subset, device)
+    if isinstance(got, str):
+        return _skipped(got)
+    emb, score, undetected = got
+    row = np.full(len(ds), -1, dtype=np.int64)
+    row[used] = np.arange(len(used))
+    scores = pair_scores(emb[row[idx_a]], emb[row[idx_b]], score)
+    full = verification_report(scores, same, folds, score)
+    return {**{key: full[key] for key in BASELINE_KEYS}, "score": score, "n_images": int(len(used)),
+            "n_without_detection": int(undetected)}
+
+
+def dlib_identification_baseline(gallery: IdentityDataset, probes: IdentityDataset, probe_ids: np.ndarray,
+                                 device: str | torch.device = "cpu") -> dict:
+    """identification.json's ``baseline_dlib``: dlib's model searching the same probes in the same gallery
+    (rank-1/5, CMC, mAP, open set), or {"skipped": why}."""
+    from ..gallery import exact_scores
+    from .identification import IDENTIFICATION_BASELINE_KEYS, identification_report
+
+    got = [dlib_embeddings(part, device) for part in (gallery, probes)]
+    if any(isinstance(g, str) for g in got):
+        return _skipped(next(g for g in got if isinstance(g, str)))
+    (g_emb, score, g_undetected), (p_emb, _, p_undetected) = got
+    full = identification_report(exact_scores(p_emb, g_emb, score), gallery.labels, gallery.n_identities, probe_ids)
+    return {**{key: full[key] for key in IDENTIFICATION_BASELINE_KEYS if key in full}, "score": score,
+            "n_images": len(gallery) + len(probes), "n_without_detection": int(g_undetected + p_undetected)}
+
+
+def dlib_embeddings(ds: IdentityDataset, device: str | torch.device = "cpu") -> tuple[np.ndarray, str, int] | str:
+    """(dlib's model's embedding of each image of ``ds``, its score, how many images had no detected face), or
+    why dlib's model does not apply to these images."""
     try:
         from ..faces.chip_data import dataset_chips
         from ..faces.detect import check_installed
 
         check_installed()
     except SiamkitError as e:
-        return _skipped(f"the align extra is not installed ({e})")
-    used = np.unique(np.concatenate([idx_a, idx_b]))
-    subset = IdentityDataset(ds.images[torch.from_numpy(used)], ds.labels[used], ds.names,
-                             [ds.paths[i] for i in used], ds.root)
-    chips = dataset_chips(subset)
+        return f"the align extra is not installed ({e})"
+    chips = dataset_chips(ds)
     if isinstance(chips, str):
-        return _skipped(chips)
+        return chips
     pixels, undetected = chips
-    if len(used) and undetected > (1 - MIN_DETECTED_SHARE) * len(used):
-        return _skipped(f"no face detected in {undetected} of {len(used)} images: not photos of faces")
+    if len(ds) and undetected > (1 - MIN_DETECTED_SHARE) * len(ds):
+        return f"no face detected in {undetected} of {len(ds)} images: not photos of faces"
     from ..models.zoo import builtin_network
 
     # Building the network draws its random initial weights (replaced by dlib's) from torch's global generator: fork
@@ -53,12 +85,7 @@ def dlib_baseline(ds: IdentityDataset, idx_a: np.ndarray, idx_b: np.ndarray, sam
     from ..data.pixels import Preprocess
 
     emb = embed_images(model, pixels, Preprocess.from_dict(ckpt["preprocess"]), device, batch_size=BATCH)
-    row = np.full(len(ds), -1, dtype=np.int64)
-    row[used] = np.arange(len(used))
-    scores = pair_scores(emb[row[idx_a]], emb[row[idx_b]], ckpt["score"])
-    full = verification_report(scores, same, folds, ckpt["score"])
-    return {**{key: full[key] for key in BASELINE_KEYS}, "score": ckpt["score"], "n_images": int(len(used)),
-            "n_without_detection": int(undetected)}
+    return emb, ckpt["score"], undetected
 
 
 def _skipped(reason: str) -> dict:

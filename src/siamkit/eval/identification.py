@@ -9,6 +9,9 @@ import numpy as np
 
 from .verification import REPORT_FARS, threshold_at_far
 
+# What a baseline (the raw pixels, the off-the-shelf dlib model) reports of an identification.
+IDENTIFICATION_BASELINE_KEYS = ("rank1", "rank5", "cmc", "map", "open_set")
+
 
 def identity_scores(image_scores: np.ndarray, gallery_labels: np.ndarray, n_ids: int) -> np.ndarray:
     """[P, M] probe-vs-gallery-image scores -> [P, n_ids]: each identity's best image."""
@@ -109,4 +112,11 @@ def format_identification(report: dict, baseline: dict | None = None) -> str:
         lines.append(f"pixels:    rank-1 {baseline['rank1']:.2%}, rank-5 {baseline['rank5']:.2%}, mAP "
                      f"{baseline['map']:.4f} -> the model adds {100 * (report['rank1'] - baseline['rank1']):+.1f} "
                      f"rank-1 points")
+    if "baseline_dlib" in report:  # the second baseline, as the verification summary's (eval/report.py)
+        from .report import dlib_line
+
+        b = report["baseline_dlib"]
+        lines.append(dlib_line(b) if "skipped" in b else dlib_line(
+            b, 100 * (report["rank1"] - b["rank1"]),
+            f"rank-1 {b['rank1']:.2%}, rank-5 {b['rank5']:.2%}, mAP {b['map']:.4f}", "rank-1 points"))
     return "\n".join(lines)

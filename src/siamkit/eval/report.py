@@ -141,8 +141,15 @@ def _dlib_line(report: dict) -> str:
     """The second baseline: whether the model beats the off-the-shelf dlib face model on the same pairs."""
     b = report["baseline_dlib"]
     if "skipped" in b:
-        return f"dlib:      off-the-shelf dlib model not compared: {b['skipped']}"
-    gain = 100 * (report["accuracy_mean"] - b["accuracy_mean"])
+        return dlib_line(b)
+    return dlib_line(b, 100 * (report["accuracy_mean"] - b["accuracy_mean"]),
+                     f"accuracy {b['accuracy_mean']:.1%} ± {b['accuracy_std']:.1%}, AUC {b['roc_auc']:.3f}")
+
+
+def dlib_line(baseline: dict, gain: float = 0.0, figures: str = "", unit: str = "points") -> str:
+    """A summary's `dlib:` line: the off-the-shelf dlib model's ``figures`` and whether the model beats it by
+    ``gain`` (``unit``), or why it was not compared."""
+    if "skipped" in baseline:
+        return f"dlib:      off-the-shelf dlib model not compared: {baseline['skipped']}"
     verdict = "the model beats it" if gain > 0 else "the model does not beat it"
-    return (f"dlib:      off-the-shelf dlib model, accuracy {b['accuracy_mean']:.1%} ± {b['accuracy_std']:.1%}, "
-            f"AUC {b['roc_auc']:.3f} -> {verdict} ({gain:+.1f} points)")
+    return f"dlib:      off-the-shelf dlib model, {figures} -> {verdict} ({gain:+.1f} {unit})"

@@ -29,7 +29,7 @@ import torch
 from ..errors import SiamkitError, info, warn
 from ..fileio import Busy, atomic_write_json, file_lock, file_sha256, write_error
 from ..progress import progress_bar
-from .limits import check_fits_disk, decoded_bytes, fits_disk, free_disk
+from .limits import check_fits_disk, disk_shortfall
 from .pixels import DECODING_VERSION
 from .pixels import too_small, warn_small
 from .recordio import RecordFile, identity_names
@@ -167,11 +167,10 @@ def load_cached_recordio(
     key = fingerprint([], [[records.path.name, records.idx_path.name]], records.path.parent, pre)
     base = _base(cache_dir)
     n = len(records.image_indices())
-    if not (base / key / INDEX_FILE).is_file() and not fits_disk(n, pre.channels, pre.image_size, base):
-        need, free = decoded_bytes(n, pre.channels, pre.image_size), free_disk(base) or 0
-        info(f"{path}: {n} images at {pre.channels}x{pre.image_size[0]}x{pre.image_size[1]} decode to "
-             f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on the disk holding {base}: streamed "
-             f"from the .rec, each step's images decoded as they are read (--cache-dir picks a larger disk)")
+    short = None if (base / key / INDEX_FILE).is_file() else disk_shortfall(n, pre.channels, pre.image_size, base)
+    if short is not None:
+        info(f"{path}: {short}: streamed from the .rec, each step's images decoded as they are read (--cache-dir "
+             f"picks a larger disk)")
         return load_recordio(path, pre, stream=True, progress=progress)
     return _load_cached(key, str(path), n, pre, base, max_gb, progress, lambda: record_listing(records, progress))
 

@@ -194,21 +194,19 @@ class RecordFile:
     def scan(self, progress: bool = True) -> RecordListing:
         """Every image record's identity number, read from its header (not its image)."""
         wanted = self.image_indices()
-        position = {int(i): k for k, i in enumerate(self.indices)}
-        keep_idx, keep_off, labels, skipped = [], [], [], []
-        with progress_bar(wanted, desc="scan", unit="rec", disable=not progress, dynamic_ncols=True) as bar:
-            for index in bar:
-                offset = int(self.offsets[position[int(index)]])
+        order = np.argsort(self.indices)  # arrays, not a dict: 5.8M records (MS1M) would take GBs as Python objects
+        offsets = self.offsets[order[np.searchsorted(self.indices[order], wanted)]]
+        labels = np.full(len(wanted), -1, dtype=np.int64)
+        skipped = []
+        with progress_bar(total=len(wanted), desc="scan", unit="rec", disable=not progress, dynamic_ncols=True) as bar:
+            for k, (index, offset) in enumerate(zip(wanted.tolist(), offsets.tolist())):
                 try:
-                    label = identity_of(unpack(self.reader.head(offset))[0])
+                    labels[k] = identity_of(unpack(self.reader.head(offset))[0])
                 except RecordError as e:
-                    skipped.append((self.where(int(index), offset), str(e)))
-                    continue
-                keep_idx.append(int(index))
-                keep_off.append(offset)
-                labels.append(label)
-        return RecordListing(np.array(keep_idx, dtype=np.int64), np.array(keep_off, dtype=np.int64),
-                             np.array(labels, dtype=np.int64), skipped)
+                    skipped.append((self.where(index, offset), str(e)))
+                bar.update(1)
+        keep = labels >= 0
+        return RecordListing(wanted[keep], offsets[keep], labels[keep], skipped)
 
 
 def read_index(idx_path: Path, rec_path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,7 @@ from .._version import __version__
 from ..batchnorm import get_policy
 from ..checkpoint import load_checkpoint, remove_stale_temp_files, set_rng_state
 from ..config import TrainConfig
-from ..data.cache import load_data
+from ..data.cache import ImageRows, load_data
 from ..data.prefetch import BatchPrefetcher
 from ..data.samplers import PKSampler, TupleSampler
 from ..data.sources import IdentityDataset, default_preprocess, require_trainable, source_of, split_identities
@@ -362,6 +362,7 @@ def free_memory(device: torch.device) -> int:
 def keep_in_memory(choice: str, train_ds: IdentityDataset, device: torch.device, say: bool = True) -> bool:
     """--data-in-memory: the training images on the device (yes), streamed from the cache (no), or by size (auto)."""
     streamable = not isinstance(train_ds.images, torch.Tensor)  # the decoded cache's ImageRows, or a .rec's RecordRows
+    origin = "the decoded cache" if isinstance(train_ds.images, ImageRows) else train_ds.root
     need = len(train_ds) * int(np.prod(tuple(train_ds.shape_of_image)))
     free = free_memory(device)
     size = f"{need / 2**30:.2f} GiB of training images"
@@ -373,15 +374,15 @@ def keep_in_memory(choice: str, train_ds: IdentityDataset, device: torch.device,
     if choice == "yes":
         if need > free:
             raise SiamkitError(f"--data-in-memory yes: {size} do not fit in the {free / 2**30:.1f} GiB free on "
-                               f"{device}; pass --data-in-memory no (each step's images are read from the decoded cache)")
+                               f"{device}; pass --data-in-memory no (each step's images are read from {origin})")
         return True
     if choice == "no":
         if say:
-            info(f"{size} streamed from the decoded cache (--data-in-memory no)")
+            info(f"{size} streamed from {origin} (--data-in-memory no)")
         return False
     fits = need <= MAX_IN_MEMORY_SHARE * free
     if say:
-        info(f"{size}: {'kept on ' + str(device) if fits else 'streamed from the decoded cache'} "
+        info(f"{size}: {'kept on ' + str(device) if fits else 'streamed from ' + origin} "
              f"(--data-in-memory auto: {'under' if fits else 'over'} half of the {free / 2**30:.1f} GiB free)")
     return fits
 

@@ -212,3 +212,14 @@ def test_training_streamed_from_the_rec_is_the_run_on_the_folder(sets, tmp_path,
     assert _losses(streamed) == _losses(reference)
     reports = [json.loads((run / "eval" / "report.json").read_text()) for run in (streamed, reference)]
     assert reports[0] == reports[1]
+
+
+def test_a_rec_without_its_idx_is_one_error_line(sets, tmp_path):
+    rec, _, _ = sets
+    alone = tmp_path / "alone.rec"
+    alone.write_bytes(rec.read_bytes())
+    with pytest.raises(SiamkitError, match=r"alone.rec has no index .*alone.idx beside it"):
+        load_data(str(alone), PRE, str(tmp_path / "cache"), progress=False)
+    alone.with_suffix(".idx").write_text("0\t0\nnot a line\n")
+    with pytest.raises(SiamkitError, match=r"alone.idx line 2: expected 'index<TAB>offset'"):
+        load_data(str(alone), PRE, str(tmp_path / "cache"), progress=False)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..data.pairs import folder_pairs, read_lfw_pairs
-from ..data.sources import SOURCES, IdentityDataset
+from ..data.sources import FOLDER, SOURCES, IdentityDataset, source_of
 from ..data.transforms import Preprocess
 from ..errors import SiamkitError
 from .baseline import baseline_report, pixel_scores
@@ -106,7 +106,8 @@ def evaluate(
         report["pair_sampling"] = {"genuine_available": available, "max_genuine_pairs": max_genuine_pairs, "seed": seed}
     pixels = pixel_scores(ds.images, pairs.idx_a, pairs.idx_b)
     report["baseline"] = baseline_report(pixels, pairs.same, pairs.fold)
-    if baseline_dlib and ds.pairs is not None:  # a .bin holds aligned crops: no photos for dlib to cut chips from
+    if baseline_dlib and ds.root and ds.root not in SOURCES and source_of(ds.root) is not FOLDER:
+        # a .rec or .bin (insightface's packs) holds aligned crops: no photos for dlib's model to cut its chips from
         report["baseline_dlib"] = {"skipped": f"{ds.root} holds aligned crops, not the photos dlib's model cuts its "
                                               f"chips from"}
     elif baseline_dlib:

@@ -33,6 +33,7 @@ from .limits import check_fits_disk, disk_shortfall
 from .pixels import DECODING_VERSION
 from .pixels import too_small, warn_small
 from .recordio import RecordFile, identity_names
+from .rows import LazyRows
 from .sources import (FILE_SOURCES, FOLDER, IdentityDataset, decode_image, list_folder, load_recordio, load_source,
                       source_of, warn_skipped)
 from .transforms import Preprocess
@@ -54,45 +55,19 @@ def default_cache_dir() -> Path:
     return Path(base) / "siamkit"
 
 
-class ImageRows:
-    """uint8 images [N, C, H, W] that live in a memory-mapped file: indexing gives a lazy view, reading copies.
-
-    ``rows[i]`` for a slice, an index array or tensor is another ImageRows (nothing is read); ``read()`` or
-    ``to(...)`` copies the selected images into a tensor. It stands in for the image tensor of an
-    IdentityDataset, so subsets and held-out splits of a cached data set cost no memory.
-    """
+class ImageRows(LazyRows):
+    """uint8 images [N, C, H, W] that live in a memory-mapped file (data/rows.py): indexing gives a lazy view,
+    reading copies."""
 
     def __init__(self, array: np.ndarray, rows: np.ndarray | None = None):
+        super().__init__(len(array), array.shape[1:], rows)
         self.array = array
-        self.rows = np.arange(len(array), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
 
-    def __len__(self) -> int:
-        return len(self.rows)
+    def view(self, rows: np.ndarray) -> "ImageRows":
+        return ImageRows(self.array, rows)
 
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((len(self.rows), *self.array.shape[1:]))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.uint8
-
-    def __getitem__(self, index) -> "ImageRows":
-        if isinstance(index, torch.Tensor):
-            index = index.cpu().numpy()
-        if isinstance(index, (int, np.integer)):
-            index = [index]
-        return ImageRows(self.array, self.rows[index])
-
-    def read(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The selected images as a uint8 tensor (into ``out``, e.g. a pinned buffer, when given)."""
-        if out is None:
-            out = torch.empty(tuple(self.shape), dtype=torch.uint8)
-        np.take(self.array, self.rows, axis=0, out=out.numpy())
-        return out
-
-    def to(self, *args, **kwargs) -> torch.Tensor:
-        return self.read().to(*args, **kwargs)
+    def read_into(self, out: np.ndarray) -> None:
+        np.take(self.array, self.rows, axis=0, out=out)
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """A RecordIO training set's images decoded: all at once into memory, or a batch at a time from the .rec (streamed).
 
 Streaming is for sets whose decoded images the disk cannot hold (MS1M decodes to about 218 GB at 112 px):
-``RecordRows`` stands in for the image tensor of an IdentityDataset like the decoded cache's ImageRows, and
-decodes the records a step asks for with a pool of threads (Pillow releases the GIL while decoding). An image that
-fails to decode while streaming (the scan reads headers, not images) is given as zeros, with one warning per
-record naming its offset.
+``RecordRows`` stands in for the image tensor of an IdentityDataset like the decoded cache's ImageRows
+(data/rows.py), and decodes the records a step asks for with a pool of threads (Pillow releases the GIL while
+decoding). An image that fails to decode while streaming (the scan reads headers, not images) is given as zeros,
+with one warning per record naming its offset.
 """
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from ..errors import warn
 from .pixels import Preprocess, decode_image_array
 from .recordio import RecordReader
+from .rows import LazyRows
 
 
 def decode_workers() -> int:
@@ -49,56 +49,30 @@ def decode_records(reader: RecordReader, offsets: Sequence[int], pre: Preprocess
         return list(pool.map(work, offsets))
 
 
-class RecordRows:
-    """uint8 images [N, C, H, W] decoded from a .rec when read: indexing gives a lazy view, reading decodes.
-
-    The same interface as data.cache.ImageRows (``rows[i]``, ``read(out)``, ``to(...)``, ``shape``), so training
-    streams it through the same prefetcher and evaluation embeds it batch by batch.
-    """
+class RecordRows(LazyRows):
+    """uint8 images [N, C, H, W] decoded from a .rec when read (data/rows.py): the same interface as the decoded
+    cache's ImageRows, so training streams it through the same prefetcher and evaluation embeds it batch by batch."""
 
     def __init__(self, reader: RecordReader, offsets: np.ndarray, pre: Preprocess, rows: np.ndarray | None = None,
                  failed: set | None = None):
+        super().__init__(len(offsets), (pre.channels, *pre.image_size), rows)
         self.reader, self.offsets, self.pre = reader, np.asarray(offsets, dtype=np.int64), pre
-        self.rows = np.arange(len(self.offsets), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
         self.failed = set() if failed is None else failed  # offsets already warned about, shared by every view
 
-    def __len__(self) -> int:
-        return len(self.rows)
+    def view(self, rows: np.ndarray) -> "RecordRows":
+        return RecordRows(self.reader, self.offsets, self.pre, rows, self.failed)
 
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((len(self.rows), self.pre.channels, *self.pre.image_size))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.uint8
-
-    def __getitem__(self, index) -> "RecordRows":
-        if isinstance(index, torch.Tensor):
-            index = index.cpu().numpy()
-        if isinstance(index, (int, np.integer)):
-            index = [index]
-        return RecordRows(self.reader, self.offsets, self.pre, self.rows[index], self.failed)
-
-    def read(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The selected images, decoded now, as a uint8 tensor (into ``out`` when given)."""
-        if out is None:
-            out = torch.empty(tuple(self.shape), dtype=torch.uint8)
-        target = out.numpy()
+    def read_into(self, out: np.ndarray) -> None:
+        """Decode the selected records into ``out``; one that fails is zeros, with one warning per record."""
         offsets = self.offsets[self.rows]
         for row, decoded in enumerate(decode_records(self.reader, offsets, self.pre)):
             if isinstance(decoded, str):
-                target[row] = 0
+                out[row] = 0
                 self._warn(int(offsets[row]), decoded)
             else:
-                target[row] = decoded[0]
-        return out
+                out[row] = decoded[0]
 
     def _warn(self, offset: int, why: str) -> None:
         if offset not in self.failed:
             self.failed.add(offset)
             warn(f"{self.reader.path} record at byte {offset} could not be decoded ({why}); given as a black image")
-
-    def to(self, *args, **kwargs) -> torch.Tensor:
-        return self.read().to(*args, **kwargs)
-

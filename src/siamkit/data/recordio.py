@@ -56,18 +56,19 @@ class RecordReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
-        self._fd: int | None = None
+        self._fd = os.open(self.path, os.O_RDONLY)  # opened once: threads share it (pread has no file position)
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "_fd": None}
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
 
     def __del__(self):
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
 
     def _pread(self, n: int, offset: int) -> bytes:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
         return os.pread(self._fd, n, offset)
 
     def part(self, offset: int, limit: int | None = None) -> tuple[int, bytes, int]:
@@ -165,8 +166,9 @@ class RecordFile:
         try:
             self.reader.part(int(self.offsets[first]), 0)
         except RecordError as e:
-            raise SiamkitError(f"{self.path} is not a RecordIO file: {self.where(int(self.indices[first]), int(self.offsets[first]))}: "
-                               f"{e}; pass an MXNet/insightface train.rec") from None
+            where = self.where(int(self.indices[first]), int(self.offsets[first]))
+            raise SiamkitError(f"{self.path} is not a RecordIO file: {where}: {e}; pass an MXNet/insightface "
+                               f"train.rec") from None
         try:
             self.reader.read(int(self.offsets[last]))
         except RecordError as e:

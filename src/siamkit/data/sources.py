@@ -32,7 +32,8 @@ from .transforms import Preprocess, image_to_uint8
 class IdentityDataset:
     """Decoded images with identity labels."""
 
-    images: torch.Tensor  # uint8 [N, C, H, W], or data.cache.ImageRows (the same, memory-mapped from the decoded cache)
+    # uint8 [N, C, H, W], or a data.rows.LazyRows: the same, memory-mapped from the decoded cache or decoded from a .rec
+    images: torch.Tensor
     labels: np.ndarray  # int64 [N], 0..n_identities-1
     names: list[str]  # identity names, indexed by label
     paths: list[str]  # one per image: path relative to the root, or a synthetic id for built-in sets

@@ -40,8 +40,9 @@ def load_eval_sets(cfg: TrainConfig, pre: Preprocess) -> list[EvalSet]:
 
 
 def evaluate_sets(run: Any, score: str, step: int, final: bool = False) -> float | None:
-    """Evaluate ``run``'s model (a train.run.Run: this module is below it) on every --eval-data set: log a line and a CSV row each (all processes embed a share; the
-    main one writes), and at the end each set's report. -> their mean 10-fold accuracy (None without sets)."""
+    """Evaluate ``run``'s model (a train.run.Run: this module is below it) on every --eval-data set: log a line and
+    a CSV row each (all processes embed a share; the main one writes), and at the end each set's report. -> their
+    mean 10-fold accuracy (None without sets)."""
     if not run.eval_sets:
         return None
     accuracies = []

@@ -17,7 +17,7 @@ from typing import Any
 from .accel import CPU_TUNINGS
 from .batchnorm import POLICIES, get_policy
 from .data.limits import check_side
-from .data.sources import SOURCES, source_of
+from .data.sources import FILE_SOURCES, SOURCES, source_of
 from .data.transforms import AUGMENTATIONS, FaceAugment
 from .errors import SiamkitError
 from .losses import loss_names, metric_loss_class, mining_names, minings_of
@@ -84,7 +84,8 @@ GROUPS = ("data", "model", "loss and sampling", "classifier head", "multi-branch
 
 
 def sources_help() -> str:
-    return f"folder with one sub-folder per identity, or {' | '.join(SOURCES)}"
+    return (f"folder with one sub-folder per identity, a file ({' | '.join('*' + s for s in FILE_SOURCES)}: "
+            f"docs/guide/field-data.md), or {' | '.join(SOURCES)}")
 
 
 @dataclass
@@ -192,7 +193,12 @@ class TrainConfig(ModelOptions):
     checkpoint_every: int = option(200, group="run", minimum="positive", help="steps between checkpoints")
     keep_checkpoints: int = option(1, group="run", minimum="positive", help="1 = last.pt only; N > 1 also keeps the newest N step-N.pt files")
     eval_every: int = option(0, group="run", minimum="non-negative",
-                             help="evaluate held-out identities every N steps and keep best.pt")
+                             help="evaluate held-out identities (and --eval-data) every N steps and keep best.pt")
+    eval_data: list[str] | None = option(None, group="run", nargs="+", metavar="FILE.bin", none_means="none",
+                                         help="validation sets of pairs (insightface's .bin files: lfw.bin, "
+                                              "cfp_fp.bin, agedb_30.bin) evaluated every --eval-every steps (best.pt "
+                                              "by their mean accuracy when no identities are held out) and at the "
+                                              "end, each report in RUN/eval/NAME/ (docs/guide/field-data.md)")
     max_bad_steps: int = option(5, group="run", minimum="positive",
                                 help="stop after this many non-finite steps in a row")
     eval_flip: bool = option(False, group="run", help="add mirrored images' embeddings at evaluation")
@@ -284,10 +290,25 @@ class TrainConfig(ModelOptions):
                                f"not {self.classifier}; choose one of those or leave --subcenters at 1")
         self._validate_batches()
         self._validate_pretrained()
+        self._validate_eval_data()
         if self.compile_mode != "default" and not self.compile:
             raise SiamkitError(f"--compile-mode {self.compile_mode} applies to a compiled step: add --compile")
         if self.amp == "fp16" and self.device == "cpu":
             raise SiamkitError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or off")
+
+    def _validate_eval_data(self) -> None:
+        """--data a training set, --eval-data .bin validation sets of distinct names (their report folders)."""
+        if source_of(self.data).validation_only:
+            raise SiamkitError(f"--data {self.data} is a validation set of pairs, nothing to train on; train on a "
+                               f"folder or a .rec and pass it with --eval-data {self.data}")
+        names = [Path(path).stem for path in self.eval_data or ()]
+        for path in self.eval_data or ():
+            if not source_of(path).validation_only:
+                raise SiamkitError(f"--eval-data takes validation sets of pairs (.bin files), got {path}; pass a "
+                                   f".bin, or hold out identities of the training data with --val-identities")
+        if len(set(names)) != len(names):
+            raise SiamkitError(f"--eval-data names two files {', '.join(n for n in names if names.count(n) > 1)}: "
+                               f"their reports would share a folder (RUN/eval/NAME/); rename one")
 
     def _validate_pretrained(self) -> None:
         """--pretrained dlib: dlib's backbone, its 150x150 RGB chips; --pretrained-head keep: dlib's 128-d layer."""

@@ -18,9 +18,10 @@ import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -28,10 +29,13 @@ import torch
 from ..errors import SiamkitError, info, warn
 from ..fileio import Busy, atomic_write_json, file_lock, file_sha256, write_error
 from ..progress import progress_bar
-from .limits import check_fits_disk
+from .limits import check_fits_disk, disk_shortfall
 from .pixels import DECODING_VERSION
 from .pixels import too_small, warn_small
-from .sources import IdentityDataset, decode_image, list_folder, load_source, source_of, FOLDER
+from .recordio import RecordFile, identity_names
+from .rows import LazyRows
+from .sources import (FILE_SOURCES, FOLDER, IdentityDataset, decode_image, list_folder, load_recordio, load_source,
+                      source_of, warn_skipped)
 from .transforms import Preprocess
 
 FORMAT = "siamkit-decoded-cache"
@@ -51,45 +55,51 @@ def default_cache_dir() -> Path:
     return Path(base) / "siamkit"
 
 
-class ImageRows:
-    """uint8 images [N, C, H, W] that live in a memory-mapped file: indexing gives a lazy view, reading copies.
-
-    ``rows[i]`` for a slice, an index array or tensor is another ImageRows (nothing is read); ``read()`` or
-    ``to(...)`` copies the selected images into a tensor. It stands in for the image tensor of an
-    IdentityDataset, so subsets and held-out splits of a cached data set cost no memory.
-    """
+class ImageRows(LazyRows):
+    """uint8 images [N, C, H, W] that live in a memory-mapped file (data/rows.py): indexing gives a lazy view,
+    reading copies."""
 
     def __init__(self, array: np.ndarray, rows: np.ndarray | None = None):
+        super().__init__(len(array), array.shape[1:], rows)
         self.array = array
-        self.rows = np.arange(len(array), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
 
-    def __len__(self) -> int:
-        return len(self.rows)
+    def view(self, rows: np.ndarray) -> "ImageRows":
+        return ImageRows(self.array, rows)
 
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((len(self.rows), *self.array.shape[1:]))
+    def read_into(self, out: np.ndarray) -> None:
+        np.take(self.array, self.rows, axis=0, out=out)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.uint8
 
-    def __getitem__(self, index) -> "ImageRows":
-        if isinstance(index, torch.Tensor):
-            index = index.cpu().numpy()
-        if isinstance(index, (int, np.integer)):
-            index = [index]
-        return ImageRows(self.array, self.rows[index])
+@dataclass
+class Listing:
+    """What a decoded cache is built from: the identity names, and per image its label (an index into ``names``), its
+    path (kept in the index) and the item ``read`` turns into something Pillow opens (a file path, a file object)."""
 
-    def read(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The selected images as a uint8 tensor (into ``out``, e.g. a pinned buffer, when given)."""
-        if out is None:
-            out = torch.empty(tuple(self.shape), dtype=torch.uint8)
-        np.take(self.array, self.rows, axis=0, out=out.numpy())
-        return out
+    root: str
+    names: list[str]
+    labels: list[int]
+    paths: list[str]
+    items: list
+    read: Callable[[Any], Any] | None = None  # picklable (worker processes call it); None: the items are file paths
+    where: Callable[[int], str] | None = None  # how warnings name image i; None: its item
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (which, why) found unusable before decoding
+    what: str = "unreadable image(s)"  # what the warning calls the skipped ones
 
-    def to(self, *args, **kwargs) -> torch.Tensor:
-        return self.read().to(*args, **kwargs)
+
+def folder_listing(root: Path, names: list[str], files: list[list[str]]) -> Listing:
+    flat = [(label, path) for label, paths in enumerate(files) for path in paths]
+    return Listing(str(root), names, [label for label, _ in flat], [path for _, path in flat],
+                   [os.path.join(root, path) for _, path in flat])
+
+
+def record_listing(records: RecordFile, progress: bool) -> Listing:
+    """A .rec's image records (their headers scanned first) as a listing: read by offset in every worker."""
+    scanned = records.scan(progress)
+    labels, names = identity_names(scanned.labels)
+    return Listing(str(records.path), names, labels.tolist(), [str(i) for i in scanned.indices],
+                   scanned.offsets.tolist(), read=records.reader,
+                   where=lambda i: records.where(int(scanned.indices[i]), int(scanned.offsets[i])),
+                   skipped=scanned.skipped, what="malformed or undecodable record(s)")
 
 
 def fingerprint(names: Sequence[str], files: Sequence[Sequence[str]], root: Path, pre: Preprocess) -> str:
@@ -118,12 +128,40 @@ def load_cached_folder(
     root = Path(root)
     names, files = list_folder(root)
     key = fingerprint(names, files, root, pre)
-    base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return _load_cached(key, str(root), sum(map(len, files)), pre, _base(cache_dir), max_gb, progress,
+                        lambda: folder_listing(root, names, files))
+
+
+def load_cached_recordio(
+    path: str | os.PathLike, pre: Preprocess, cache_dir: str | os.PathLike | None = None,
+    max_gb: float = DEFAULT_MAX_GB, progress: bool = True,
+) -> IdentityDataset:
+    """A RecordIO training set from its decoded cache (keyed by the .rec's and .idx's size and modification time),
+    built first if there is none; streamed from the .rec instead where the disk could not hold the decoded images."""
+    records = RecordFile(path)  # checked first: a file that is not (all) RecordIO is one line, nothing written
+    key = fingerprint([], [[records.path.name, records.idx_path.name]], records.path.parent, pre)
+    base = _base(cache_dir)
+    n = len(records.image_indices())
+    short = None if (base / key / INDEX_FILE).is_file() else disk_shortfall(n, pre.channels, pre.image_size, base)
+    if short is not None:
+        info(f"{path}: {short}: streamed from the .rec, each step's images decoded as they are read (--cache-dir "
+             f"picks a larger disk)")
+        return load_recordio(path, pre, stream=True, progress=progress)
+    return _load_cached(key, str(path), n, pre, base, max_gb, progress, lambda: record_listing(records, progress))
+
+
+def _base(cache_dir: str | os.PathLike | None) -> Path:
+    return Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+
+def _load_cached(key: str, root: str, n_images: int, pre: Preprocess, base: Path, max_gb: float, progress: bool,
+                 listing: Callable[[], Listing]) -> IdentityDataset:
+    """The decoded cache ``key`` in ``base``, built from ``listing()`` first if there is none that checks out."""
     final = base / key
     found = _open(final, key)
     if isinstance(found, str):
         # Before the cache folder or a file in it exists: what the disk cannot hold leaves nothing behind.
-        check_fits_disk(sum(map(len, files)), pre.channels, pre.image_size, base)
+        check_fits_disk(n_images, pre.channels, pre.image_size, base)
         _make_dir(base)
         with file_lock(base / f"{key}.lock", f"the decoded cache {final}", timeout=None):
             found = _open(final, key)  # another process may have built it while this one waited
@@ -131,7 +169,7 @@ def load_cached_folder(
                 if final.exists():
                     warn(f"decoded cache {final} is unusable ({found}); rebuilding it")
                     _remove(final)
-                _build(final, names, files, root, pre, progress)
+                _build(final, listing(), pre, progress)
                 found = _open(final, key)
                 if isinstance(found, str):
                     raise SiamkitError(f"decoded cache {final} could not be read back after building ({found})")
@@ -141,7 +179,7 @@ def load_cached_folder(
     _touch(final / INDEX_FILE)  # last use: the size cap removes the least recently used caches first
     return IdentityDataset(
         images=ImageRows(array), labels=np.asarray(index["labels"], dtype=np.int64), names=list(index["names"]),
-        paths=list(index["paths"]), root=str(root),
+        paths=list(index["paths"]), root=root,
     )
 
 
@@ -149,10 +187,16 @@ def load_data(
     source: str, pre: Preprocess, cache_dir: str | None = None, max_gb: float = DEFAULT_MAX_GB,
     data_home: str | None = None, progress: bool = True,
 ) -> IdentityDataset:
-    """``--data``: a folder through its decoded cache (``cache_dir`` "none": decoded into memory), a built-in in memory."""
-    if source_of(source) is not FOLDER or (cache_dir is not None and str(cache_dir).lower() == "none"):
+    """``--data``: a folder or a .rec through its decoded cache (``cache_dir`` "none": decoded into memory), a built-in
+    or a .bin in memory."""
+    entry = source_of(source)
+    if cache_dir is not None and str(cache_dir).lower() == "none":
         return load_source(source, pre, data_home)
-    return load_cached_folder(source, pre, cache_dir, max_gb, progress)
+    if entry is FOLDER:
+        return load_cached_folder(source, pre, cache_dir, max_gb, progress)
+    if entry is FILE_SOURCES.get(".rec"):
+        return load_cached_recordio(source, pre, cache_dir, max_gb, progress)
+    return load_source(source, pre, data_home)
 
 
 def _open(folder: Path, key: str) -> tuple[np.ndarray, dict] | str:
@@ -188,12 +232,12 @@ def _open(folder: Path, key: str) -> tuple[np.ndarray, dict] | str:
     return np.memmap(images, dtype=np.uint8, mode="c", shape=shape), index
 
 
-def _build(final: Path, names: list[str], files: list[list[str]], root: Path, pre: Preprocess, progress: bool) -> None:
-    """Decode every image into a temporary folder beside ``final``, then rename it into place."""
+def _build(final: Path, listing: Listing, pre: Preprocess, progress: bool) -> None:
+    """Decode every image of ``listing`` into a temporary folder beside ``final``, then rename it into place."""
     for stale in final.parent.glob(f".{final.name}.build-*"):  # left by a killed builder (we hold the lock)
         _remove(stale)
     tmp = final.parent / f".{final.name}.build-{os.getpid()}"
-    flat = [(label, path) for label, paths in enumerate(files) for path in paths]
+    n = len(listing.items)
     row_shape = (pre.channels, *pre.image_size)
     row_bytes = int(np.prod(row_shape))
     start = time.perf_counter()
@@ -201,25 +245,23 @@ def _build(final: Path, names: list[str], files: list[list[str]], root: Path, pr
         tmp.mkdir()
         images_path = tmp / IMAGES_FILE
         with open(images_path, "wb") as f:
-            f.truncate(len(flat) * row_bytes)
-        errors, small = _decode_all(images_path, (len(flat), *row_shape), [os.path.join(root, p) for _, p in flat],
-                                    pre, progress)
-        good = [i for i in range(len(flat)) if i not in errors]
-        if errors:
-            shown = "; ".join(f"{os.path.join(root, flat[i][1])} ({why})" for i, why in sorted(errors.items())[:5])
-            more = f"; and {len(errors) - 5} more" if len(errors) > 5 else ""
-            warn(f"skipped {len(errors)} unreadable image(s): {shown}{more}")
+            f.truncate(n * row_bytes)
+        errors, small = _decode_all(images_path, (n, *row_shape), listing, pre, progress)
+        good = [i for i in range(n) if i not in errors]
+        where = listing.where or (lambda i: str(listing.items[i]))
+        warn_skipped(listing.skipped + [(where(i), why) for i, why in sorted(errors.items())], listing.what)
         if not good:
-            raise SiamkitError(f"no readable images in {root}; check the files are images Pillow can open")
-        _compact(images_path, good, len(flat), row_bytes)
-        used_labels = sorted({flat[i][0] for i in good})
+            raise SiamkitError(f"no readable images in {listing.root}; check the files are images Pillow can open")
+        _compact(images_path, good, n, row_bytes)
+        used_labels = sorted({listing.labels[i] for i in good})
         remap = {old: new for new, old in enumerate(used_labels)}
         index = {
             "format": FORMAT, "version": VERSION, "key": final.name, "shape": [len(good), *row_shape],
-            "preprocess": pre.to_dict(), "source": str(root), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "names": [names[i] for i in used_labels], "labels": [remap[flat[i][0]] for i in good],
-            "paths": [flat[i][1] for i in good],
-            "small": [[flat[i][1], why] for i, why in sorted(small.items())],  # images under MIN_IMAGE_SIDE, kept
+            "preprocess": pre.to_dict(), "source": listing.root, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "names": [listing.names[i] for i in used_labels], "labels": [remap[listing.labels[i]] for i in good],
+            "paths": [listing.paths[i] for i in good],
+            # images under MIN_IMAGE_SIDE, kept
+            "small": [[listing.paths[i], why] for i, why in sorted(small.items())],
         }
         with open(images_path, "rb+") as f:
             os.fsync(f.fileno())
@@ -237,17 +279,18 @@ def _build(final: Path, names: list[str], files: list[list[str]], root: Path, pr
     info(f"decoded {len(good)} images into the cache {final} ({gib:.2f} GiB) in {time.perf_counter() - start:.1f} s")
 
 
-def _decode_all(images_path: Path, shape: tuple, paths: list[str], pre: Preprocess,
+def _decode_all(images_path: Path, shape: tuple, listing: Listing, pre: Preprocess,
                 progress: bool) -> tuple[dict[int, str], dict[int, str]]:
-    """Decode ``paths`` into the rows of ``images_path``: worker processes on every core; -> ({row: why unreadable},
-    {row: why too small})."""
-    chunks = [(str(images_path), shape, pre.to_dict(), start, paths[start:start + CHUNK])
-              for start in range(0, len(paths), CHUNK)]
+    """Decode the listing's images into the rows of ``images_path``: worker processes on every core; -> ({row: why
+    unreadable}, {row: why too small})."""
+    items = listing.items
+    chunks = [(str(images_path), shape, pre.to_dict(), start, items[start:start + CHUNK], listing.read)
+              for start in range(0, len(items), CHUNK)]
     workers = os.cpu_count() or 1
     errors: dict[int, str] = {}
     small: dict[int, str] = {}
-    bar = progress_bar(total=len(paths), desc="decode", unit="img", disable=not progress, dynamic_ncols=True)
-    if len(paths) >= PROCESS_DECODE_FROM and workers > 1:
+    bar = progress_bar(total=len(items), desc="decode", unit="img", disable=not progress, dynamic_ncols=True)
+    if len(items) >= PROCESS_DECODE_FROM and workers > 1:
         # fork, as PyTorch's DataLoader workers do (one intra-op thread each, so no thread pool is inherited
         # half-made): spawn would import the user's __main__ again in every worker, and fails for `python -`.
         method = "fork" if "fork" in get_all_start_methods() else "spawn"
@@ -267,17 +310,18 @@ def _one_thread() -> None:
 
 
 def _decode_chunk(task: tuple) -> tuple[int, dict[int, str], dict[int, str]]:
-    """Worker: decode one chunk of paths into its rows of the images file; -> (count, {row: why unreadable},
+    """Worker: decode one chunk of items into its rows of the images file; -> (count, {row: why unreadable},
     {row: why too small})."""
-    images_path, shape, pre_dict, start, paths = task
+    images_path, shape, pre_dict, start, items, read = task
     pre = Preprocess.from_dict(pre_dict)
     out = np.memmap(images_path, dtype=np.uint8, mode="r+", shape=shape)
     bad: dict[int, str] = {}
     small: dict[int, str] = {}
-    for offset, path in enumerate(paths):
+    for offset, item in enumerate(items):
         sizes: list = []
         try:
-            out[start + offset] = decode_image(path, pre, sizes).numpy()
+            # read: a RecordReader gives a record's image (ValueError when the record is malformed)
+            out[start + offset] = decode_image(item if read is None else read(item), pre, sizes).numpy()
         except ValueError as e:
             bad[start + offset] = str(e)
             continue
@@ -285,7 +329,7 @@ def _decode_chunk(task: tuple) -> tuple[int, dict[int, str], dict[int, str]]:
             small[start + offset] = too_small(sizes[0])
     out.flush()
     del out
-    return len(paths), bad, small
+    return len(items), bad, small
 
 
 def _compact(images_path: Path, good: list[int], n: int, row_bytes: int) -> None:

@@ -70,10 +70,19 @@ def check_fits_memory(n_images: int, channels: int, image_size, fix: str = "pass
                            f"{available / GIB:.1f} GiB of memory available; {fix}")
 
 
+def disk_shortfall(n_images: int, channels: int, image_size, folder: str | os.PathLike) -> str | None:
+    """None where the free space of ``folder``'s disk holds the decoded images (or cannot be read), else the line
+    saying how much they need and how much is free."""
+    free = free_disk(folder)
+    if free is None or decoded_bytes(n_images, channels, image_size) <= free:
+        return None
+    return (f"{_size_text(n_images, channels, image_size)}, more than the {free / GIB:.1f} GiB free on the disk "
+            f"holding {folder}")
+
+
 def check_fits_disk(n_images: int, channels: int, image_size, folder: str | os.PathLike) -> None:
     """Refuse building a decoded cache in ``folder`` that the free space of its disk cannot hold."""
-    free = free_disk(folder)
-    if free is not None and decoded_bytes(n_images, channels, image_size) > free:
+    if disk_shortfall(n_images, channels, image_size, folder) is not None:
         raise SiamkitError(f"{_size_text(n_images, channels, image_size)} for the decoded cache, but the disk holding "
-                           f"{folder} has {free / GIB:.1f} GiB free; pass a smaller --image-size, --cache-dir on a "
-                           f"larger disk, or --cache-dir none (decode into memory)")
+                           f"{folder} has {free_disk(folder) / GIB:.1f} GiB free; pass a smaller --image-size, "
+                           f"--cache-dir on a larger disk, or --cache-dir none (decode into memory)")

@@ -1,4 +1,5 @@
-"""Streaming batches: each step's images read from the decoded cache in a background thread, a few steps ahead.
+"""Streaming batches: each step's images read from the decoded cache (or decoded from a .rec) in a background
+thread, a few steps ahead.
 
 The sampler gives a step's indices as a pure function of (seed, step, rank), so the reader can prepare
 future steps before the loop asks for them, and a resumed run reads exactly what the first run would
@@ -12,13 +13,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .cache import ImageRows
+from .rows import LazyRows
 
 
 class BatchPrefetcher:
     """``get(step)`` -> that step's uint8 images on ``device``; steps step+1..step+depth are read meanwhile."""
 
-    def __init__(self, images: ImageRows, indices: Callable[[int], np.ndarray], device: torch.device, depth: int = 2):
+    def __init__(self, images: LazyRows, indices: Callable[[int], np.ndarray], device: torch.device, depth: int = 2):
         self.images, self.indices, self.device, self.depth = images, indices, device, depth
         self.pin = device.type == "cuda"
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="siamkit-prefetch")

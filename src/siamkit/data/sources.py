@@ -6,6 +6,7 @@ preprocessing and augmentation; adding one is one ``register_source`` call.
 """
 from __future__ import annotations
 
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,9 +18,13 @@ import torch
 from PIL import Image
 
 from ..errors import SiamkitError, warn
+from ..progress import progress_bar
 from ..registry import Registry
+from .binsets import contiguous_folds, read_binset
 from .pixels import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, PILLOW_FORMATS, decode_image_array, list_image_folder, too_small, warn_small  # noqa: F401 (imported from here)
 from .limits import check_fits_memory
+from .record_images import RecordRows, decode_records
+from .recordio import RecordFile, identity_names
 from .transforms import Preprocess, image_to_uint8
 
 
@@ -27,11 +32,14 @@ from .transforms import Preprocess, image_to_uint8
 class IdentityDataset:
     """Decoded images with identity labels."""
 
-    images: torch.Tensor  # uint8 [N, C, H, W], or data.cache.ImageRows (the same, memory-mapped from the decoded cache)
+    # uint8 [N, C, H, W], or a data.rows.LazyRows: the same, memory-mapped from the decoded cache or decoded from a .rec
+    images: torch.Tensor
     labels: np.ndarray  # int64 [N], 0..n_identities-1
     names: list[str]  # identity names, indexed by label
     paths: list[str]  # one per image: path relative to the root, or a synthetic id for built-in sets
     root: str = ""
+    # A validation set's own pairs (a .bin): (index of the first image, of the second, is-same, fold) per pair
+    pairs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -57,7 +65,7 @@ class IdentityDataset:
             names=[self.names[i] for i in identity_ids],
             paths=[self.paths[i] for i in keep],
             root=self.root,
-        )
+        )  # no pairs: a validation set's pairs index all its images
 
 
 @dataclass(frozen=True)
@@ -71,17 +79,26 @@ class Source:
     grayscale: bool = False  # one channel by default (greyscale data)
     recipe: str = "faces"  # the options `siamkit train --recipe auto` starts from (config.RECIPES)
     native_size: tuple[int, int] | None = None  # (H, W) of its original images, where faces are detected; None: no faces
+    validation_only: bool = False  # pairs to evaluate on (a .bin), nothing to train on
 
 
 # --data NAME -> Source; anything else given to --data is a folder (FOLDER).
 SOURCES: Registry = Registry("--data")
 # ``register_source("name", Source(...))``: --data name.
 register_source = SOURCES.register
+# --data FILE: a data set that comes as one file, by its suffix (".rec"); ``register_file_source(".rec", Source(...))``.
+FILE_SOURCES: Registry = Registry("--data")
+register_file_source = FILE_SOURCES.register
 
 
 def source_of(data: str) -> Source:
-    """The registry entry of a built-in name, or the folder source."""
-    return SOURCES.get(data, FOLDER)
+    """The registry entry of a built-in name, or of a file's suffix, or the folder source."""
+    if data in SOURCES:
+        return SOURCES[data]
+    suffix = os.path.splitext(str(data))[1].lower()
+    if suffix in FILE_SOURCES and not os.path.isdir(data):
+        return FILE_SOURCES[suffix]
+    return FOLDER
 
 
 def default_preprocess(source: str, image_size=None, center_crop=None, grayscale=False) -> Preprocess:
@@ -146,13 +163,24 @@ def load_folder(root: str | os.PathLike, pre: Preprocess) -> IdentityDataset:
     # Pillow releases the GIL while decoding, so threads decode in parallel.
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
         decoded = list(pool.map(work, flat))
+    bad = [(os.path.join(root_path, path), out) for (_, path), out in zip(flat, decoded) if isinstance(out, str)]
+    return _assemble(root_path, names, flat, decoded, bad)
 
-    bad = [(path, out) for (_, path), out in zip(flat, decoded) if isinstance(out, str)]
+
+def warn_skipped(bad: list[tuple[str, str]], what: str = "unreadable image(s)") -> None:
+    """One warning for everything skipped: [(which image, why), ...], the first five shown."""
     if bad:
-        shown = "; ".join(f"{os.path.join(root_path, p)} ({why})" for p, why in bad[:5])
+        shown = "; ".join(f"{where} ({why})" for where, why in bad[:5])
         more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
-        warn(f"skipped {len(bad)} unreadable image(s): {shown}{more}")
-    warn_small(root_path, [(path, out[1]) for (_, path), out in zip(flat, decoded) if not isinstance(out, str) and out[1]])
+        warn(f"skipped {len(bad)} {what}: {shown}{more}")
+
+
+def _assemble(root: Path, names: list[str], flat: list[tuple[int, str]], decoded: list, bad: list[tuple[str, str]],
+              what: str = "unreadable image(s)") -> IdentityDataset:
+    """The data set of the images that decoded: ``flat`` (label, path) per image, ``decoded`` (image tensor, why too
+    small or None) or why unreadable per image, ``bad`` what was skipped (warned about once)."""
+    warn_skipped(bad, what)
+    warn_small(root, [(path, out[1]) for (_, path), out in zip(flat, decoded) if not isinstance(out, str) and out[1]])
     good = [(label, path, out[0]) for (label, path), out in zip(flat, decoded) if not isinstance(out, str)]
     if not good:
         raise SiamkitError(f"no readable images in {root}; check the files are images Pillow can open")
@@ -163,7 +191,53 @@ def load_folder(root: str | os.PathLike, pre: Preprocess) -> IdentityDataset:
         labels=np.array([remap[label] for label, _, _ in good], dtype=np.int64),
         names=[names[i] for i in used_labels],
         paths=[rel for _, rel, _ in good],
-        root=str(root_path),
+        root=str(root),
+    )
+
+
+def load_recordio(path: str | os.PathLike, pre: Preprocess, stream: bool = False,
+                  progress: bool = True) -> IdentityDataset:
+    """A RecordIO training set (data/recordio.py): decoded into memory, or ``stream``ed from the .rec (decoded a
+    batch at a time). Malformed records are skipped with one warning naming their offsets."""
+    records = RecordFile(path)
+    listing = records.scan(progress)
+    labels, names = identity_names(listing.labels)
+    paths = [str(i) for i in listing.indices]  # a record is known by its .idx index
+    what = "malformed or undecodable record(s)"
+    if stream:
+        warn_skipped(listing.skipped, what)
+        if not len(labels):
+            raise SiamkitError(f"no readable records in {path}; check it is an image RecordIO file")
+        return IdentityDataset(RecordRows(records.reader, listing.offsets, pre), labels, names, paths, str(path))
+    _check_memory(len(labels), pre)
+    with progress_bar(total=len(labels), desc="decode", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        decoded = decode_records(records.reader, listing.offsets, pre, bar)
+    decoded = [out if isinstance(out, str) else (torch.from_numpy(out[0]), too_small(out[1])) for out in decoded]
+    bad = listing.skipped + [(records.where(int(i), int(o)), out) for i, o, out in
+                             zip(listing.indices, listing.offsets, decoded) if isinstance(out, str)]
+    return _assemble(Path(path), names, list(zip(labels.tolist(), paths)), decoded, bad, what)
+
+
+def load_binset(path: str | os.PathLike, pre: Preprocess) -> IdentityDataset:
+    """A .bin validation set (data/binsets.py): its 2N images decoded, its N pairs in file order, 10 contiguous folds.
+    Every image is its own "identity" (a .bin names no one); the pairs say who is who."""
+    images, issame = read_binset(path)
+    _check_memory(len(images), pre)
+
+    def work(k: int) -> torch.Tensor:
+        try:
+            return torch.from_numpy(decode_image_array(io.BytesIO(images[k]), pre))
+        except ValueError as e:
+            raise SiamkitError(f"{path}: image {k} (of pair {k // 2}) is not a decodable image ({e}); a .bin's "
+                               f"pairs are its protocol, so none is skipped: pass an undamaged copy") from None
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        decoded = list(pool.map(work, range(len(images))))
+    n = len(images)
+    return IdentityDataset(
+        images=torch.stack(decoded), labels=np.arange(n, dtype=np.int64), names=[str(k) for k in range(n)],
+        paths=[str(k) for k in range(n)], root=str(path),
+        pairs=(np.arange(0, n, 2), np.arange(1, n, 2), issame, contiguous_folds(len(issame))),
     )
 
 
@@ -267,6 +341,9 @@ def load_att_faces(pre: Preprocess, identities: range = range(40), root: str = "
 
 
 FOLDER = Source(lambda path, pre, data_home: load_folder(path, pre))
+# A RecordIO training set: decoded into memory here; data/cache.py decodes it into the decoded cache or streams it.
+register_file_source(".rec", Source(lambda path, pre, data_home: load_recordio(path, pre)))
+register_file_source(".bin", Source(lambda path, pre, data_home: load_binset(path, pre), validation_only=True))
 # Mirrored digits are other symbols: no augmentation by default.
 register_source("digits", Source(lambda _, pre, data_home: _load_digits(pre), image_size=(32, 32), augment="none",
                                  recipe="none"))

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..data.pairs import folder_pairs, read_lfw_pairs
-from ..data.sources import SOURCES, IdentityDataset
+from ..data.sources import FOLDER, SOURCES, IdentityDataset, source_of
 from ..data.transforms import Preprocess
 from ..errors import SiamkitError
 from .baseline import baseline_report, pixel_scores
@@ -29,8 +29,12 @@ SCORE_CHUNK = 8192
 
 
 def pairs_for(ds: IdentityDataset, pairs_file: str | None, seed: int, max_genuine: int | None = MAX_GENUINE_PAIRS) -> PairSet:
-    """Pairs of a pairs.txt file (folds = its sets), or all genuine (at most ``max_genuine``, drawn with ``seed``)
-    + as many impostor pairs, 10 folds."""
+    """Pairs of a pairs.txt file (folds = its sets), a validation set's own (a .bin: file order, contiguous folds), or
+    all genuine (at most ``max_genuine``, drawn with ``seed``) + as many impostor pairs, 10 folds."""
+    if ds.pairs is not None:
+        if pairs_file is not None:
+            raise SiamkitError(f"{ds.root} holds its own pairs; drop --pairs")
+        return PairSet(*ds.pairs)
     if pairs_file is None:
         return PairSet(*folder_pairs(ds.labels, seed=seed, n_folds=10, max_genuine=max_genuine))
     if not ds.root or ds.root in SOURCES:
@@ -98,11 +102,15 @@ def evaluate(
     report = verification_report(scores, pairs.same, pairs.fold, score)
     counts = np.bincount(ds.labels)
     available = int((counts * (counts - 1) // 2).sum())
-    if pairs_file is None and available > report["n_genuine"]:  # stated where the cap drew a sample
+    if pairs_file is None and ds.pairs is None and available > report["n_genuine"]:  # stated where the cap drew a sample
         report["pair_sampling"] = {"genuine_available": available, "max_genuine_pairs": max_genuine_pairs, "seed": seed}
     pixels = pixel_scores(ds.images, pairs.idx_a, pairs.idx_b)
     report["baseline"] = baseline_report(pixels, pairs.same, pairs.fold)
-    if baseline_dlib:
+    if baseline_dlib and ds.root and ds.root not in SOURCES and source_of(ds.root) is not FOLDER:
+        # a .rec or .bin (insightface's packs) holds aligned crops: no photos for dlib's model to cut its chips from
+        report["baseline_dlib"] = {"skipped": f"{ds.root} holds aligned crops, not the photos dlib's model cuts its "
+                                              f"chips from"}
+    elif baseline_dlib:
         from .dlib_baseline import dlib_baseline
 
         report["baseline_dlib"] = dlib_baseline(ds, pairs.idx_a, pairs.idx_b, pairs.same, pairs.fold, device)

@@ -13,6 +13,7 @@ from ..eval.report import format_summary, write_report
 from ..progress import progress_bar
 from . import distributed
 from .ema import evaluation_weights
+from .eval_sets import evaluate_sets
 from .logging import LossWindow, MetricsLog, RunLogFile
 from .tensorboard import TensorBoardLog, require_tensorboard
 from .run import Run, build_run, score_for
@@ -120,13 +121,8 @@ def _run(run: Run, log_file: RunLogFile, *, resume: bool, progress: bool) -> Pat
                     metrics.plot_every(20.0)
                     if tb is not None:
                         tb.log(metrics.rows[-1])  # the values as metrics.csv holds them
-            if cfg.eval_every and run.val_ds is not None and step % cfg.eval_every == 0 and step < run.total:
-                report = _evaluate_held_out(run).report
-                if tb is not None:
-                    tb.held_out(step, report)
-                if ctx.is_main and report["accuracy_mean"] > run.best_accuracy:
-                    run.best_accuracy = report["accuracy_mean"]
-                    checkpoints.save_best(step, threshold=report["threshold"], thresholds_at_far=report["thresholds_at_far"])
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total:
+                _periodic_evaluation(run, step, tb, checkpoints)
             if step % cfg.checkpoint_every == 0 and step < run.total:
                 checkpoints.save(step)
         if stopping:
@@ -135,10 +131,11 @@ def _run(run: Run, log_file: RunLogFile, *, resume: bool, progress: bool) -> Pat
                 tb.close()
             _stop(run, step, stop.signal_name, checkpoints, metrics)
 
-    # Final checkpoint, then the held-out evaluation that calibrates the threshold.
+    # Final checkpoint, then the --eval-data sets' reports and the held-out evaluation that calibrates the threshold.
     checkpoints.save(step)
     if metrics is not None:
         metrics.plot()
+    evaluate_sets(run, score_for(cfg.embedding_activation), step, final=True)
     if run.val_ds is None:
         if tb is not None:
             tb.close()
@@ -156,6 +153,23 @@ def _run(run: Run, log_file: RunLogFile, *, resume: bool, progress: bool) -> Pat
         print(format_summary(report))
     distributed.barrier(ctx)
     return run.run_dir
+
+
+def _periodic_evaluation(run: Run, step: int, tb: TensorBoardLog | None, checkpoints: Checkpoints) -> None:
+    """Every --eval-every steps: the --eval-data sets, then the held-out identities; best.pt by the held-out accuracy,
+    or by the sets' mean accuracy where no identities are held out."""
+    mean = evaluate_sets(run, score_for(run.cfg.embedding_activation), step)
+    if run.val_ds is None:
+        if run.ctx.is_main and mean is not None and mean > run.best_accuracy:
+            run.best_accuracy = mean
+            checkpoints.save_best(step)
+        return
+    report = _evaluate_held_out(run).report
+    if tb is not None:
+        tb.held_out(step, report)
+    if run.ctx.is_main and report["accuracy_mean"] > run.best_accuracy:
+        run.best_accuracy = report["accuracy_mean"]
+        checkpoints.save_best(step, threshold=report["threshold"], thresholds_at_far=report["thresholds_at_far"])
 
 
 def _skipped_step(run: Run, step: int, bad_steps: int, checkpoints: Checkpoints) -> None:

@@ -11,7 +11,7 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -43,6 +43,7 @@ from ..models.zoo import BUILTIN_MODELS, dlib_preprocess
 from ..outputs import RUN_MARKER, check_not_input, check_replace_run, existing_inputs, write_run_marker
 from . import distributed
 from .ema import WeightEMA
+from .eval_sets import EvalSet, load_eval_sets
 from .small_data import fit_to_data
 from .step import Training, TrainStep, build_optimizer
 from .sync_bn import convert_to_sync_bn
@@ -77,6 +78,7 @@ class Run:
     alignment: dict | None = None  # the training folder's alignment (siamkit align's report), kept in checkpoints
     # --augment's function (data/transforms.py AUGMENTATIONS), with --face-augment's settings for face
     augmentation: Augmentation = no_augmentation((), "")
+    eval_sets: list[EvalSet] = field(default_factory=list)  # --eval-data's validation sets of pairs
 
     @property
     def ckpt_dir(self) -> Path:
@@ -273,7 +275,7 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
     device = resolve_device(cfg.device, ctx.local_rank, ctx.enabled)
     run_dir = Path(cfg.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     # Every process checks before rank 0 creates anything, and all stop if any check fails.
-    sources = existing_inputs([cfg.data, cfg.pretrained, *inputs])
+    sources = existing_inputs([cfg.data, cfg.pretrained, *(cfg.eval_data or ()), *inputs])
     distributed.agree(ctx, lambda: check_run_dir(run_dir, resume, overwrite, sources))
     checkpoint = distributed.agree(ctx, lambda: load_checkpoint(run_dir / "checkpoints" / "last.pt")) if resume else None
     random.seed(cfg.seed)
@@ -293,6 +295,7 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
     cfg = fit_to_data(cfg, data, ctx.world, say=ctx.is_main)  # small data: the default hold-out and batch shrink
     train_ds, val_ds = split_identities(data, cfg.val_identities, cfg.seed)
     require_trainable(train_ds)
+    eval_sets = load_eval_sets(cfg, pre)
     sampler = build_sampler(cfg, train_ds, ctx)
     total = cfg.steps or (cfg.epochs * sampler.steps_per_epoch) or DEFAULT_STEPS
     if cfg.max_steps and not cfg.steps:
@@ -331,7 +334,7 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
         labels=torch.from_numpy(train_ds.labels).to(device), stream=stream, start_step=start_step,
         best_accuracy=best_accuracy, resumed=checkpoint is not None, log_window=(checkpoint or {}).get("log_window"),
         alignment=alignment,
-        augmentation=AUGMENTATIONS.lookup(augment_mode(cfg))(pre.image_size, cfg.face_augment),
+        augmentation=AUGMENTATIONS.lookup(augment_mode(cfg))(pre.image_size, cfg.face_augment), eval_sets=eval_sets,
     )
 
 
@@ -358,7 +361,8 @@ def free_memory(device: torch.device) -> int:
 
 def keep_in_memory(choice: str, train_ds: IdentityDataset, device: torch.device, say: bool = True) -> bool:
     """--data-in-memory: the training images on the device (yes), streamed from the cache (no), or by size (auto)."""
-    streamable = isinstance(train_ds.images, ImageRows)
+    streamable = not isinstance(train_ds.images, torch.Tensor)  # the decoded cache's ImageRows, or a .rec's RecordRows
+    origin = "the decoded cache" if isinstance(train_ds.images, ImageRows) else train_ds.root
     need = len(train_ds) * int(np.prod(tuple(train_ds.shape_of_image)))
     free = free_memory(device)
     size = f"{need / 2**30:.2f} GiB of training images"
@@ -370,15 +374,15 @@ def keep_in_memory(choice: str, train_ds: IdentityDataset, device: torch.device,
     if choice == "yes":
         if need > free:
             raise SiamkitError(f"--data-in-memory yes: {size} do not fit in the {free / 2**30:.1f} GiB free on "
-                               f"{device}; pass --data-in-memory no (each step's images are read from the decoded cache)")
+                               f"{device}; pass --data-in-memory no (each step's images are read from {origin})")
         return True
     if choice == "no":
         if say:
-            info(f"{size} streamed from the decoded cache (--data-in-memory no)")
+            info(f"{size} streamed from {origin} (--data-in-memory no)")
         return False
     fits = need <= MAX_IN_MEMORY_SHARE * free
     if say:
-        info(f"{size}: {'kept on ' + str(device) if fits else 'streamed from the decoded cache'} "
+        info(f"{size}: {'kept on ' + str(device) if fits else 'streamed from ' + origin} "
              f"(--data-in-memory auto: {'under' if fits else 'over'} half of the {free / 2**30:.1f} GiB free)")
     return fits
 

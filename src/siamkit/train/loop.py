@@ -124,7 +124,8 @@ def _run(run: Run, log_file: RunLogFile, *, resume: bool, progress: bool) -> Pat
                 report = _evaluate_held_out(run).report
                 if tb is not None:
                     tb.held_out(step, report)
-                if ctx.is_main and report["accuracy_mean"] > run.best_accuracy:
+                # Every process: they all have the same report, and a partial-FC head is saved by all of them.
+                if report["accuracy_mean"] > run.best_accuracy:
                     run.best_accuracy = report["accuracy_mean"]
                     checkpoints.save_best(step, threshold=report["threshold"], thresholds_at_far=report["thresholds_at_far"])
             if step % cfg.checkpoint_every == 0 and step < run.total:
@@ -149,7 +150,8 @@ def _run(run: Run, log_file: RunLogFile, *, resume: bool, progress: bool) -> Pat
     report, scores, same, baseline_scores = _evaluate_held_out(run, final=True)
     if ctx.is_main:
         write_report(report, scores, same, run.run_dir / "eval", baseline_scores)
-        checkpoints.save(step, threshold=report["threshold"], thresholds_at_far=report["thresholds_at_far"])
+    checkpoints.save(step, threshold=report["threshold"], thresholds_at_far=report["thresholds_at_far"])
+    if ctx.is_main:
         if tb is not None:
             _tensorboard_held_out(tb, run, step, report, scores, same, baseline_scores)
         print(f"held-out identities ({run.val_ds.n_identities}), {run.run_dir / 'eval' / 'report.json'}:")

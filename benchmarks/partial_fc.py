@@ -11,7 +11,8 @@ head's weight, its gradient and the optimizer's state, read from the tensors' st
 largest process's); "peak RSS" is the largest process's (it includes PyTorch itself, about 0.3 GB, and the
 temporaries of a step); the step time is forward + backward + optimizer step of the head alone on random rows
 (the backbone costs the same in both), the median of --steps - 1 steps after the first, the slowest process's.
-All --steps steps run, so the 1M rows include a 10-step run of the head at 1M identities.
+All --steps steps run (--reference-steps for the full classifier and R = 1), so the 1M rows of R = 0.1 are
+10-step runs of the head at 1M identities.
 
     python benchmarks/partial_fc.py                        # the table in benchmarks/results/partial_fc.md
     python benchmarks/partial_fc.py --classes 10000 --processes 1 2 --steps 3
@@ -56,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also partial FC at R = 1 (sharding alone) on this many processes (0 = not)")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--batch", type=int, default=64, help="rows per process")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=10, help="steps of each partial-FC configuration below R = 1")
+    p.add_argument("--reference-steps", type=int, default=3,
+                   help="steps of the full classifier and of R = 1, whose steps at 1M take minutes on 2 busy cores")
     p.add_argument("--sampler-identities", type=int, default=2_000_000, help="PK sampler set-up (0 = skip)")
     p.add_argument("--out", default=None, help="also write the tables (markdown) to this file")
     return p.parse_args(argv)
@@ -130,9 +133,10 @@ def head_table(args: argparse.Namespace) -> list[str]:
     print("\n".join(lines), flush=True)
     for c in args.classes:
         base = {"classes": c, "dim": args.dim, "batch": args.batch, "steps": args.steps}
-        configs = [("full", 1, {"kind": "full"})]
+        configs = [("full", 1, {"kind": "full", "steps": args.reference_steps})]
         if args.full_rate_processes:
-            configs.append(("partial FC, R = 1", args.full_rate_processes, {"kind": "partial", "rate": 1.0}))
+            configs.append(("partial FC, R = 1", args.full_rate_processes,
+                            {"kind": "partial", "rate": 1.0, "steps": args.reference_steps}))
         configs += [(f"partial FC, R = {args.rate:g}", n, {"kind": "partial", "rate": args.rate}) for n in args.processes]
         full_bytes = None
         for name, world, spec in configs:

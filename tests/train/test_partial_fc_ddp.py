@@ -28,9 +28,9 @@ def two_process(tmp_path_factory):
     record = base / "record"
     record.mkdir()
     runs = [
-        ("straight", dict(RUN, steps=4, out=str(base / "straight")), {}),
-        ("resumed", dict(RUN, steps=2, out=str(base / "resumed")), {}),
-        ("resumed", dict(RUN, steps=4, out=str(base / "resumed")), {"resume": True}),
+        ("straight", dict(RUN, steps=3, out=str(base / "straight")), {}),
+        ("resumed", dict(RUN, steps=1, out=str(base / "resumed")), {}),
+        ("resumed", dict(RUN, steps=3, out=str(base / "resumed")), {"resume": True}),
     ]
     workers.spawn(pfc_workers.all_checks, runs, str(record))
     return base, record
@@ -47,7 +47,7 @@ def test_resumed_run_is_bit_exact(two_process):
     base, _ = two_process
     straight = load_checkpoint(base / "straight" / "checkpoints" / "last.pt")
     resumed = load_checkpoint(base / "resumed" / "checkpoints" / "last.pt")
-    assert straight["step"] == resumed["step"] == 4
+    assert straight["step"] == resumed["step"] == 3
     # The whole classifier, gathered from both processes, in a full classifier's layout.
     assert straight["model"]["classifier.weight"].shape == (10, 16) and straight["model_spec"]["n_classes"] == 10
     for key in straight["model"]:
@@ -57,3 +57,21 @@ def test_resumed_run_is_bit_exact(two_process):
             assert torch.equal(value, resumed["optimizer"]["state"][index][name]), (index, name)
     log = (base / "straight" / "train.log").read_text()
     assert "partial FC: 5 centres per process, 2 sampled per step" in log
+
+
+def test_resuming_on_another_number_of_processes_is_refused_in_one_line(two_process, tmp_path):
+    # The checkpoint's head would re-shard (checkpoint_checks: 2 -> 1 and 3 processes), but the run's samplers
+    # split each step by process: --resume names the change instead of continuing with other draws.
+    import shutil
+
+    from siamkit.config import TrainConfig
+    from siamkit.errors import SiamkitError
+    from siamkit.train.loop import train
+
+    base, _ = two_process
+    copy = tmp_path / "run"
+    shutil.copytree(base / "resumed", copy)
+    before = sorted(p.name for p in copy.rglob("*"))
+    with pytest.raises(SiamkitError, match=r"on 1 process\(es\) where the run had 2.* and its number of processes$"):
+        train(TrainConfig(**dict(RUN, steps=6, out=str(copy))), resume=True, progress=False)
+    assert sorted(p.name for p in copy.rglob("*")) == before

@@ -311,7 +311,7 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
     if cfg.max_steps and not cfg.steps:
         total = min(total, cfg.max_steps)
     if checkpoint is not None:
-        check_resume(checkpoint, cfg, train_ds, sampler.steps_per_epoch, run_dir, pre)
+        check_resume(checkpoint, cfg, train_ds, sampler.steps_per_epoch, run_dir, pre, ctx.world)
 
     n_classes = train_ds.n_identities if cfg.classification_weight > 0 else 0
     training = build_training(
@@ -492,16 +492,19 @@ def restore(training: Training, checkpoint: dict[str, Any], run_dir: Path) -> tu
 
 
 def check_resume(checkpoint: dict, cfg: TrainConfig, train_ds: IdentityDataset, steps_per_epoch: int, run_dir: Path,
-                 pre: Preprocess) -> None:
+                 pre: Preprocess, world: int = 1) -> None:
     """Refuse to continue a run on other data (the draws would differ) or other pixels; warn about changed options."""
     saved = checkpoint.get("sampler", {})
     if list(checkpoint.get("identities", train_ds.names)) != list(train_ds.names) or saved.get(
         "steps_per_epoch", steps_per_epoch
     ) != steps_per_epoch:
+        saved_world = saved.get("world", world)
+        processes = "" if saved_world == world else f", on {world} process(es) where the run had {saved_world}"
         raise SiamkitError(
             f"--resume: the training data differs from the run in {run_dir} "
-            f"({train_ds.n_identities} identities, {steps_per_epoch} steps per epoch now); "
+            f"({train_ds.n_identities} identities, {steps_per_epoch} steps per epoch now{processes}); "
             f"pass the same --data, --val-identities, --seed and batch options as the run"
+            + (" and its number of processes" if processes else "")
         )
     if "preprocess" in checkpoint and Preprocess.from_dict(checkpoint["preprocess"]) != pre:
         raise SiamkitError(

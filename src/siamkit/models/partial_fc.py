@@ -144,7 +144,8 @@ class PartialFC(nn.Module):
         if self.world > 1:
             rows, labels = _GatherRows.apply(rows), _gather_labels(labels)
         kept = self.sample(labels)
-        cos = F.linear(F.normalize(rows, dim=1), F.normalize(self.weight[kept], dim=1))
+        centres = self.weight if len(kept) == self.rows else self.weight[kept]  # all kept: no copy of the shard
+        cos = F.linear(F.normalize(rows, dim=1), F.normalize(centres, dim=1))
         cos = cos.to(torch.promote_types(cos.dtype, torch.float32))  # the softmax in float32 at least, as under --amp
         local = labels - self.first
         owned = (local >= 0) & (local < self.rows)

@@ -50,7 +50,8 @@ GB = 2**30
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--classes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--classes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000],
+                   help="class counts of the head table (none: the sampler's table alone)")
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4], help="process counts for partial FC")
     p.add_argument("--rate", type=float, default=0.1, help="partial FC's --classifier-sample-rate")
     p.add_argument("--full-rate-processes", type=int, default=2,
@@ -150,9 +151,12 @@ def head_table(args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def sampler_table(n_identities: int) -> list[str]:
-    """PKSampler over n identities x 2 images: set-up time and memory (tracemalloc), and one batch's time."""
+def sampler_row(n_identities: int, order: str) -> str:
+    """PKSampler over n identities x 2 images whose labels come sorted (as packed training sets store them) or
+    shuffled: set-up time and memory (tracemalloc), and one batch's time."""
     labels = np.repeat(np.arange(n_identities, dtype=np.int64), 2)
+    if order == "shuffled":
+        labels = np.random.default_rng(0).permutation(labels)
     tracemalloc.start()
     start = time.perf_counter()
     sampler = PKSampler(labels, p=64, k=4, seed=0)
@@ -163,9 +167,14 @@ def sampler_table(n_identities: int) -> list[str]:
     for step in range(20):
         sampler.batch(step)
     batch = (time.perf_counter() - start) / 20
-    lines = ["| identities | images | set-up (s) | memory held (MiB) | peak during set-up (MiB) | batch P=64 x K=4 (ms) |",
-             "|---|---|---|---|---|---|",
-             f"| {n_identities:,} | {len(labels):,} | {setup:.2f} | {held / 2**20:.0f} | {peak / 2**20:.0f} | {1000 * batch:.2f} |"]
+    return (f"| {n_identities:,} | {len(labels):,} | {order} | {setup:.2f} | {held / 2**20:.0f} | {peak / 2**20:.0f} | "
+            f"{1000 * batch:.2f} |")
+
+
+def sampler_table(n_identities: int) -> list[str]:
+    lines = ["| identities | images | labels | set-up (s) | memory held (MiB) | peak during set-up (MiB) | "
+             "batch P=64 x K=4 (ms) |", "|---|---|---|---|---|---|---|"]
+    lines += [sampler_row(n_identities, order) for order in ("sorted", "shuffled")]
     print("\n".join(lines), flush=True)
     return lines
 
@@ -185,7 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     lines = header()
     print("\n".join(lines), flush=True)
-    lines += ["", *head_table(args)]
+    if args.classes:
+        lines += ["", *head_table(args)]
     if args.sampler_identities:
         lines += ["", *sampler_table(args.sampler_identities)]
     lines.append(f"- load average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")

@@ -23,6 +23,7 @@ from .errors import SiamkitError
 from .losses import loss_names, metric_loss_class, mining_names, minings_of
 from .models.backbones import DLIB_BACKBONE
 from .models.heads import CLASSIFIERS
+from .models.partial_fc import margin_head
 from .models.siamese import ModelOptions
 from .models.zoo import builtin_model
 from .optimizers import OPTIMIZERS
@@ -147,6 +148,12 @@ class TrainConfig(ModelOptions):
     mining: str = option("none", group="loss and sampling", choices=mining_names, help="online mining on PK batches")
     classification_weight: float = option(1.0, group="classifier head", minimum="non-negative",
                                           help="weight W of the classification loss on every branch (0 = no classifier)")
+    classifier_sample_rate: float = option(1.0, group="classifier head", minimum="positive",
+                                           help="partial FC below 1: with --classifier arcface or cosface, each "
+                                                "process holds 1/N of the class centres and each step samples this "
+                                                "share of them, every class of the batch included, for millions of "
+                                                "identities (docs/guide/partial-fc.md); 1 = the full classifier on "
+                                                "every process")
     metric_weight: float = option(1.0, group="loss and sampling", minimum="non-negative",
                                   help="weight of the metric loss (0 = the classifier alone, e.g. CosFace training)")
     # optimisation
@@ -291,6 +298,7 @@ class TrainConfig(ModelOptions):
         self._validate_batches()
         self._validate_pretrained()
         self._validate_eval_data()
+        self._validate_partial_fc()
         if self.compile_mode != "default" and not self.compile:
             raise SiamkitError(f"--compile-mode {self.compile_mode} applies to a compiled step: add --compile")
         if self.amp == "fp16" and self.device == "cpu":
@@ -309,6 +317,24 @@ class TrainConfig(ModelOptions):
         if len(set(names)) != len(names):
             raise SiamkitError(f"--eval-data names two files {', '.join(n for n in names if names.count(n) > 1)}: "
                                f"their reports would share a folder (RUN/eval/NAME/); rename one")
+
+    @property
+    def partial_fc(self) -> bool:
+        """The classifier's centres sharded over the processes and sampled (models/partial_fc.py)."""
+        return self.classifier_sample_rate < 1 and self.classification_weight > 0
+
+    def _validate_partial_fc(self) -> None:
+        if self.classifier_sample_rate > 1:
+            raise SiamkitError(f"--classifier-sample-rate takes a share in (0, 1], got {self.classifier_sample_rate}")
+        if not self.partial_fc:
+            return
+        margin_head(self.classifier)
+        if self.subcenters > 1:
+            raise SiamkitError("--classifier-sample-rate below 1 (partial FC) has one centre per class: leave "
+                               "--subcenters at 1, or the sample rate at 1")
+        if self.compile:
+            raise SiamkitError("--classifier-sample-rate below 1 (partial FC) draws its centres outside the compiled "
+                               "graph: drop --compile, or leave the sample rate at 1")
 
     def _validate_pretrained(self) -> None:
         """--pretrained dlib: dlib's backbone, its 150x150 RGB chips; --pretrained-head keep: dlib's 128-d layer."""

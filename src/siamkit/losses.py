@@ -238,15 +238,19 @@ class JointLoss(nn.Module):
         self.metric_weight = metric_weight
 
     def forward(
-        self, embeddings: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor | None = None
+        self, embeddings: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor | None = None,
+        classification: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """``classification``: the classification loss computed already (partial FC, models/partial_fc.py), in place
+        of the cross-entropy of ``logits``."""
         if self.metric_weight:
             metric = self.metric(embeddings.float(), labels)
         else:
             metric = embeddings.new_zeros((), dtype=torch.float32)
-        if logits is None or self.classification_weight == 0:
+        if (logits is None and classification is None) or self.classification_weight == 0:
             return {"loss": self.metric_weight * metric, "metric": metric}
-        classification = F.cross_entropy(logits.float(), labels)
+        if classification is None:
+            classification = F.cross_entropy(logits.float(), labels)
         return {
             "loss": self.metric_weight * metric + self.classification_weight * classification,
             "metric": metric,

@@ -62,3 +62,32 @@ def test_impossible_batches_are_refused():
         PKSampler(LABELS, p=5, k=2, seed=0)  # only 4 identities have 2+ images
     with pytest.raises(SiamkitError, match="2 images"):
         TupleSampler(np.array([0, 1, 2]), 3, 1, seed=0)
+
+
+def test_pk_sampler_holds_arrays_not_per_identity_objects_at_2m_identities():
+    """2M identities x 2 images: the sampler's state is a few numpy arrays, O(images) bytes, no per-identity objects."""
+    import tracemalloc
+
+    n_identities, images = 2_000_000, 4_000_000
+    labels = np.repeat(np.arange(n_identities, dtype=np.int64), 2)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        sampler = PKSampler(labels, p=64, k=4, seed=0)
+        _, peak = tracemalloc.get_traced_memory()
+        grown = tracemalloc.take_snapshot().compare_to(before, "filename")
+    finally:
+        tracemalloc.stop()
+    for holder in (sampler, sampler.index):
+        for name, value in vars(holder).items():
+            assert isinstance(value, (int, float, np.ndarray, type(sampler.index))), (name, type(value))
+    # Live allocations made by the constructor: a handful of array buffers. One Python object per identity would
+    # be millions of blocks (and >= 2M x 28 bytes even for plain ints).
+    assert sum(s.count_diff for s in grown) < 200
+    # Its arrays: the images sorted by identity (8 bytes an image) and three per-identity arrays (counts, starts,
+    # usable: 8 bytes an identity each); peak: one more temporary of each kind while sorting and summing.
+    held = 8 * images + 3 * 8 * n_identities
+    assert sum(s.size_diff for s in grown) <= held + 4096
+    assert peak <= held + 8 * images + 2 * 8 * n_identities
+    batch = sampler.batch(3)
+    assert batch.shape == (1, 64 * 4) and len(np.unique(labels[batch])) == 64

@@ -56,7 +56,7 @@ class SoftmaxClassifier(nn.Module):
 
 
 class MarginClassifier(nn.Module):
-    """Base of the margin heads: s·cos on l2-normalised features and weights, with ``target_logit`` (a subclass's)
+    """Base of the margin heads: s·cos on l2-normalised features and weights, with ``margin_logit`` (a subclass's)
     in place of the target class's cosine when labels are given (training).
 
     With ``subcenters`` K > 1 each class has K weight vectors and its cosine is the largest of theirs
@@ -74,9 +74,14 @@ class MarginClassifier(nn.Module):
         nn.init.xavier_uniform_(self.weight)
         self.scale, self.margin, self.subcenters = scale, margin, subcenters
 
-    def target_logit(self, cos: torch.Tensor) -> torch.Tensor:
-        """The target class's cosine with the margin applied (before the scale)."""
+    @staticmethod
+    def margin_logit(cos: torch.Tensor, margin: float) -> torch.Tensor:
+        """The target class's cosine with ``margin`` applied (before the scale); the sharded head
+        (models/partial_fc.py) applies it too."""
         raise NotImplementedError
+
+    def target_logit(self, cos: torch.Tensor) -> torch.Tensor:
+        return self.margin_logit(cos, self.margin)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         cos = F.linear(F.normalize(features, dim=1), F.normalize(self.weight, dim=1))
@@ -92,21 +97,23 @@ class MarginClassifier(nn.Module):
 class ArcFace(MarginClassifier):
     """ArcFace: s·cos(θ_y + m) for the target class (Deng et al. 2019)."""
 
-    def target_logit(self, cos: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def margin_logit(cos: torch.Tensor, margin: float) -> torch.Tensor:
         # cos(θ + m) = cos θ cos m − sin θ sin m; clamp keeps sqrt's gradient finite at |cos| = 1.
         sin = torch.sqrt((1.0 - cos * cos).clamp(min=1e-7))
-        adjusted = cos * math.cos(self.margin) - sin * math.sin(self.margin)
+        adjusted = cos * math.cos(margin) - sin * math.sin(margin)
         # Past θ = π − m, cos(θ + m) stops decreasing; use the usual monotone extension (as in InsightFace).
-        threshold = math.cos(math.pi - self.margin)
-        return torch.where(cos > threshold, adjusted, cos - math.sin(math.pi - self.margin) * self.margin)
+        threshold = math.cos(math.pi - margin)
+        return torch.where(cos > threshold, adjusted, cos - math.sin(math.pi - margin) * margin)
 
 
 @register_classifier("cosface")
 class CosFace(MarginClassifier):
     """CosFace: s·(cos θ_y − m) for the target class (Wang et al. 2018)."""
 
-    def target_logit(self, cos: torch.Tensor) -> torch.Tensor:
-        return cos - self.margin
+    @staticmethod
+    def margin_logit(cos: torch.Tensor, margin: float) -> torch.Tensor:
+        return cos - margin
 
 
 def build_classifier(kind: str, in_features: int, n_classes: int, scale: float, margin: float,

@@ -146,7 +146,8 @@ def _run(run: Run, log_file: RunLogFile, *, resume: bool, progress: bool) -> Pat
     report, scores, same, baseline_scores = _evaluate_held_out(run, final=True)
     if ctx.is_main:
         write_report(report, scores, same, run.run_dir / "eval", baseline_scores)
-        checkpoints.save(step, threshold=report["threshold"], thresholds_at_far=report["thresholds_at_far"])
+    checkpoints.save(step, threshold=report["threshold"], thresholds_at_far=report["thresholds_at_far"])
+    if ctx.is_main:
         if tb is not None:
             _tensorboard_held_out(tb, run, step, report, scores, same, baseline_scores)
         print(f"held-out identities ({run.val_ds.n_identities}), {run.run_dir / 'eval' / 'report.json'}:")
@@ -159,15 +160,17 @@ def _periodic_evaluation(run: Run, step: int, tb: TensorBoardLog | None, checkpo
     """Every --eval-every steps: the --eval-data sets, then the held-out identities; best.pt by the held-out accuracy,
     or by the sets' mean accuracy where no identities are held out."""
     mean = evaluate_sets(run, score_for(run.cfg.embedding_activation), step)
+    # Every process decides alike (they all have the same reports) and saves: a partial-FC head's shards are gathered
+    # by all of them.
     if run.val_ds is None:
-        if run.ctx.is_main and mean is not None and mean > run.best_accuracy:
+        if mean is not None and mean > run.best_accuracy:
             run.best_accuracy = mean
             checkpoints.save_best(step)
         return
     report = _evaluate_held_out(run).report
     if tb is not None:
         tb.held_out(step, report)
-    if run.ctx.is_main and report["accuracy_mean"] > run.best_accuracy:
+    if report["accuracy_mean"] > run.best_accuracy:
         run.best_accuracy = report["accuracy_mean"]
         checkpoints.save_best(step, threshold=report["threshold"], thresholds_at_far=report["thresholds_at_far"])
 

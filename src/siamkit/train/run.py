@@ -38,12 +38,14 @@ from ..faces.folder import read_alignment
 from ..fileio import atomic_write_json, write_error
 from ..losses import JointLoss, build_metric_loss
 from ..models.backbones import NOT_READ, siamkit_checkpoint
+from ..models.partial_fc import PartialFC
 from ..models.siamese import ModelSpec, SiameseNet
 from ..models.zoo import BUILTIN_MODELS, dlib_preprocess
 from ..outputs import RUN_MARKER, check_not_input, check_replace_run, existing_inputs, write_run_marker
 from . import distributed
 from .ema import WeightEMA
 from .eval_sets import EvalSet, load_eval_sets
+from .head_shards import HEAD_KEY, take_shard
 from .small_data import fit_to_data
 from .step import Training, TrainStep, build_optimizer
 from .sync_bn import convert_to_sync_bn
@@ -236,7 +238,9 @@ def build_training(
     ctx = ctx or distributed.DistContext()
     accel.tune_process(device, cfg.cpu_tuning)
     use_fast_cuda_kernels(device)
-    model = build_model(cfg, n_classes, in_channels, pretrained_run).to(device)
+    # Partial FC: the model has no classifier of its own; this process's shard of it is built beside the model.
+    model = build_model(cfg, 0 if cfg.partial_fc else n_classes, in_channels, pretrained_run).to(device)
+    head = sharded_head(cfg, model, n_classes, ctx).to(device) if cfg.partial_fc and n_classes else None
     sync_bn, gather = distributed.plan(cfg, ctx)
     if sync_bn:
         convert_to_sync_bn(model, device)
@@ -244,12 +248,13 @@ def build_training(
         model = model.to(memory_format=torch.channels_last)
     kernels, tuning_note = choose_conv_kernels(cfg, model, device, in_channels, image_size or cfg.image_size, conv_kernels, ctx, progress)
     loss_fn = JointLoss(build_metric_loss(cfg.loss, cfg.mining, cfg.margin), cfg.classification_weight, cfg.metric_weight)
-    params = model.trainable_parameters()
+    params = model.trainable_parameters() + ([head.weight] if head is not None else [])
     optimizer = build_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.schedule))
     # DDP runs the backbone passes; heads and loss run on the model itself (see TrainStep).
     runner = distributed.wrap_ddp(model, device) if ctx.enabled else None
-    step_module = TrainStep(model, loss_fn, cfg.n_branches, runner, distributed.gather_with_grad if gather else None)
+    step_module = TrainStep(model, loss_fn, cfg.n_branches, runner, distributed.gather_with_grad if gather else None,
+                            head)
     step_fn = step_module
     if cfg.compile:  # torch.compile's own default mode is mode=None
         step_fn = torch.compile(step_module, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
@@ -262,7 +267,15 @@ def build_training(
         tuning_note=tuning_note,
         # Made last: after the sync-BN and memory-format conversions, and after DDP gave every process rank 0's weights.
         ema=WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None,
+        partial_fc=head,
     )
+
+
+def sharded_head(cfg: TrainConfig, model: SiameseNet, n_classes: int, ctx: distributed.DistContext) -> PartialFC:
+    """This process's shard of the --classifier-sample-rate classifier, on what --classifier-input names."""
+    width = model.embedding.fc.in_features if cfg.classifier_input == "features" else cfg.embedding_dim
+    return PartialFC(cfg.classifier, width, n_classes, cfg.scale, cfg.class_margin, cfg.classifier_sample_rate,
+                     cfg.seed, ctx.rank, ctx.world)
 
 
 def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, overwrite: bool,
@@ -301,7 +314,7 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
     if cfg.max_steps and not cfg.steps:
         total = min(total, cfg.max_steps)
     if checkpoint is not None:
-        check_resume(checkpoint, cfg, train_ds, sampler.steps_per_epoch, run_dir, pre)
+        check_resume(checkpoint, cfg, train_ds, sampler.steps_per_epoch, run_dir, pre, ctx.world)
 
     n_classes = train_ds.n_identities if cfg.classification_weight > 0 else 0
     training = build_training(
@@ -324,6 +337,8 @@ def build_run(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, o
         )
         if training.tuning_note:
             info(training.tuning_note)
+        if training.partial_fc is not None:
+            info(training.partial_fc.describe())
     in_memory = keep_in_memory(cfg.data_in_memory, train_ds, device, ctx.is_main)
     if ctx.is_main:  # created only now that data and model are known good
         make_run_folder(run_dir, cfg, ctx.world, resume=resume, overwrite=overwrite)
@@ -457,18 +472,23 @@ def restore(training: Training, checkpoint: dict[str, Any], run_dir: Path) -> tu
 
     A run resumed with --ema-decay from a checkpoint without an average starts one from the restored weights.
     """
+    # With an EMA, "model" holds the averaged weights (what a run is used with) and "trained_model" the optimizer's.
+    trained = checkpoint.get("trained_model", checkpoint["model"])
+    averaged, optimizer_state = checkpoint["model"], checkpoint["optimizer"]
     try:
-        # With an EMA, "model" holds the averaged weights (what a run is used with) and "trained_model" the optimizer's.
-        training.model.load_state_dict(checkpoint.get("trained_model", checkpoint["model"]))
+        if training.partial_fc is not None:  # this process's rows of the whole classifier the checkpoint holds
+            trained, optimizer_state = take_shard(training.partial_fc, training.optimizer, trained, optimizer_state)
+            averaged = {k: v for k, v in averaged.items() if k != HEAD_KEY}
+        training.model.load_state_dict(trained)
         if training.ema is not None and "ema" in checkpoint:
-            training.ema.load(checkpoint["model"], checkpoint["ema"]["updates"])
+            training.ema.load(averaged, checkpoint["ema"]["updates"])
         elif training.ema is not None:  # --ema-decay added on resume: the average starts at the restored weights
             training.ema.load(training.model.state_dict(), 0)
-    except RuntimeError:
+    except (RuntimeError, KeyError, ValueError):
         raise SiamkitError(
             f"--resume: the model in {run_dir} was trained with other model options; pass the same options"
         ) from None
-    training.optimizer.load_state_dict(checkpoint["optimizer"])
+    training.optimizer.load_state_dict(optimizer_state)
     training.scheduler.load_state_dict(checkpoint["scheduler"])
     training.scaler.load_state_dict(checkpoint["scaler"])
     set_rng_state(checkpoint["rng"])
@@ -476,16 +496,19 @@ def restore(training: Training, checkpoint: dict[str, Any], run_dir: Path) -> tu
 
 
 def check_resume(checkpoint: dict, cfg: TrainConfig, train_ds: IdentityDataset, steps_per_epoch: int, run_dir: Path,
-                 pre: Preprocess) -> None:
+                 pre: Preprocess, world: int = 1) -> None:
     """Refuse to continue a run on other data (the draws would differ) or other pixels; warn about changed options."""
     saved = checkpoint.get("sampler", {})
     if list(checkpoint.get("identities", train_ds.names)) != list(train_ds.names) or saved.get(
         "steps_per_epoch", steps_per_epoch
     ) != steps_per_epoch:
+        saved_world = saved.get("world", world)
+        processes = "" if saved_world == world else f", on {world} process(es) where the run had {saved_world}"
         raise SiamkitError(
             f"--resume: the training data differs from the run in {run_dir} "
-            f"({train_ds.n_identities} identities, {steps_per_epoch} steps per epoch now); "
+            f"({train_ds.n_identities} identities, {steps_per_epoch} steps per epoch now{processes}); "
             f"pass the same --data, --val-identities, --seed and batch options as the run"
+            + (" and its number of processes" if processes else "")
         )
     if "preprocess" in checkpoint and Preprocess.from_dict(checkpoint["preprocess"]) != pre:
         raise SiamkitError(

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..checkpoint import non_finite, prune_checkpoints, rng_state, save_checkpoint
 from ..errors import SiamkitError
+from .head_shards import full_head_state, with_full_head
 from .logging import LossWindow
 from .run import Run, score_for
 
@@ -55,11 +56,21 @@ class Checkpoints:
         self.run, self.window = run, window
         self.saved_step: int | None = run.start_step if run.resumed else None
 
+    def state(self, step: int, **extra: Any) -> dict[str, Any] | None:
+        """The checkpoint of ``step`` on the main process, None on the others. Every process must call it: a
+        partial-FC head is gathered from all of them (train/head_shards.py)."""
+        t = self.run.training
+        head = full_head_state(t.partial_fc, t.optimizer) if t.partial_fc is not None else None
+        if not self.run.ctx.is_main:
+            return None
+        state = training_state(self.run, step, self.window, **extra)
+        return state if head is None else with_full_head(state, head)
+
     def save(self, step: int, **extra: Any) -> None:
         run = self.run
         self.require_finite(step)
+        state = self.state(step, **extra)
         if run.ctx.is_main:
-            state = training_state(run, step, self.window, **extra)
             save_checkpoint(run.ckpt_dir / "last.pt", state)
             if run.cfg.keep_checkpoints > 1:
                 save_checkpoint(run.ckpt_dir / f"step-{step}.pt", state)
@@ -68,8 +79,11 @@ class Checkpoints:
         run.ctx.checkpoint, run.ctx.checkpoint_step = run.ckpt_dir / "last.pt", step  # named if another process dies
 
     def save_best(self, step: int, **extra: Any) -> None:
+        """best.pt; every process must call it (see ``state``)."""
         self.require_finite(step)
-        save_checkpoint(self.run.ckpt_dir / "best.pt", training_state(self.run, step, self.window, **extra))
+        state = self.state(step, **extra)
+        if self.run.ctx.is_main:
+            save_checkpoint(self.run.ckpt_dir / "best.pt", state)
 
     def require_finite(self, step: int) -> None:
         """Stop the run, keeping the last checkpoint, when its weights (or their average) hold NaN or infinity: a

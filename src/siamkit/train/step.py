@@ -13,6 +13,7 @@ from torch import nn
 from ..batchnorm import forward_branches
 from ..config import TrainConfig
 from ..losses import JointLoss
+from ..models.partial_fc import PartialFC
 from ..models.siamese import SiameseNet
 from ..optimizers import OPTIMIZERS
 from . import distributed
@@ -31,7 +32,7 @@ class TrainStep(nn.Module):
 
     def __init__(
         self, model: SiameseNet, loss: JointLoss, n_branches: int, runner: nn.Module | None = None,
-        gather: Gather | None = None,
+        gather: Gather | None = None, partial_fc: PartialFC | None = None,
     ):
         super().__init__()
         self.model = model
@@ -43,15 +44,16 @@ class TrainStep(nn.Module):
         self.classify = model.classifier is not None and loss.classification_weight > 0
         # --gather-embeddings: the loss (and its mining) sees every process's rows.
         self.gather = gather
+        # --classifier-sample-rate below 1: the sharded classifier, which gathers the rows itself and gives its loss
+        self.partial_fc = partial_fc
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         features, embeddings = forward_branches(
             self.runner, x, self.n_branches, self.model.spec.bn_policy, self.bn_layers
         )
-        if self.classify:
-            logits = self.model.classify(features if self.model.spec.classifier_input == "features" else embeddings, labels)
-        else:
-            logits = None
+        head_input = features if self.model.spec.classifier_input == "features" else embeddings
+        logits = self.model.classify(head_input, labels) if self.classify else None
+        classification = self.partial_fc(head_input, labels) if self.partial_fc is not None else None
         if self.gather is not None:
             # Every process computes the same global loss. The gather's backward sums over the
             # processes the gradient each one sends to a row, i.e. world x dL/d(row), and DDP then
@@ -61,7 +63,7 @@ class TrainStep(nn.Module):
             embeddings = self.gather(embeddings, self.n_branches)
             labels = self.gather(labels, self.n_branches)
             logits = self.gather(logits, self.n_branches) if logits is not None else None
-        return self.loss(embeddings, labels, logits)
+        return self.loss(embeddings, labels, logits, classification)
 
 
 @dataclass
@@ -85,6 +87,9 @@ class Training:
     conv_kernels: dict[str, str] = field(default_factory=dict)
     tuning_note: str = ""  # how many shapes took which kernel, and where the choices came from (the run's log)
     ema: WeightEMA | None = None  # --ema-decay: the averaged weights the run evaluates and saves (train/ema.py)
+    # --classifier-sample-rate below 1: this process's shard of the classifier, outside the model and DDP; its
+    # weight is the last of ``params`` (the optimizer's, as a full classifier's is: checkpoints share one layout)
+    partial_fc: PartialFC | None = None
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -126,6 +131,10 @@ def optimisation_step(t: Training, x: torch.Tensor, y: torch.Tensor, stop_reques
     # BatchNorm updates its running statistics in the forward pass, before the loss is known to be finite:
     # a skipped step puts them back, so a NaN batch cannot poison the statistics used at evaluation.
     saved_buffers = [b.detach().clone() for b in t.buffers]
+    if t.partial_fc is not None:
+        # The step's index seeds the negatives drawn: the schedule counts every step, skipped ones too, from 0, and
+        # resumes with the run.
+        t.partial_fc.step = t.scheduler.last_epoch
     amp = t.amp_dtype
     with torch.autocast(t.device.type, dtype=amp or torch.float32, enabled=amp is not None):
         out = t.step_fn(x, y)

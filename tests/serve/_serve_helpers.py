@@ -4,16 +4,17 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import httpx
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 180  # torch import and model load on a busy 2-core machine; a bound, not a measurement
-ATT = None  # set by the tests from the data_root fixture
 
 
 def free_port() -> int:
@@ -98,3 +99,22 @@ def one_line_error(response: httpx.Response, status: int | tuple[int, ...]) -> s
     assert set(body) == {"error"}, body
     assert isinstance(body["error"], str) and body["error"] and "\n" not in body["error"], body
     return body["error"]
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bomb(side: int = 20000) -> bytes:
+    """A real side x side greyscale PNG of zeros: 400 MB of pixels in about 400 kB (zlib, level 1)."""
+    z = zlib.compressobj(1)
+    row_block = bytes(side + 1) * 50  # 50 rows (filter byte + pixels) per call: few calls, little memory
+    body = b"".join(z.compress(row_block) for _ in range(side // 50)) + z.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", body) + png_chunk(b"IEND", b"")
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels and holds none: only its header can be read."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IEND", b"")

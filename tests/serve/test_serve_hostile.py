@@ -3,8 +3,6 @@ still up, the gallery unchanged and nothing written beside the store."""
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import httpx
 import numpy as np
@@ -12,28 +10,9 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli
-from _serve_helpers import Server, att_file, files, one_line_error
+from _serve_helpers import Server, att_file, files, one_line_error, png_bomb, png_header_only
 
 GALLERY = "people"
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_bomb(side: int = 20000) -> bytes:
-    """A real side x side greyscale PNG of zeros: 400 MB of pixels in about 400 kB (zlib, level 1)."""
-    z = zlib.compressobj(1)
-    row_block = bytes(side + 1) * 50  # 50 rows (filter byte + pixels) per call: few calls, little memory
-    body = b"".join(z.compress(row_block) for _ in range(side // 50)) + z.flush()
-    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", body) + png_chunk(b"IEND", b"")
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that claims width x height pixels and holds none: only its header can be read."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module")

@@ -89,14 +89,14 @@ def create_app(service: Service, *, keys: KeyRing | None = None, cors: list[str]
 def _add_model_routes(app: FastAPI, service: Service, keys: KeyRing | None) -> None:
     read = _auth(keys, "read")
 
-    @app.post("/v1/verify", dependencies=[read], openapi_extra=_body_doc(("image1", "image2"), ("far", "faces")),
+    @app.post("/v1/verify", dependencies=[read], openapi_extra=_body_doc(("image1", "image2"), ("far",)),
               summary="Do two images show the same identity? {score, decision, threshold, source}")
     async def verify(request: Request):
-        f = await read_fields(request, ("image1", "image2"), ("far", "faces"))
+        f = await read_fields(request, ("image1", "image2"), ("far",))
         one, two = f.files("image1"), f.files("image2")
         if len(one) != 1 or len(two) != 1:
             raise RequestError("verify takes exactly one image in each of the fields image1 and image2")
-        return await service.verify(one[0], two[0], f.number("far", float), f.flag("faces"))
+        return await service.verify(one[0], two[0], f.number("far", float))
 
     @app.post("/v1/embed", dependencies=[read], openapi_extra=_body_doc(("image",), many=True),
               summary="Embeddings of one or more images")

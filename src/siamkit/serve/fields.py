@@ -23,12 +23,6 @@ class Fields:
     def files(self, name: str) -> list[Upload]:
         return [u for u in self.uploads if u.field == name]
 
-    def flag(self, name: str) -> bool:
-        text = self.values.get(name, "false").strip().lower()
-        if text not in ("true", "false", "1", "0"):
-            raise RequestError(f"{name} must be true or false, got {text[:40]!r}")
-        return text in ("true", "1")
-
     def number(self, name: str, kind: type, default=None):
         text = self.values.get(name)
         if text is None or text == "":
@@ -88,7 +82,9 @@ async def _json(request, files: tuple[str, ...]) -> Fields:
         if name in files:
             for i, item in enumerate(value if isinstance(value, list) else [value]):
                 found.uploads.append(Upload(name, _base64(item, name), ""))
-        elif isinstance(value, (str, int, float)):  # (a JSON true/false becomes "True"/"False")
+        elif isinstance(value, bool):  # JSON true/false, as a form would send it
+            found.values[name] = "true" if value else "false"
+        elif isinstance(value, (str, int, float)):
             found.values[name] = str(value)
         else:
             raise RequestError(f"field {ascii(name)} must be a string, a number or true/false")

@@ -8,8 +8,6 @@ batcher's one worker, so the event loop only waits.
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import math
 import threading
 from dataclasses import dataclass
@@ -77,13 +75,10 @@ class Service:
         except SiamkitError as e:  # e.g. no face found with --align: name the field, not "the image"
             raise RequestError(f"{upload.field}: {e}", 422) from None
 
-    async def pixels(self, uploads: list[Upload]) -> np.ndarray:
-        """uint8 [n, C, H, W]: each upload as the model sees it (decoded in threads, aligned if the server aligns)."""
-        return np.stack(await asyncio.gather(*(asyncio.to_thread(self._pixels, u) for u in uploads)))
-
-    async def embed(self, uploads: list[Upload], pixels: np.ndarray | None = None) -> np.ndarray:
-        """Embeddings [n, D] of the uploads (or of their ``pixels``, read already), through the batcher."""
-        rows = await self.batcher.run(await self.pixels(uploads) if pixels is None else pixels)
+    async def embed(self, uploads: list[Upload]) -> np.ndarray:
+        """Embeddings [n, D] of the uploads, through the batcher."""
+        pixels = await asyncio.gather(*(asyncio.to_thread(self._pixels, u) for u in uploads))
+        rows = await self.batcher.run(np.stack(pixels))
         return require_finite(rows, [u.field for u in uploads])
 
     def threshold(self, far: float | None) -> tuple[float, str]:
@@ -94,18 +89,12 @@ class Service:
                                f"{rates}")
         return pick_threshold(self.verifier.calibration, None, far, self.verifier.score_name, ("threshold", "far"))
 
-    async def verify(self, image1: Upload, image2: Upload, far: float | None = None, faces: bool = False) -> dict:
-        """{score, decision, threshold, source}; ``faces``: also both images as the model sees them (aligned, at its
-        input size), as PNG data URLs, for the page to show."""
+    async def verify(self, image1: Upload, image2: Upload, far: float | None = None) -> dict:
         threshold, source = self.threshold(far)  # before any pixel: a bad far costs nothing
-        pixels = await self.pixels([image1, image2])
-        rows = await self.embed([image1, image2], pixels)
+        rows = await self.embed([image1, image2])
         score = float(pair_scores(rows[:1], rows[1:], self.verifier.score_name)[0])
-        answer = {"score": score, "decision": "same" if score >= threshold else "different",
-                  "threshold": threshold, "source": source}
-        if faces:
-            answer["faces"] = [png_data_url(p) for p in pixels]
-        return answer
+        return {"score": score, "decision": "same" if score >= threshold else "different",
+                "threshold": threshold, "source": source}
 
     # ------------------------------------------------------------ galleries
 
@@ -195,16 +184,6 @@ class Service:
         """Finish the queued forward passes, then close the store (SIGTERM's last steps)."""
         self.batcher.close()
         self.store.close()
-
-
-def png_data_url(pixels: np.ndarray) -> str:
-    """uint8 [C, H, W] -> "data:image/png;base64,..." (a picture the page can show as it is)."""
-    from PIL import Image
-
-    image = Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0))
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _source(upload: Upload, i: int) -> str:

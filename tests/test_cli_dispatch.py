@@ -29,6 +29,8 @@ ARGV = {
     "export": ["export", "RUN", "--out", "model.onnx"],
     "enroll": ["enroll", "RUN", "--data", "people", "--out", "gallery"],
     "identify": ["identify", "gallery", "probe.png"],
+    "serve": ["serve", "RUN"],
+    "serve-keys": ["serve-keys", "create", "--file", "keys.json"],
 }
 
 
@@ -46,7 +48,7 @@ def test_every_subcommand_has_a_run_function_in_siamkit_commands():
     assert sorted(cli.COMMANDS) == subcommands() == sorted(ARGV)
     for name, module_name in cli.COMMANDS.items():
         module = import_module(module_name)
-        assert module_name == f"siamkit.commands.{name}"
+        assert module_name == f"siamkit.commands.{name.replace('-', '_')}"
         assert inspect.isfunction(module.run) and module.run.__module__ == module_name
 
 

@@ -34,7 +34,8 @@ def stamp_of(gallery: Gallery) -> ModelStamp:
     return ModelStamp(str(gallery.meta["model"]), int(gallery.embeddings.shape[1]), gallery.score, probe.tobytes())
 
 
-def import_npz(store: Store, gallery_name: str, path: str | os.PathLike, *, skip_existing: bool = False) -> ImportResult:
+def import_npz(store: Store, gallery_name: str, path: str | os.PathLike, *,
+               skip_existing: bool = False) -> ImportResult:
     """Enrol every identity of ``path`` (a gallery.npz, or the folder holding one) into the server gallery."""
     check_gallery_name(gallery_name)
     source = load_gallery(path)

@@ -130,3 +130,46 @@ def test_bad_names_and_outputs_are_one_line_and_write_nothing(tmp_path):
         export_npz(store, "staff", tmp_path / "a")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.npz").exists()
     store.close()
+
+
+def test_command_line_round_trip_with_enroll_and_identify(trained_run, att_faces, tmp_path, capsys):
+    """siamkit enroll -> serve-gallery import -> the server's index answers as identify on the file; export ->
+    siamkit identify on the exported file prints what it prints on the enrolled one."""
+    from siamkit.cli import main
+    from siamkit.serve.index import LiveIndex
+    from siamkit.serve.store import open_store
+
+    people = tmp_path / "people"
+    people.mkdir()
+    for person in ("s31", "s32", "s33"):
+        (people / person).mkdir()
+        for k in (1, 2, 3):
+            (people / person / f"{k}.pgm").symlink_to(att_faces / person / f"{k}.pgm")
+    data = str(tmp_path / "serve-data")
+    assert main(["enroll", str(trained_run), "--data", str(people), "--out", str(tmp_path / "enrolled"),
+                 "--no-progress"]) == 0
+    assert main(["serve-gallery", "import", str(tmp_path / "enrolled"), "--gallery", "staff", "--data-dir", data]) == 0
+    assert "imported 3 identities (9 images)" in capsys.readouterr().out
+    probes = [str(att_faces / p / "9.pgm") for p in ("s31", "s32", "s33", "s34")]
+
+    from siamkit import load
+
+    original = load_gallery(tmp_path / "enrolled")
+    embedded = load(str(trained_run)).embed(probes)
+    store = open_store(data)
+    served = LiveIndex(store, "staff", original.score).search(embedded, 3)  # what the server searches
+    store.close()
+    ids, scores = original.search(embedded, k=3)
+    assert [[n for n, _ in row] for row in served] == [[original.names[i] for i in row] for row in ids]
+    np.testing.assert_array_equal([[s for _, s in row] for row in served], scores)  # same vectors, same order
+
+    assert main(["serve-gallery", "export", str(tmp_path / "exported"), "--gallery", "staff", "--data-dir", data]) == 0
+    capsys.readouterr()
+    outputs = []
+    for folder in ("enrolled", "exported"):
+        assert main(["identify", str(tmp_path / folder), *probes, "--top-k", "3"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].count("top-3: ") == 4
+    # the same file again: one line, nothing imported twice
+    assert main(["serve-gallery", "import", str(tmp_path / "enrolled"), "--gallery", "staff", "--data-dir", data]) == 2
+    assert "already in the server's gallery 'staff': s31, s32, s33" in capsys.readouterr().err

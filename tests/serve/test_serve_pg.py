@@ -71,6 +71,8 @@ def test_two_servers_share_a_gallery_and_recover_from_a_postgres_restart(two_ser
                 assert r.status_code == 503, r.text
                 assert "unreachable" in r.json()["error"] and "\n" not in r.json()["error"]
             assert http.get("/healthz").status_code == 200  # the process itself is up
+            assert http.post("/v1/verify", files=[("image1", image(att_faces, 1)[1]),
+                                                  ("image2", image(att_faces, 2)[1])]).status_code == 200  # no store
     finally:
         postgres_server.start()
     # no server restart: the next requests succeed, and the servers see each other's writes again

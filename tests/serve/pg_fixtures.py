@@ -13,7 +13,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,6 +20,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from _serve_helpers import free_port
 
 START_TIMEOUT_S = 60  # a generous bound on a loaded 2-core machine; the loop ends as soon as it answers
 
@@ -32,12 +33,6 @@ def postgres_bindir() -> Path | None:
         return Path(found[-1]).parent
     on_path = shutil.which("postgres")
     return Path(on_path).parent if on_path and shutil.which("initdb") else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PostgresServer:

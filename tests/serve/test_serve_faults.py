@@ -8,7 +8,7 @@ import threading
 import httpx
 import pytest
 
-from server_process import ServerProcess
+from _serve_helpers import Server
 from siamkit.serve.store import open_store
 
 CLIENTS = 8
@@ -54,14 +54,16 @@ class Burst:
                     if len(self.acked) >= KILL_AFTER:
                         self.enough.set()
 
-    def run_until_killed(self, server: ServerProcess) -> None:
+    def run_until_killed(self, server: Server) -> None:
         for t in self.threads:
             t.start()
         reached = self.enough.wait(WAIT_S)
-        server.kill()
+        server.proc.kill()  # SIGKILL: no shutdown of any kind, as a crash or the OOM killer ends a process
+        server.proc.wait()
+        server.stop()  # (only closes its log now)
         for t in self.threads:
             t.join(timeout=WAIT_S)
-        assert reached, f"the burst did not reach {KILL_AFTER} enrolments: {self.errors[:3]} {server.output()}"
+        assert reached, f"the burst did not reach {KILL_AFTER} enrolments: {self.errors[:3]} {server.log.read_text()}"
 
 
 def gallery_by_identity(store_arg: str) -> dict[str, list[int]]:
@@ -78,20 +80,23 @@ def gallery_by_identity(store_arg: str) -> dict[str, list[int]]:
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def store_args(request, tmp_path) -> tuple[str, ...]:
+def store_args(request, tmp_path) -> tuple[tuple[str, ...], str]:
+    """The server's options after --data-dir tmp_path/data (which --db overrides), and the store they name."""
     if request.param == "sqlite":
-        return "--data-dir", str(tmp_path / "data")
-    return "--db", request.getfixturevalue("pg_dsn")
+        return (), str(tmp_path / "data")
+    dsn = request.getfixturevalue("pg_dsn")
+    return ("--db", dsn), dsn
 
 
 def test_sigkill_during_enrolments_keeps_every_acknowledged_one_and_no_partial(trained_run, att_faces, tmp_path,
                                                                                store_args):
-    server = ServerProcess(trained_run, tmp_path / "serve.log", *store_args)
+    options, store = store_args
+    server = Server(trained_run, tmp_path / "data", *options).start()
     burst = Burst(server.url, att_faces)
     burst.run_until_killed(server)
     assert burst.errors == [] and burst.failed, "the kill came while requests were in flight"
 
-    restarted = ServerProcess(trained_run, tmp_path / "serve.log", *store_args)
+    restarted = Server(trained_run, tmp_path / "data", *options).start()
     try:
         listed = httpx.get(f"{restarted.url}/v1/galleries/burst/identities", timeout=60).json()["identities"]
         counts = {row["identity"]: row["images"] for row in listed}
@@ -107,6 +112,6 @@ def test_sigkill_during_enrolments_keeps_every_acknowledged_one_and_no_partial(t
         assert again.status_code == 200
     finally:
         restarted.stop()
-    stored = gallery_by_identity(store_args[1])
+    stored = gallery_by_identity(store)
     for name, ids in burst.acked.items():
         assert stored[name] == ids  # exactly the image ids the server acknowledged

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from server_process import ServerProcess
+from _serve_helpers import Server
 
 WAIT_S = 30  # bound on a change crossing from one server to the other (a notification: milliseconds)
 
@@ -42,7 +42,7 @@ def identities(http: httpx.Client) -> dict[str, int]:
 
 @pytest.fixture
 def two_servers(trained_run, pg_dsn, tmp_path):
-    servers = [ServerProcess(trained_run, tmp_path / f"serve{i}.log", "--db", pg_dsn) for i in (1, 2)]
+    servers = [Server(trained_run, tmp_path / f"data{i}", "--db", pg_dsn).start() for i in (1, 2)]
     clients = [httpx.Client(base_url=s.url, timeout=60) for s in servers]
     yield clients
     for c in clients:

@@ -171,7 +171,7 @@ def test_concurrent_writers_replay_in_seq_order(store, pg_dsn):
 
 
 def test_unreachable_database_at_start_is_one_line(postgres_server):
-    from pg_fixtures import free_port
+    from _serve_helpers import free_port
 
     with pytest.raises(SiamkitError, match=r"unreachable .*start PostgreSQL, or fix --db") as e:
         PostgresStore(f"postgresql://postgres@127.0.0.1:{free_port()}/none")

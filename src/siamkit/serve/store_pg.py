@@ -22,7 +22,7 @@ from typing import TypeVar
 import numpy as np
 
 from ..errors import SiamkitError
-from .store import Change, ModelStamp, StoreUnavailable, refuse_other_model
+from .store_types import Change, ModelStamp, StoreUnavailable, refuse_other_model
 
 try:
     import psycopg

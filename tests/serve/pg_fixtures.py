@@ -24,6 +24,18 @@ import pytest
 from _serve_helpers import free_port
 
 START_TIMEOUT_S = 60  # a generous bound on a loaded 2-core machine; the loop ends as soon as it answers
+CROSSING_S = 30  # bound on a change crossing between connections or processes (a notification: milliseconds)
+
+
+def eventually(check, what: str, wait_s: float = CROSSING_S):
+    """Poll ``check`` until it returns a truthy value (bounded), for what crosses between connections: not instant."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"not within {wait_s} s: {what}")
 
 
 def postgres_bindir() -> Path | None:
@@ -106,7 +118,6 @@ def postgres_server():
     bindir = postgres_bindir()
     if bindir is None:
         pytest.skip("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/postgres): apt-get install postgresql")
-    pytest.importorskip("psycopg", reason="psycopg is not installed: pip install 'siamkit[serve]'")
     root = Path(tempfile.mkdtemp(prefix="skpg"))  # short: the socket path must stay under 107 characters
     try:
         server = PostgresServer(bindir, root)

@@ -9,7 +9,7 @@ import pytest
 from siamkit.errors import SiamkitError
 from siamkit.gallery import GALLERY_FILE, load_gallery, new_gallery, save_gallery
 from siamkit.serve.npz import export_npz, import_npz, stamp_of
-from siamkit.serve.store import ModelStamp, SqliteStore, StoreUnavailable
+from siamkit.serve.store import SqliteStore, StoreUnavailable
 
 DIM = 6
 PEOPLE = {"ann": 3, "bo": 1, "cy": 4}  # identity -> images

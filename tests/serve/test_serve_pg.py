@@ -3,25 +3,11 @@
 one-line 503 while it is down, the process stays up, and both recover by themselves when it is back."""
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 
 from _serve_helpers import Server
-
-WAIT_S = 30  # bound on a change crossing from one server to the other (a notification: milliseconds)
-
-
-def eventually(check, what: str):
-    """Poll ``check`` until it returns a truthy value, bounded: what crosses between processes is not instant."""
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"not within {WAIT_S} s: {what}")
+from pg_fixtures import eventually
 
 
 def image(att_faces, person: int, k: int = 1):

@@ -4,35 +4,22 @@ under concurrent writers, and StoreUnavailable while the database is down, then 
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
+import psycopg
 import pytest
 
-psycopg = pytest.importorskip("psycopg")
-
-from siamkit.errors import SiamkitError  # noqa: E402
-from siamkit.serve.store import ModelStamp, SqliteStore, StoreUnavailable  # noqa: E402
-from siamkit.serve.store_pg import PostgresStore  # noqa: E402
+from pg_fixtures import eventually
+from siamkit.errors import SiamkitError
+from siamkit.serve.store import ModelStamp, SqliteStore, StoreUnavailable
+from siamkit.serve.store_pg import PostgresStore
 
 DIM = 8
 STAMP = ModelStamp("run-a", DIM, "cosine", np.linspace(-1, 1, DIM, dtype=np.float32).tobytes())
-WAIT_S = 20  # bound on waiting for a notification to cross between connections (arrives in milliseconds)
 
 
 def vectors(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
-
-
-def eventually(check, what: str):
-    """Poll ``check`` until it returns a truthy value (bounded): for what crosses between connections."""
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.02)
-    raise AssertionError(f"not within {WAIT_S} s: {what}")
 
 
 def replay(store, gallery: str, state: dict, seq: int) -> int:

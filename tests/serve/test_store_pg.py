@@ -163,6 +163,9 @@ def test_unreachable_database_at_start_is_one_line(postgres_server):
     with pytest.raises(SiamkitError, match=r"unreachable .*start PostgreSQL, or fix --db") as e:
         PostgresStore(f"postgresql://postgres@127.0.0.1:{free_port()}/none")
     assert "\n" not in str(e.value)
+    with pytest.raises(SiamkitError, match=r"^--db is not a PostgreSQL connection URL \(invalid URI query") as e:
+        PostgresStore("postgresql://postgres:secret@127.0.0.1/db?nonsense=1")
+    assert "\n" not in str(e.value) and "secret" not in str(e.value)
 
 
 def test_restart_under_the_store_fails_cleanly_then_recovers(store, postgres_server):

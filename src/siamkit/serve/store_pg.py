@@ -64,8 +64,9 @@ def describe_dsn(dsn: str) -> str:
     """The database as a message names it: user@host:port/dbname, never the password."""
     try:
         p = conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError as e:
-        raise SiamkitError(f"--db {dsn!r} is not a PostgreSQL connection URL ({e}); use "
+    except psycopg.ProgrammingError as e:  # the URL itself is not echoed: it may hold a password
+        reason = (str(e).strip().splitlines() or ["unreadable"])[0]
+        raise SiamkitError(f"--db is not a PostgreSQL connection URL ({reason}); use "
                            f"postgresql://USER@HOST:PORT/DBNAME") from None
     user = f"{p['user']}@" if p.get("user") else ""
     return f"postgresql://{user}{p.get('host', 'localhost')}:{p.get('port', 5432)}/{p.get('dbname', '')}"

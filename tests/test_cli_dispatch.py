@@ -31,6 +31,7 @@ ARGV = {
     "identify": ["identify", "gallery", "probe.png"],
     "serve": ["serve", "RUN"],
     "serve-keys": ["serve-keys", "create", "--file", "keys.json"],
+    "serve-gallery": ["serve-gallery", "import", "gallery.npz", "--gallery", "staff"],
 }
 
 

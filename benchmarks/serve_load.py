@@ -1,0 +1,252 @@
+"""Load on `siamkit serve`: requests/s and p50/p99 latency of POST /v1/verify at 1, 4, 16 and 64 concurrent clients,
+with dynamic batching on (the server's defaults) and off (`--max-batch 1`); then identify's latency with 100,000
+embeddings enrolled.
+
+The load generator is an httpx + asyncio client in this process: each client sends its next request when the
+last one is answered (a closed loop, as a program waiting on the answer does), for a fixed time per level after a
+warm-up; latency is measured per request from send to answer. Every verify posts the same two AT&T photos
+(s1/1.pgm, s1/2.pgm) as multipart files. A server is started per model and batching setting, on 127.0.0.1 and a
+free port, with a fresh data directory, and stopped with SIGTERM.
+
+For identify, 100,000 synthetic unit vectors (one identity each, the model's dimension, seeded) are written into
+the gallery through the server's own store (siamkit.serve.store.open_store on the data directory, in
+transactions of 10,000) before the server starts, so the server builds its index from them as it does at any
+start; then one client identifies an AT&T photo (top-5) repeatedly.
+
+    PYTHONPATH=src siamkit train --out runs/att                       # the faces recipe's AT&T run (default settings)
+    PYTHONPATH=src python benchmarks/serve_load.py runs/att dlib      # the table of results/serve.md
+    PYTHONPATH=src python benchmarks/serve_load.py runs/att --clients 1 16 --seconds 3 --out -   # quick look
+
+The client shares the CPU with the server (2 cores here): at 64 clients part of what is measured is the client.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import REPO, data_root, describe_device  # noqa: E402
+
+GALLERY = "bench"
+START_TIMEOUT_S = 300  # the dlib model and a 100k gallery take a while to load on 2 busy cores
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(model: str, data_dir: Path, extra: list[str]):
+    """A `siamkit serve` subprocess on 127.0.0.1 and a free port, ready; yields its base URL; SIGTERM at the end."""
+    port = free_port()
+    log = open(data_dir / "server.log", "ab")
+    cmd = [sys.executable, "-m", "siamkit", "serve", model, "--port", str(port), "--data-dir", str(data_dir), *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, data_dir / "server.log")
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"siamkit serve exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    sys.exit(f"siamkit serve was not ready within {START_TIMEOUT_S} s:\n{log.read_text()[-2000:]}")
+
+
+async def closed_loop(client: httpx.AsyncClient, send, deadline: float, latencies: list[float], errors: list[str]):
+    """One client: the next request as soon as the last one is answered, until the deadline."""
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        response = await send(client)
+        if response.status_code != 200:
+            errors.append(f"{response.status_code} {response.text[:200]}")
+        latencies.append(time.perf_counter() - start)
+
+
+async def measure(url: str, send, clients: int, seconds: float, warmup: float) -> dict:
+    """requests/s, p50 and p99 (ms) of `clients` closed-loop clients over `seconds`, after `warmup` seconds."""
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+        for phase_seconds, keep in ((warmup, False), (seconds, True)):
+            latencies: list[float] = []
+            errors: list[str] = []
+            start = time.perf_counter()
+            deadline = start + phase_seconds
+            await asyncio.gather(*(closed_loop(client, send, deadline, latencies, errors) for _ in range(clients)))
+            elapsed = time.perf_counter() - start
+    if errors:
+        sys.exit(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    ms = np.array(latencies) * 1000
+    return {"requests": len(ms), "rps": len(ms) / elapsed, "p50": float(np.percentile(ms, 50)),
+            "p99": float(np.percentile(ms, 99))}
+
+
+def verify_sender(photos: list[bytes]):
+    files = [("image1", ("a.pgm", photos[0], "image/x-portable-graymap")),
+             ("image2", ("b.pgm", photos[1], "image/x-portable-graymap"))]
+
+    def send(client: httpx.AsyncClient):
+        return client.post("/v1/verify", files=files)
+    return send
+
+
+def identify_sender(photo: bytes):
+    def send(client: httpx.AsyncClient):
+        return client.post(f"/v1/galleries/{GALLERY}/identify", params={"k": 5},
+                           files=[("image", ("p.pgm", photo, "image/x-portable-graymap"))])
+    return send
+
+
+def verify_table(model: str, clients: list[int], seconds: float, warmup: float, photos: list[bytes]) -> list[dict]:
+    rows = []
+    for batching, extra in (("on", []), ("off", ["--max-batch", "1"])):
+        with tempfile.TemporaryDirectory() as tmp, server(model, Path(tmp), extra) as url:
+            for n in clients:
+                result = asyncio.run(measure(url, verify_sender(photos), n, seconds, warmup))
+                rows.append({"model": model, "batching": batching, "clients": n, **result})
+                print(row_text(rows[-1]), flush=True)
+    return rows
+
+
+def fill_gallery(model: str, data_dir: Path, size: int) -> None:
+    """`size` unit vectors, one identity each, written into the gallery through the server's store."""
+    import siamkit
+    from siamkit.serve.service import model_stamp
+    from siamkit.serve.store import open_store
+
+    verifier = siamkit.load(model)
+    stamp = model_stamp(verifier, model)
+    rng = np.random.default_rng(0)
+    store = open_store(str(data_dir))
+    try:
+        store.create_gallery(GALLERY, stamp)
+        for first in range(0, size, 10_000):
+            n = min(10_000, size - first)
+            vectors = rng.standard_normal((n, stamp.dim), dtype=np.float32)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            for i in range(n):  # one identity per vector; each enrol is one transaction of the store's
+                store.enroll(GALLERY, f"synthetic{first + i:06d}", vectors[i:i + 1], [f"synthetic {first + i}"])
+    finally:
+        store.close()
+
+
+def identify_row(model: str, size: int, seconds: float, warmup: float, photo: bytes) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        fill_gallery(model, Path(tmp), size)
+        fill_s = time.perf_counter() - started
+        with server(model, Path(tmp), []) as url:
+            result = asyncio.run(measure(url, identify_sender(photo), 1, seconds, warmup))
+    row = {"model": model, "enrolled": size, "fill_s": fill_s, **result}
+    print(f"identify at {size:,} enrolled ({model}): p50 {row['p50']:.1f} ms, p99 {row['p99']:.1f} ms, "
+          f"{row['rps']:.1f} requests/s (filling the store took {fill_s:.0f} s)", flush=True)
+    return row
+
+
+def row_text(r: dict) -> str:
+    return (f"| {r['model']} | {r['batching']} | {r['clients']} | {r['requests']:,} | {r['rps']:.1f} | "
+            f"{r['p50']:.1f} | {r['p99']:.1f} |")
+
+
+def ratios(rows: list[dict], clients: int) -> list[str]:
+    """Batching on / off requests/s per model at the given number of clients."""
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        by = {r["batching"]: r["rps"] for r in rows if r["model"] == model and r["clients"] == clients}
+        if {"on", "off"} <= by.keys():
+            lines.append(f"- {model}: batching on / off at {clients} clients = {by['on'] / by['off']:.2f}x "
+                         f"({by['on']:.1f} / {by['off']:.1f} requests/s)")
+    return lines
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=REPO, capture_output=True, text=True)
+        return out.stdout.strip() + (" (src modified)" if dirty.stdout.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+def report(args, rows: list[dict], ident: list[dict], load_before: tuple, load_after: tuple) -> str:
+    header = ["| model | batching | clients | requests | requests/s | p50 ms | p99 ms |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit()}",
+        f"CPU: {describe_device('cpu')}",
+        f"load average (1/5/15 min) before: {' '.join(f'{x:.2f}' for x in load_before)}, "
+        f"after: {' '.join(f'{x:.2f}' for x in load_after)}",
+        f"{args.seconds:g} s per level after {args.warmup:g} s of warm-up; server defaults except `--max-batch 1` "
+        "for batching off", "", *header, *(row_text(r) for r in rows), "", *ratios(rows, 16), "",
+        *(f"- identify (top-5) with {r['enrolled']:,} embeddings enrolled ({r['model']}): p50 {r['p50']:.1f} ms, "
+          f"p99 {r['p99']:.1f} ms over {r['requests']} requests from 1 client" for r in ident),
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+", help="runs or built-in model names to serve, e.g. runs/att dlib")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--seconds", type=float, default=8.0, help="measured seconds per level (default: 8)")
+    ap.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each level (default: 2)")
+    ap.add_argument("--identify-size", type=int, default=100_000,
+                    help="embeddings enrolled for identify's latency; 0 skips it (default: 100000)")
+    ap.add_argument("--identify-model", default=None, help="model of the identify measurement (default: the first)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve.md"),
+                    help="markdown file for the results (replaced), or - for stdout only")
+    args = ap.parse_args()
+    att = data_root() / "att_faces"
+    photos = [(att / "s1" / "1.pgm").read_bytes(), (att / "s1" / "2.pgm").read_bytes()]
+    load_before = os.getloadavg()
+    print(f"CPU: {describe_device('cpu')}; load average {load_before}", flush=True)
+    print("| model | batching | clients | requests | requests/s | p50 ms | p99 ms |", flush=True)
+    rows = [row for model in args.models for row in verify_table(model, args.clients, args.seconds, args.warmup, photos)]
+    print("\n".join(ratios(rows, 16)))
+    ident = []
+    if args.identify_size:
+        probe = (att / "s2" / "1.pgm").read_bytes()
+        ident.append(identify_row(args.identify_model or args.models[0], args.identify_size, args.seconds,
+                                  args.warmup, probe))
+    text = report(args, rows, ident, load_before, os.getloadavg())
+    if args.out != "-":
+        command = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
+        Path(args.out).write_text(f"# Serving under load (benchmarks/serve_load.py)\n\n`{command}`\n\n{text}\n")
+        print(f"-> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

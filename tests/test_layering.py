@@ -20,7 +20,7 @@ LAYERS = {
     "siamkit.accel": 2, "siamkit.kernel_choice": 2, "siamkit.winograd": 2, "siamkit.faces": 2, "siamkit.models": 2, "siamkit.losses": 2, "siamkit.batchnorm": 2,
     "siamkit.optimizers": 2,
     "siamkit.config": 3, "siamkit.eval": 3, "siamkit.verifier": 3, "siamkit.gallery": 3,
-    "siamkit.train": 4, "siamkit.api": 4, "siamkit.export": 4, "siamkit.exported": 4,
+    "siamkit.train": 4, "siamkit.api": 4, "siamkit.serve": 4, "siamkit.export": 4, "siamkit.exported": 4,
     "siamkit.cli": 5, "siamkit.__main__": 5, "siamkit": 5,
 }
 

@@ -93,6 +93,11 @@ class Verifier(VerifierBase):
                            shifts=self.shifts)
         return require_finite(emb, image_names(images))
 
+    def pixels(self, image) -> np.ndarray:
+        """uint8 [C, H, W] of one image as ``embed`` sees it (aligned first if the Verifier aligns): embed_pixels of
+        a stack of these equals embed of the images (what siamkit serve batches)."""
+        return self._to_uint8(image, self.align).numpy()
+
     def embed_pixels(self, pixels: np.ndarray | torch.Tensor, progress: bool = False) -> np.ndarray:
         """Embeddings [N, D] of uint8 pixels [N, C, H, W] at the model's size, with the run's views (flip, shifts),
         in chunks behind a progress bar (as ExportedVerifier.embed_pixels)."""

@@ -17,7 +17,7 @@ from .errors import SiamkitError
 from .eval.verification import MAX_GENUINE_PAIRS
 
 # Commands whose parser needs no PyTorch: an exported .onnx model verifies in an environment without it.
-TORCH_FREE_COMMANDS = ("verify", "identify", "embed")
+TORCH_FREE_COMMANDS = ("verify", "identify", "embed", "serve", "serve-keys")
 TRAIN_HELP = "train a Siamese network, then evaluate it on held-out identities"
 
 
@@ -330,6 +330,12 @@ def _evaluate_identification(args, model, ckpt, pre, device, out) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from .serve.command import serve, serve_keys
+
+    return serve(args) if args.command == "serve" else serve_keys(args)
+
+
 def _embed(args) -> int:
     from .exported import is_exported
     from .outputs import check_output_file, existing_inputs, run_inputs
@@ -519,7 +525,56 @@ def build_parser(torch_free: bool = False, train_start: TrainStart = TrainStart(
     _add_align_flag(p)
 
     _align_parser(sub)
+    _serve_parsers(sub)
     return parser
+
+
+def _serve_parsers(sub) -> None:
+    from .options import DefaultsHelpFormatter
+
+    p = sub.add_parser("serve", help="serve a model over HTTP: verify, embed, enroll and identify (needs: pip install "
+                                     "\"siamkit[serve]\")", formatter_class=DefaultsHelpFormatter)
+    p.add_argument("model", help="run folder, checkpoint file, exported .onnx file or built-in model (dlib)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; other than a loopback address only with "
+                                                      "--api-keys")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--data-dir", default="serve-data", help="folder of the galleries (galleries.sqlite)")
+    p.add_argument("--db", default=None, metavar="URL", help="postgresql://... to share galleries between servers "
+                                                              "(none: SQLite in --data-dir)")
+    p.add_argument("--max-batch", type=_at_least(1), default=32,
+                   help="images per forward pass at most, from concurrent requests (1 = batching off)")
+    p.add_argument("--max-wait-ms", type=_at_least(0, float), default=5.0,
+                   help="how long the first waiting image waits for others to join its batch")
+    p.add_argument("--api-keys", default=None, metavar="KEYS_FILE",
+                   help="require API keys from this file (siamkit serve-keys create); none = open, on loopback only")
+    p.add_argument("--cors", nargs="+", default=None, metavar="ORIGIN",
+                   help="allow browser pages from these origins to call the API (none = no CORS)")
+    p.add_argument("--max-upload-mb", type=_at_least(0.001, float), default=10.0, help="largest request body, in MB")
+    p.add_argument("--max-pixels", type=_at_least(1), default=40_000_000,
+                   help="largest image, in pixels, read from its header before decoding")
+    _add_align_flag(p)
+    p.add_argument("--ssl-certfile", default=None, help="TLS: the certificate (PEM), passed to uvicorn")
+    p.add_argument("--ssl-keyfile", default=None, help="TLS: its private key (PEM), passed to uvicorn")
+
+    p = sub.add_parser("serve-keys", help="manage the API keys of siamkit serve", formatter_class=DefaultsHelpFormatter)
+    p.add_argument("action", choices=("create",), help="create: add a key and print its token once")
+    p.add_argument("--file", required=True, help="the keys file (only hashes are stored; made if missing)")
+    p.add_argument("--scope", choices=("read", "write"), default="read",
+                   help="read: verify, embed, identify, list; write: also enroll and delete")
+
+
+def _at_least(low, kind=int):
+    """An argparse type: a ``kind`` number of at least ``low``, else one error line."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"{text} is below the least value, {low:g}")
+        return value
+
+    return parse
 
 
 def _evaluate_parser(sub, sources_help) -> None:
@@ -639,7 +694,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         return {"train": _train, "evaluate": _evaluate, "verify": _verify, "embed": _embed,
-                "export": _export, "enroll": _enroll, "identify": _identify, "align": _align}[args.command](args)
+                "export": _export, "enroll": _enroll, "identify": _identify, "align": _align,
+                "serve": _serve, "serve-keys": _serve}[args.command](args)
     except SiamkitError as e:
         print(f"siamkit: error: {e}", file=sys.stderr)
         return 2

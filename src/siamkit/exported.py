@@ -96,10 +96,14 @@ class ExportedVerifier(VerifierBase):
         """Embeddings [N, D] of image paths, PIL images, HxW(xC) arrays or CxHxW tensors (a model that reads dlib's
         face chips cuts them from the photos first, unless ``align`` is False: the images are chips already)."""
         names = image_names(images)
-        if self.reads_dlib_chips and align is not False:
-            images = [self._chip(im) for im in images]
-        emb = self.embed_pixels(np.stack([image_pixels(im, self.preprocess) for im in images]))
+        emb = self.embed_pixels(np.stack([self.pixels(im, align) for im in images]))
         return require_finite(emb, names)
+
+    def pixels(self, image, align: bool | None = None) -> np.ndarray:
+        """uint8 [C, H, W] of one image as ``embed`` sees it (a dlib chip cut first, unless ``align`` is False)."""
+        if self.reads_dlib_chips and align is not False:
+            image = self._chip(image)
+        return image_pixels(image, self.preprocess)
 
     def _chip(self, image):
         from .faces.folder import open_photo

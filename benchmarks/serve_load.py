@@ -24,13 +24,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,52 +35,11 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
+from _live_server import live_server  # noqa: E402  (the tests' server starter: one way to start and stop it)
 from machine import REPO, data_root, describe_device  # noqa: E402
 
 GALLERY = "bench"
-START_TIMEOUT_S = 300  # the dlib model and a 100k gallery take a while to load on 2 busy cores
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def server(model: str, data_dir: Path, extra: list[str]):
-    """A `siamkit serve` subprocess on 127.0.0.1 and a free port, ready; yields its base URL; SIGTERM at the end."""
-    port = free_port()
-    log = open(data_dir / "server.log", "ab")
-    cmd = [sys.executable, "-m", "siamkit", "serve", model, "--port", str(port), "--data-dir", str(data_dir), *extra]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc, data_dir / "server.log")
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"siamkit serve exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    sys.exit(f"siamkit serve was not ready within {START_TIMEOUT_S} s:\n{log.read_text()[-2000:]}")
 
 
 async def closed_loop(client: httpx.AsyncClient, send, deadline: float, latencies: list[float], errors: list[str]):
@@ -133,7 +89,7 @@ def identify_sender(photo: bytes):
 def verify_table(model: str, clients: list[int], seconds: float, warmup: float, photos: list[bytes]) -> list[dict]:
     rows = []
     for batching, extra in (("on", []), ("off", ["--max-batch", "1"])):
-        with tempfile.TemporaryDirectory() as tmp, server(model, Path(tmp), extra) as url:
+        with tempfile.TemporaryDirectory() as tmp, live_server(model, Path(tmp), *extra, threads=None) as url:
             for n in clients:
                 result = asyncio.run(measure(url, verify_sender(photos), n, seconds, warmup))
                 rows.append({"model": model, "batching": batching, "clients": n, **result})
@@ -169,7 +125,7 @@ def identify_row(model: str, size: int, seconds: float, warmup: float, photo: by
         started = time.perf_counter()
         fill_gallery(model, Path(tmp), size)
         fill_s = time.perf_counter() - started
-        with server(model, Path(tmp), []) as url:
+        with live_server(model, Path(tmp), threads=None) as url:
             result = asyncio.run(measure(url, identify_sender(photo), 1, seconds, warmup))
     row = {"model": model, "enrolled": size, "fill_s": fill_s, **result}
     print(f"identify at {size:,} enrolled ({model}): p50 {row['p50']:.1f} ms, p99 {row['p99']:.1f} ms, "

@@ -1,4 +1,5 @@
-"""A real `siamkit serve` for the tests: a subprocess on 127.0.0.1 and a free port, stopped with SIGTERM."""
+"""A real `siamkit serve` for the tests (and benchmarks/serve_load.py): a subprocess on 127.0.0.1 and a free port,
+stopped with SIGTERM."""
 from __future__ import annotations
 
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[2]
-START_TIMEOUT_S = 120  # loading torch and the model on a busy 2-core machine
+START_TIMEOUT_S = 300  # a ceiling: loading torch and a model (dlib) on a busy 2-core machine
 
 
 def free_port() -> int:
@@ -23,13 +24,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(model: str | Path, data_dir: Path, *options: str):
-    """Yields the base URL of `siamkit serve MODEL --data-dir DATA_DIR OPTIONS` once /readyz answers 200."""
+def live_server(model: str | Path, data_dir: Path, *options: str, threads: int | None = 1):
+    """Yields the base URL of `siamkit serve MODEL --data-dir DATA_DIR OPTIONS` once /readyz answers 200; the
+    server runs on ``threads`` OpenMP threads (None: torch's default, one per core)."""
     port = free_port()
     log_path = data_dir / "server.log"
     data_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("OMP_NUM_THREADS", None)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "siamkit", "serve", str(model), "--host", "127.0.0.1",
                                  "--port", str(port), "--data-dir", str(data_dir), *options],

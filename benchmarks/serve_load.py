@@ -1,6 +1,6 @@
 """Load on `siamkit serve`: requests/s and p50/p99 latency of POST /v1/verify at 1, 4, 16 and 64 concurrent clients,
 with dynamic batching on (the server's defaults) and off (`--max-batch 1`); then identify's latency with 100,000
-embeddings enrolled.
+embeddings enrolled, beside 100 (the difference is the search's share; the rest is the probe's forward pass).
 
 The load generator is an httpx + asyncio client in this process: each client sends its next request when the
 last one is answered (a closed loop, as a program waiting on the answer does), for a fixed time per level after a
@@ -8,10 +8,11 @@ warm-up; latency is measured per request from send to answer. Every verify posts
 (s1/1.pgm, s1/2.pgm) as multipart files. A server is started per model and batching setting, on 127.0.0.1 and a
 free port, with a fresh data directory, and stopped with SIGTERM.
 
-For identify, 100,000 synthetic unit vectors (one identity each, the model's dimension, seeded) are enrolled into
-the gallery through the server's own store (siamkit.serve.store.SqliteStore in the data directory, one enrolment
-per vector as the API makes them, with SQLite's fsync turned off for the fill) before the server starts, so the
-server builds its live index from them as at any start; then one client identifies an AT&T photo (top-5) repeatedly.
+For identify, 100,000 (and 100) synthetic unit vectors (one identity each, the model's dimension, seeded) are
+enrolled into the gallery through the server's own store (siamkit.serve.store.SqliteStore in the data directory,
+one enrolment per vector as the API makes them, with SQLite's fsync turned off for the fill) before the server
+starts, so the server builds its live index from them as at any start; then one client identifies an AT&T photo
+(top-5) repeatedly.
 
     PYTHONPATH=src siamkit train --out runs/att                       # the faces recipe's AT&T run (default settings)
     PYTHONPATH=src python benchmarks/serve_load.py runs/att dlib      # the table of results/serve.md
@@ -179,8 +180,9 @@ def main() -> int:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--seconds", type=float, default=8.0, help="measured seconds per level (default: 8)")
     ap.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each level (default: 2)")
-    ap.add_argument("--identify-size", type=int, default=100_000,
-                    help="embeddings enrolled for identify's latency; 0 skips it (default: 100000)")
+    ap.add_argument("--identify-sizes", type=int, nargs="*", default=[100, 100_000],
+                    help="embeddings enrolled for identify's latency, each a fresh gallery; none skips it "
+                         "(default: 100 100000: the search's share is the difference)")
     ap.add_argument("--identify-model", default=None, help="model of the identify measurement (default: the first)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve.md"),
                     help="markdown file for the results (replaced), or - for stdout only")
@@ -193,10 +195,9 @@ def main() -> int:
     rows = [row for model in args.models for row in verify_table(model, args.clients, args.seconds, args.warmup, photos)]
     print("\n".join(ratios(rows, 16)))
     ident = []
-    if args.identify_size:
-        probe = (att / "s2" / "1.pgm").read_bytes()
-        ident.append(identify_row(args.identify_model or args.models[0], args.identify_size, args.seconds,
-                                  args.warmup, probe))
+    probe = (att / "s2" / "1.pgm").read_bytes()
+    for size in args.identify_sizes:
+        ident.append(identify_row(args.identify_model or args.models[0], size, args.seconds, args.warmup, probe))
     text = report(args, rows, ident, load_before, os.getloadavg())
     if args.out != "-":
         command = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])

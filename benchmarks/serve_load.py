@@ -41,6 +41,7 @@ from _live_server import live_server  # noqa: E402  (the tests' server starter: 
 from machine import REPO, data_root, describe_device  # noqa: E402
 
 GALLERY = "bench"
+TABLE_HEADER = "| model | batching | clients | requests | requests/s | p50 ms | p99 ms |"
 
 
 async def closed_loop(client: httpx.AsyncClient, send, deadline: float, latencies: list[float], errors: list[str]):
@@ -160,7 +161,7 @@ def commit() -> str:
 
 
 def report(args, rows: list[dict], ident: list[dict], load_before: tuple, load_after: tuple) -> str:
-    header = ["| model | batching | clients | requests | requests/s | p50 ms | p99 ms |", "|---|---|---:|---:|---:|---:|---:|"]
+    header = [TABLE_HEADER, "|---|---|---:|---:|---:|---:|---:|"]
     lines = [
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit()}",
         f"CPU: {describe_device('cpu')}",
@@ -191,8 +192,9 @@ def main() -> int:
     photos = [(att / "s1" / "1.pgm").read_bytes(), (att / "s1" / "2.pgm").read_bytes()]
     load_before = os.getloadavg()
     print(f"CPU: {describe_device('cpu')}; load average {load_before}", flush=True)
-    print("| model | batching | clients | requests | requests/s | p50 ms | p99 ms |", flush=True)
-    rows = [row for model in args.models for row in verify_table(model, args.clients, args.seconds, args.warmup, photos)]
+    print(TABLE_HEADER, flush=True)
+    rows = [row for model in args.models
+            for row in verify_table(model, args.clients, args.seconds, args.warmup, photos)]
     print("\n".join(ratios(rows, 16)))
     ident = []
     probe = (att / "s2" / "1.pgm").read_bytes()

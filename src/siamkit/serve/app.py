@@ -194,6 +194,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e: StarletteHTTPException):
+        if e.status_code in (404, 405) and e.detail in ("Not Found", "Method Not Allowed"):
+            return error(e.status_code, f"no {request.method} {ascii(request.url.path)[1:-1][:200]} in this API; "
+                                        f"its paths are listed at /openapi.json")
         return error(e.status_code, str(e.detail))
 
     @app.exception_handler(RequestValidationError)

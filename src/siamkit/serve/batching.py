@@ -36,6 +36,7 @@ class Batcher:
         self.jobs: queue.Queue = queue.Queue()
         self.carried: _Job | None = None  # a job that did not fit the last batch: it opens the next one
         self.batch_sizes: Counter = Counter()  # images per forward pass -> how many passes
+        self.waiting = 0  # images queued, not yet embedded
         self.stats_lock = threading.Lock()
         self.thread = threading.Thread(target=self._work, name="siamkit-batcher", daemon=True)
         self.thread.start()
@@ -44,13 +45,17 @@ class Batcher:
         """Embeddings [n, D] of ``pixels`` [n, C, H, W], computed with whatever other requests are waiting."""
         loop = asyncio.get_running_loop()
         job = _Job(np.asarray(pixels), loop, loop.create_future())
+        with self.stats_lock:
+            self.waiting += len(job.pixels)
         self.jobs.put(job)
         return await job.future
 
     def stats(self) -> dict:
         with self.stats_lock:
             sizes = dict(sorted(self.batch_sizes.items()))
+            waiting = self.waiting
         return {"forward_passes": sum(sizes.values()), "images": sum(k * v for k, v in sizes.items()),
+                "waiting_images": waiting,
                 "batch_sizes": {str(k): v for k, v in sizes.items()}, "max_batch": self.max_batch,
                 "max_wait_ms": self.max_wait * 1000.0}
 
@@ -97,6 +102,8 @@ class Batcher:
 
     def _run(self, batch: list[_Job]) -> None:
         pixels = np.concatenate([job.pixels for job in batch])
+        with self.stats_lock:
+            self.waiting -= len(pixels)
         try:
             rows = self.embed(pixels)
         except BaseException as e:  # every waiting request hears of it; the worker keeps serving

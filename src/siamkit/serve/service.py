@@ -53,6 +53,7 @@ class Service:
         self.indexes: dict[str, LiveIndex] = {}
         self.refused: dict[str, str] = {}  # gallery -> why this model may not serve it
         self.lock = threading.Lock()
+        self.align_lock = threading.Lock()  # dlib's detector and landmarker are not documented as thread-safe
         for gallery in store.galleries():  # said once at start; each request to such a gallery is refused too
             try:
                 self._check_model(gallery)
@@ -68,6 +69,9 @@ class Service:
     def _pixels(self, upload: Upload) -> np.ndarray:
         image = decode_upload(upload.data, upload.field, self.max_pixels, for_align=self.align)
         try:
+            if self.align:
+                with self.align_lock:
+                    return self.verifier.pixels(image)
             return self.verifier.pixels(image)
         except SiamkitError as e:  # e.g. no face found with --align: name the field, not "the image"
             raise RequestError(f"{upload.field}: {e}", 422) from None

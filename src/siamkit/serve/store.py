@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -83,6 +84,15 @@ CREATE INDEX IF NOT EXISTS changes_by_gallery ON changes (gallery, seq);
 """
 
 
+@contextmanager
+def _reachable(path: Path):
+    """sqlite3's "database is locked" / "disk I/O error" -> StoreUnavailable (503: retry), not a server error."""
+    try:
+        yield
+    except sqlite3.OperationalError as e:
+        raise StoreUnavailable(f"SQLite {path.name}: {e}") from e
+
+
 class SqliteStore:
     """The Store in one SQLite file. One connection shared by the server's threads under a lock: SQLite serialises
     writers anyway, and a gallery's reads are a few milliseconds."""
@@ -102,7 +112,7 @@ class SqliteStore:
 
     def _write(self, work):
         """Run ``work(cursor)`` in one transaction: all its statements take effect, or none."""
-        with self.lock:
+        with self.lock, _reachable(self.path):
             cur = self.db.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
@@ -114,7 +124,7 @@ class SqliteStore:
                 raise
 
     def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self.lock:
+        with self.lock, _reachable(self.path):
             return self.db.execute(sql, args).fetchall()
 
     def create_gallery(self, gallery: str, model: ModelStamp) -> None:
@@ -176,7 +186,7 @@ class SqliteStore:
             "SELECT identity, COUNT(*) FROM images WHERE gallery = ? GROUP BY identity ORDER BY identity", (gallery,))]
 
     def rows(self, gallery: str) -> tuple[np.ndarray, list[str], np.ndarray, int]:
-        with self.lock:  # the rows and the sequence read in one transaction: no change falls between them
+        with self.lock, _reachable(self.path):  # rows and sequence in one transaction: no change falls between
             cur = self.db.cursor()
             cur.execute("BEGIN")
             try:
@@ -196,7 +206,7 @@ class SqliteStore:
         return 0 if stamp is None else stamp.dim
 
     def changes_since(self, gallery: str, seq: int) -> tuple[list[Change], int]:
-        with self.lock:
+        with self.lock, _reachable(self.path):
             cur = self.db.cursor()
             cur.execute("BEGIN")
             try:

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,11 +38,21 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
-from _live_server import live_server  # noqa: E402  (the tests' server starter: one way to start and stop it)
+from _serve_helpers import Server  # noqa: E402  (the tests' server starter: one way to start and stop one)
 from machine import REPO, data_root, describe_device  # noqa: E402
 
 GALLERY = "bench"
 TABLE_HEADER = "| model | batching | clients | requests | requests/s | p50 ms | p99 ms |"
+
+
+@contextmanager
+def serving(model: str, data_dir: Path, *options: str):
+    """The base URL of a `siamkit serve` on 127.0.0.1 with torch's default threads (one per core), as a user runs it."""
+    server = Server(model, data_dir, *options, threads=None).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 async def closed_loop(client: httpx.AsyncClient, send, deadline: float, latencies: list[float], errors: list[str]):
@@ -91,7 +102,7 @@ def identify_sender(photo: bytes):
 def verify_table(model: str, clients: list[int], seconds: float, warmup: float, photos: list[bytes]) -> list[dict]:
     rows = []
     for batching, extra in (("on", []), ("off", ["--max-batch", "1"])):
-        with tempfile.TemporaryDirectory() as tmp, live_server(model, Path(tmp), *extra, threads=None) as url:
+        with tempfile.TemporaryDirectory() as tmp, serving(model, Path(tmp) / "data", *extra) as url:
             for n in clients:
                 result = asyncio.run(measure(url, verify_sender(photos), n, seconds, warmup))
                 rows.append({"model": model, "batching": batching, "clients": n, **result})
@@ -125,9 +136,9 @@ def fill_gallery(model: str, data_dir: Path, size: int) -> None:
 def identify_row(model: str, size: int, seconds: float, warmup: float, photo: bytes) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        fill_gallery(model, Path(tmp), size)
+        fill_gallery(model, Path(tmp) / "data", size)
         fill_s = time.perf_counter() - started
-        with live_server(model, Path(tmp), threads=None) as url:
+        with serving(model, Path(tmp) / "data") as url:
             result = asyncio.run(measure(url, identify_sender(photo), 1, seconds, warmup))
     row = {"model": model, "enrolled": size, "fill_s": fill_s, **result}
     print(f"identify at {size:,} enrolled ({model}): p50 {row['p50']:.1f} ms, p99 {row['p99']:.1f} ms, "

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import siamkit
-from _live_server import live_server
+from _serve_helpers import Server
 
 pytest.importorskip("fastapi")
 
@@ -42,8 +42,9 @@ async def timed(latencies: list[float], request):
 
 @pytest.fixture(scope="module")
 def server(trained_run, tmp_path_factory):
-    with live_server(trained_run, tmp_path_factory.mktemp("serve_load")) as url:
-        yield url
+    running = Server(trained_run, tmp_path_factory.mktemp("serve_load") / "data").start()
+    yield running.url
+    running.stop()
 
 
 def test_16_clients_x_200_verify_requests_all_answered_with_their_own_scores(server, trained_run, att_faces,

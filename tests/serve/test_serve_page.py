@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import siamkit
-from _live_server import live_server
+from _serve_helpers import Server
 
 pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -43,8 +43,9 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server(trained_run, tmp_path_factory):
-    with live_server(trained_run, tmp_path_factory.mktemp("serve_page")) as url:
-        yield url
+    running = Server(trained_run, tmp_path_factory.mktemp("serve_page") / "data").start()
+    yield running.url
+    running.stop()
 
 
 def shown_png(page, selector: str) -> np.ndarray:
@@ -129,7 +130,9 @@ def test_the_page_sends_the_api_key_typed_into_it(browser, trained_run, att_face
     created = cli("serve-keys", "create", "--file", str(keys), "--scope", "read")
     assert created.returncode == 0, created.stderr
     token = created.stdout.strip()
-    with live_server(trained_run, tmp_path / "data", "--api-keys", str(keys)) as url:
+    keyed = Server(trained_run, tmp_path / "data", "--api-keys", str(keys)).start()
+    try:
+        url = keyed.url
         page = browser.new_page()
         page.goto(url + "/")
         page.set_input_files("#image1", str(att_faces / "s7" / "1.pgm"))
@@ -143,3 +146,5 @@ def test_the_page_sends_the_api_key_typed_into_it(browser, trained_run, att_face
         page.wait_for_selector("#verify-result:not([hidden])", timeout=60_000)
         assert page.text_content("#decision") in ("same", "different") and page.locator("#error").is_hidden()
         page.close()
+    finally:
+        keyed.stop()

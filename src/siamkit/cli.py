@@ -17,7 +17,7 @@ from .errors import SiamkitError
 from .eval.verification import MAX_GENUINE_PAIRS
 
 # Commands whose parser needs no PyTorch: an exported .onnx model verifies in an environment without it.
-TORCH_FREE_COMMANDS = ("verify", "identify", "embed", "serve", "serve-keys")
+TORCH_FREE_COMMANDS = ("verify", "identify", "embed", "serve", "serve-keys", "serve-gallery")
 TRAIN_HELP = "train a Siamese network, then evaluate it on held-out identities"
 
 
@@ -336,6 +336,12 @@ def _serve(args) -> int:
     return serve(args) if args.command == "serve" else serve_keys(args)
 
 
+def _serve_gallery(args) -> int:
+    from .serve.npz import serve_gallery
+
+    return serve_gallery(args)
+
+
 def _embed(args) -> int:
     from .exported import is_exported
     from .outputs import check_output_file, existing_inputs, run_inputs
@@ -526,7 +532,25 @@ def build_parser(torch_free: bool = False, train_start: TrainStart = TrainStart(
 
     _align_parser(sub)
     _serve_parsers(sub)
+    _serve_gallery_parser(sub)
     return parser
+
+
+def _serve_gallery_parser(sub) -> None:
+    from .options import DefaultsHelpFormatter
+
+    p = sub.add_parser("serve-gallery", formatter_class=DefaultsHelpFormatter,
+                       help="import a siamkit enroll gallery.npz into a server's gallery, or export one to a "
+                            "gallery.npz for siamkit identify")
+    p.add_argument("action", choices=("import", "export"))
+    p.add_argument("file", metavar="GALLERY",
+                   help="import: a gallery.npz or its folder; export: a folder (FOLDER/gallery.npz)")
+    p.add_argument("--gallery", required=True, help="the server's gallery (as in /v1/galleries/GALLERY/...)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--data-dir", default="serve-data", help="the server's folder of galleries (galleries.sqlite)")
+    where.add_argument("--db", default=None, metavar="URL", help="the server's postgresql://... (instead of --data-dir)")
+    p.add_argument("--skip-existing", action="store_true", help="import: leave out identities already in the gallery")
+    _add_force_flag(p, "export: replace FOLDER/gallery.npz")
 
 
 def _serve_parsers(sub) -> None:
@@ -695,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         return {"train": _train, "evaluate": _evaluate, "verify": _verify, "embed": _embed,
                 "export": _export, "enroll": _enroll, "identify": _identify, "align": _align,
-                "serve": _serve, "serve-keys": _serve}[args.command](args)
+                "serve": _serve, "serve-keys": _serve, "serve-gallery": _serve_gallery}[args.command](args)
     except SiamkitError as e:
         print(f"siamkit: error: {e}", file=sys.stderr)
         return 2

@@ -18,7 +18,8 @@ starts, so the server builds its live index from them as at any start; then one 
     PYTHONPATH=src python benchmarks/serve_load.py runs/att dlib      # the table of results/serve.md
     PYTHONPATH=src python benchmarks/serve_load.py runs/att --clients 1 16 --seconds 3 --out -   # quick look
 
-The client shares the CPU with the server (2 cores here): at 64 clients part of what is measured is the client.
+The client shares the CPU with the server (2 cores here): at 64 clients part of what is measured is the client. The
+server runs its model on one OpenMP thread by default (--server-threads), leaving the other core to the client.
 """
 from __future__ import annotations
 
@@ -45,10 +46,13 @@ GALLERY = "bench"
 TABLE_HEADER = "| model | batching | clients | requests | requests/s | p50 ms | p99 ms |"
 
 
+SERVER_THREADS = 1  # set by --server-threads
+
+
 @contextmanager
 def serving(model: str, data_dir: Path, *options: str):
-    """The base URL of a `siamkit serve` on 127.0.0.1 with torch's default threads (one per core), as a user runs it."""
-    server = Server(model, data_dir, *options, threads=None).start()
+    """The base URL of a `siamkit serve` on 127.0.0.1 with SERVER_THREADS OpenMP threads (None: torch's default)."""
+    server = Server(model, data_dir, *options, threads=SERVER_THREADS).start()
     try:
         yield server.url
     finally:
@@ -179,7 +183,7 @@ def report(args, rows: list[dict], ident: list[dict], load_before: tuple, load_a
         f"load average (1/5/15 min) before: {' '.join(f'{x:.2f}' for x in load_before)}, "
         f"after: {' '.join(f'{x:.2f}' for x in load_after)}",
         f"{args.seconds:g} s per level after {args.warmup:g} s of warm-up; server defaults except `--max-batch 1` "
-        "for batching off", "", *header, *(row_text(r) for r in rows), "", *ratios(rows, 16), "",
+        f"for batching off; server OpenMP threads: {args.server_threads or 'torch default'}", "", *header, *(row_text(r) for r in rows), "", *ratios(rows, 16), "",
         *(f"- identify (top-5) with {r['enrolled']:,} embeddings enrolled ({r['model']}): p50 {r['p50']:.1f} ms, "
           f"p99 {r['p99']:.1f} ms over {r['requests']} requests from 1 client" for r in ident),
     ]
@@ -196,9 +200,14 @@ def main() -> int:
                     help="embeddings enrolled for identify's latency, each a fresh gallery; none skips it "
                          "(default: 100 100000: the search's share is the difference)")
     ap.add_argument("--identify-model", default=None, help="model of the identify measurement (default: the first)")
+    ap.add_argument("--server-threads", type=int, default=1,
+                    help="OpenMP threads of the server; 0: torch's default, one per core (default: 1: on 2 cores "
+                         "the other is the load generator's, and two OpenMP threads sharing a busy core spin-wait)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve.md"),
                     help="markdown file for the results (replaced), or - for stdout only")
     args = ap.parse_args()
+    global SERVER_THREADS
+    SERVER_THREADS = args.server_threads or None
     att = data_root() / "att_faces"
     photos = [(att / "s1" / "1.pgm").read_bytes(), (att / "s1" / "2.pgm").read_bytes()]
     load_before = os.getloadavg()

@@ -150,6 +150,40 @@ def identify_row(model: str, size: int, seconds: float, warmup: float, photo: by
     return row
 
 
+def model_costs(model: str, photo: Path, threads: int | None) -> str:
+    """Where a verify's time goes, in this process on the server's thread count: one image to the model's input
+    (decoding, and for dlib finding and cutting the face chip: not batched), and the forward pass of 2 images (one
+    verify) against 32 (a full batch), best of several."""
+    import torch
+    from PIL import Image
+
+    import siamkit
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    verifier = siamkit.load(model)
+    with Image.open(photo) as im:
+        im.load()
+        pixels = verifier.pixels(im)
+
+        def best(work, reps: int) -> float:
+            work()
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                work()
+                times.append(time.perf_counter() - start)
+            return min(times) * 1000
+
+        to_input = best(lambda: verifier.pixels(im), 10)
+    two = best(lambda: verifier.embed_pixels(np.repeat(pixels[None], 2, 0)), 10)
+    full = best(lambda: verifier.embed_pixels(np.repeat(pixels[None], 32, 0)), 3)
+    torch.set_num_threads(before)
+    return (f"- {model} ({torch.get_num_threads() if threads is None else threads} thread(s)): image -> model input "
+            f"{to_input:.1f} ms; forward pass of 2 images {two:.1f} ms ({two / 2:.1f} ms/image), of 32 {full:.1f} ms "
+            f"({full / 32:.1f} ms/image)")
+
+
 def row_text(r: dict) -> str:
     return (f"| {r['model']} | {r['batching']} | {r['clients']} | {r['requests']:,} | {r['rps']:.1f} | "
             f"{r['p50']:.1f} | {r['p99']:.1f} |")
@@ -175,7 +209,7 @@ def commit() -> str:
         return "unknown"
 
 
-def report(args, rows: list[dict], ident: list[dict], load_before: tuple, load_after: tuple) -> str:
+def report(args, rows: list[dict], ident: list[dict], costs: list[str], load_before: tuple, load_after: tuple) -> str:
     header = [TABLE_HEADER, "|---|---|---:|---:|---:|---:|---:|"]
     lines = [
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit()}",
@@ -186,6 +220,7 @@ def report(args, rows: list[dict], ident: list[dict], load_before: tuple, load_a
         f"for batching off; server OpenMP threads: {args.server_threads or 'torch default'}", "", *header, *(row_text(r) for r in rows), "", *ratios(rows, 16), "",
         *(f"- identify (top-5) with {r['enrolled']:,} embeddings enrolled ({r['model']}): p50 {r['p50']:.1f} ms, "
           f"p99 {r['p99']:.1f} ms over {r['requests']} requests from 1 client" for r in ident),
+        "", "Where a verify's time goes (in one process, no HTTP):", *costs,
     ]
     return "\n".join(lines)
 
@@ -203,6 +238,7 @@ def main() -> int:
     ap.add_argument("--server-threads", type=int, default=1,
                     help="OpenMP threads of the server; 0: torch's default, one per core (default: 1: on 2 cores "
                          "the other is the load generator's, and two OpenMP threads sharing a busy core spin-wait)")
+    ap.add_argument("--costs-only", action="store_true", help="only the in-process cost lines, no server")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve.md"),
                     help="markdown file for the results (replaced), or - for stdout only")
     args = ap.parse_args()
@@ -212,6 +248,10 @@ def main() -> int:
     photos = [(att / "s1" / "1.pgm").read_bytes(), (att / "s1" / "2.pgm").read_bytes()]
     load_before = os.getloadavg()
     print(f"CPU: {describe_device('cpu')}; load average {load_before}", flush=True)
+    costs = [model_costs(model, att / "s1" / "1.pgm", SERVER_THREADS) for model in args.models]
+    print("\n".join(costs), flush=True)
+    if args.costs_only:
+        return 0
     print(TABLE_HEADER, flush=True)
     rows = [row for model in args.models
             for row in verify_table(model, args.clients, args.seconds, args.warmup, photos)]
@@ -220,7 +260,7 @@ def main() -> int:
     probe = (att / "s2" / "1.pgm").read_bytes()
     for size in args.identify_sizes:
         ident.append(identify_row(args.identify_model or args.models[0], size, args.seconds, args.warmup, probe))
-    text = report(args, rows, ident, load_before, os.getloadavg())
+    text = report(args, rows, ident, costs, load_before, os.getloadavg())
     if args.out != "-":
         command = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
         Path(args.out).write_text(f"# Serving under load (benchmarks/serve_load.py)\n\n`{command}`\n\n{text}\n")

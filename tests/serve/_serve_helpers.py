@@ -75,7 +75,8 @@ class Server:
         return code
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None and httpx.get(self.url + "/healthz").status_code == 200
+        running = self.proc is not None and self.proc.poll() is None
+        return running and httpx.get(self.url + "/healthz").status_code == 200
 
     def client(self, **headers: str) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers=headers, timeout=60)

@@ -74,11 +74,11 @@ def test_a_failed_pass_fails_its_requests_only():
     batcher = Batcher(model, max_batch=2, max_wait_ms=LONG_WAIT_MS)
     try:
         first = asyncio.run(submit_all(batcher, [images(1), images(2)]))
-        second = asyncio.run(submit_all(batcher, [images(3)]))
+        second = asyncio.run(submit_all(batcher, [images(3, 3)]))  # a full batch: no wait
     finally:
         batcher.close()
     assert all(isinstance(e, RuntimeError) for e in first)
-    assert second[0][0, 0] == 12
+    assert second[0][:, 0].tolist() == [12, 12]
 
 
 def test_stats_count_passes_by_size():

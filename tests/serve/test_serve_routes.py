@@ -46,8 +46,9 @@ def png(colour) -> bytes:
 
 
 def make_client(tmp_path, **options) -> TestClient:
-    service = Service(MeanColourModel(), "mean-colour", open_store(tmp_path), Batcher(MeanColourModel().embed_pixels,
-                                                                                       max_batch=4, max_wait_ms=1), 10**7)
+    model = MeanColourModel()
+    batcher = Batcher(model.embed_pixels, max_batch=4, max_wait_ms=1)
+    service = Service(model, "mean-colour", open_store(tmp_path), batcher, 10**7)
     return TestClient(create_app(service, **options), raise_server_exceptions=False)
 
 

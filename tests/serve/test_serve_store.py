@@ -138,3 +138,38 @@ def test_live_index_of_an_empty_gallery_finds_nobody(store):
     assert index.search(vectors([1, 0, 0, 0]), 3) == [[]]
     store.enroll("g", "ann", vectors([1, 0, 0, 0]), ["a"])
     assert index.search(vectors([1, 0, 0, 0]), 3)[0][0][0] == "ann"
+
+
+def test_live_index_stays_equal_to_the_store_under_concurrent_writes(tmp_path):
+    """Writers enrol and delete while readers refresh: afterwards the index holds exactly the store's rows."""
+    import threading
+
+    s = open_store(tmp_path)
+    s.create_gallery("g", stamp())
+    index = LiveIndex(s, "g", "cosine")
+    rng = np.random.default_rng(1)
+
+    def writer(w: int) -> None:
+        for i in range(40):
+            ids = s.enroll("g", f"w{w}-{i % 5}", rng.normal(size=(2, DIM)).astype(np.float32), ["a", "b"])
+            if i % 3 == 0:
+                s.delete_image("g", ids[0])
+            if i % 7 == 0:
+                s.delete_identity("g", f"w{w}-{i % 5}")
+
+    def reader() -> None:
+        for _ in range(60):
+            index.refresh()
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)] + [threading.Thread(target=reader)
+                                                                                for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    index.refresh()
+    ids, names, embeddings, _ = s.rows("g")
+    assert sorted(index.rows) == ids.tolist()
+    assert [index.rows[i][0] for i in ids.tolist()] == names
+    np.testing.assert_array_equal(np.stack([index.rows[i][1] for i in ids.tolist()]), embeddings)
+    s.close()

@@ -70,7 +70,8 @@ class Batcher:
         deadline = time.monotonic() + self.max_wait
         while images < self.max_batch:
             try:
-                job = self.jobs.get(timeout=max(deadline - time.monotonic(), 0)) if self.max_wait else self.jobs.get_nowait()
+                left = deadline - time.monotonic()
+                job = self.jobs.get(timeout=left) if left > 0 else self.jobs.get_nowait()
             except queue.Empty:
                 break
             if job is _STOP:

@@ -75,12 +75,17 @@ def serve(args: argparse.Namespace) -> int:
         raise SiamkitError('siamkit serve needs FastAPI and uvicorn: pip install "siamkit[serve]"') from None
     from .app import create_app
     from .keys import KeyRing
+    from .store import StoreUnavailable
 
     keys = KeyRing.read(args.api_keys) if args.api_keys else None
     check_host(args.host, keys is not None)
     check_tls(args.ssl_certfile, args.ssl_keyfile)
     check_port_free(args.host, args.port)
-    service = build_service(args)
+    try:
+        service = build_service(args)
+    except StoreUnavailable as e:
+        raise SiamkitError(f"the gallery store {args.db or args.data_dir} is unreachable ({e}); start it, or check "
+                           f"--db") from None
     app = create_app(service, keys=keys, cors=args.cors, max_upload_mb=args.max_upload_mb)
     scheme = "https" if args.ssl_certfile else "http"
     info(f"serving {args.model} on {scheme}://{args.host}:{args.port} (store: "

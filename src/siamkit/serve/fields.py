@@ -82,10 +82,12 @@ async def _json(request, files: tuple[str, ...]) -> Fields:
         if name in files:
             for i, item in enumerate(value if isinstance(value, list) else [value]):
                 found.uploads.append(Upload(name, _base64(item, name), ""))
-        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        elif isinstance(value, bool):  # JSON true/false, as a form would send it
+            found.values[name] = "true" if value else "false"
+        elif isinstance(value, (str, int, float)):
             found.values[name] = str(value)
         else:
-            raise RequestError(f"field {ascii(name)} must be a string or a number")
+            raise RequestError(f"field {ascii(name)} must be a string, a number or true/false")
     return found
 
 

@@ -18,23 +18,27 @@ from .store import Store
 class LiveIndex:
     def __init__(self, store: Store, gallery: str, score: str, backend: str = "exact"):
         self.store, self.gallery, self.score, self.backend = store, gallery, score, backend
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the rows, while a search reads them or a refresh changes them
+        # One refresh at a time, from reading the changes to applying them: two overlapping refreshes could
+        # otherwise apply an older read after a newer one and bring back a deleted image.
+        self.refresh_lock = threading.Lock()
         ids, names, vectors, self.seq = store.rows(gallery)
         self.rows: dict[int, tuple[str, np.ndarray]] = {int(i): (n, v) for i, n, v in zip(ids, names, vectors)}
         self._search = None  # (index, names): rebuilt lazily after a change
 
     def refresh(self) -> None:
         """Apply the changes made since the last refresh (by this process or another sharing the store)."""
-        changes, seq = self.store.changes_since(self.gallery, self.seq)
-        with self.lock:
-            for op, image_id, identity, embedding in changes:
-                if op == "add":
-                    self.rows[image_id] = (identity, np.asarray(embedding, np.float32))
-                else:
-                    self.rows.pop(image_id, None)
-            if changes:
-                self._search = None
-            self.seq = max(self.seq, seq)
+        with self.refresh_lock:
+            changes, seq = self.store.changes_since(self.gallery, self.seq)
+            with self.lock:
+                for op, image_id, identity, embedding in changes:
+                    if op == "add":
+                        self.rows[image_id] = (identity, np.asarray(embedding, np.float32))
+                    else:
+                        self.rows.pop(image_id, None)
+                if changes:
+                    self._search = None
+                self.seq = max(self.seq, seq)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -63,5 +67,5 @@ class LiveIndex:
             if not self.rows:
                 return [[] for _ in probes]
             index, names = self._built()
-            found, scores = index.search(probes, k)
+        found, scores = index.search(probes, k)  # a built index is never changed (a change builds a new one)
         return [[(names[i], float(s)) for i, s in zip(row, srow)] for row, srow in zip(found, scores)]

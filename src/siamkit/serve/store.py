@@ -127,7 +127,8 @@ class SqliteStore:
                 cur.execute("INSERT INTO images (gallery, identity, embedding, source) VALUES (?, ?, ?, ?)",
                             (gallery, identity, blob, source))
                 ids.append(cur.lastrowid)
-                cur.execute("INSERT INTO changes (gallery, op, image_id, identity, embedding) VALUES (?, 'add', ?, ?, ?)",
+                cur.execute("INSERT INTO changes (gallery, op, image_id, identity, embedding) "
+                            "VALUES (?, 'add', ?, ?, ?)",
                             (gallery, cur.lastrowid, identity, blob))
             return ids
 
@@ -135,7 +136,8 @@ class SqliteStore:
 
     def _delete(self, gallery: str, where: str, arg) -> list[tuple[int, str]]:
         def work(cur):
-            gone = cur.execute(f"SELECT id, identity FROM images WHERE gallery = ? AND {where}", (gallery, arg)).fetchall()
+            gone = cur.execute(f"SELECT id, identity FROM images WHERE gallery = ? AND {where}",
+                               (gallery, arg)).fetchall()
             for image_id, identity in gone:
                 cur.execute("DELETE FROM images WHERE id = ?", (image_id,))
                 cur.execute("INSERT INTO changes (gallery, op, image_id, identity) VALUES (?, 'del', ?, ?)",
@@ -179,7 +181,8 @@ class SqliteStore:
             cur = self.db.cursor()
             cur.execute("BEGIN")
             try:
-                found = cur.execute("SELECT op, image_id, identity, embedding FROM changes WHERE gallery = ? AND seq > ? "
+                found = cur.execute("SELECT op, image_id, identity, embedding FROM changes "
+                                    "WHERE gallery = ? AND seq > ? "
                                     "ORDER BY seq", (gallery, seq)).fetchall()
                 last = cur.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
             finally:

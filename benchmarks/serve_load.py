@@ -217,7 +217,8 @@ def report(args, rows: list[dict], ident: list[dict], costs: list[str], load_bef
         f"load average (1/5/15 min) before: {' '.join(f'{x:.2f}' for x in load_before)}, "
         f"after: {' '.join(f'{x:.2f}' for x in load_after)}",
         f"{args.seconds:g} s per level after {args.warmup:g} s of warm-up; server defaults except `--max-batch 1` "
-        f"for batching off; server OpenMP threads: {args.server_threads or 'torch default'}", "", *header, *(row_text(r) for r in rows), "", *ratios(rows, 16), "",
+        f"for batching off; server OpenMP threads: {args.server_threads or 'torch default'}",
+        "", *header, *(row_text(r) for r in rows), "", *ratios(rows, 16), "",
         *(f"- identify (top-5) with {r['enrolled']:,} embeddings enrolled ({r['model']}): p50 {r['p50']:.1f} ms, "
           f"p99 {r['p99']:.1f} ms over {r['requests']} requests from 1 client" for r in ident),
         "", "Where a verify's time goes (in one process, no HTTP):", *costs,

@@ -26,8 +26,9 @@ def free_port() -> int:
 class Server:
     """``siamkit serve MODEL ARGS`` on a free port; ``stop()`` sends SIGTERM and waits, ``start()`` starts again."""
 
-    def __init__(self, model: str | Path, data_dir: Path, *args: str, log: Path | None = None):
+    def __init__(self, model: str | Path, data_dir: Path, *args: str, log: Path | None = None, threads: int | None = 1):
         self.model, self.data_dir, self.args = str(model), Path(data_dir), list(args)
+        self.threads = threads  # OpenMP threads of the server; None: torch's default (benchmarks/serve_load.py)
         self.log = log or self.data_dir.parent / f"{self.data_dir.name}.log"
         self.proc: subprocess.Popen | None = None
         self.port = 0
@@ -39,7 +40,9 @@ class Server:
     def start(self) -> "Server":
         self.port = free_port()
         env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               "OMP_NUM_THREADS": "1"}
+               "OMP_NUM_THREADS": str(self.threads)}
+        if self.threads is None:
+            del env["OMP_NUM_THREADS"]
         cmd = [sys.executable, "-m", "siamkit", "serve", self.model, "--port", str(self.port), "--data-dir",
                str(self.data_dir), *self.args]
         self.log_file = open(self.log, "a")

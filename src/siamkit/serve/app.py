@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .._version import __version__
 from ..errors import SiamkitError, logger
+from .faces_shown import wants_faces
 from .fields import read_fields
 from .images import BadImage
 from .keys import KeyRing
@@ -89,14 +90,14 @@ def create_app(service: Service, *, keys: KeyRing | None = None, cors: list[str]
 def _add_model_routes(app: FastAPI, service: Service, keys: KeyRing | None) -> None:
     read = _auth(keys, "read")
 
-    @app.post("/v1/verify", dependencies=[read], openapi_extra=_body_doc(("image1", "image2"), ("far",)),
+    @app.post("/v1/verify", dependencies=[read], openapi_extra=_body_doc(("image1", "image2"), ("far", "return_faces")),
               summary="Do two images show the same identity? {score, decision, threshold, source}")
     async def verify(request: Request):
-        f = await read_fields(request, ("image1", "image2"), ("far",))
+        f = await read_fields(request, ("image1", "image2"), ("far", "return_faces"))
         one, two = f.files("image1"), f.files("image2")
         if len(one) != 1 or len(two) != 1:
             raise RequestError("verify takes exactly one image in each of the fields image1 and image2")
-        return await service.verify(one[0], two[0], f.number("far", float))
+        return await service.verify(one[0], two[0], f.number("far", float), wants_faces(f.values.get("return_faces")))
 
     @app.post("/v1/embed", dependencies=[read], openapi_extra=_body_doc(("image",), many=True),
               summary="Embeddings of one or more images")

@@ -20,6 +20,7 @@ from ..eval.verification import pair_scores
 from ..gallery import model_probe
 from ..verifier import require_finite
 from .batching import Batcher
+from .faces_shown import png_base64
 from .images import decode_upload
 from .index import LiveIndex
 from .names import check_gallery_name, check_identity_name
@@ -75,10 +76,13 @@ class Service:
         except SiamkitError as e:  # e.g. no face found with --align: name the field, not "the image"
             raise RequestError(f"{upload.field}: {e}", 422) from None
 
-    async def embed(self, uploads: list[Upload]) -> np.ndarray:
-        """Embeddings [n, D] of the uploads, through the batcher."""
-        pixels = await asyncio.gather(*(asyncio.to_thread(self._pixels, u) for u in uploads))
-        rows = await self.batcher.run(np.stack(pixels))
+    async def model_input(self, uploads: list[Upload]) -> np.ndarray:
+        """uint8 [n, C, H, W]: each upload as the model sees it (decoded; aligned when the server aligns)."""
+        return np.stack(await asyncio.gather(*(asyncio.to_thread(self._pixels, u) for u in uploads)))
+
+    async def embed(self, uploads: list[Upload], pixels: np.ndarray | None = None) -> np.ndarray:
+        """Embeddings [n, D] of the uploads (of their model_input ``pixels`` when given), through the batcher."""
+        rows = await self.batcher.run(await self.model_input(uploads) if pixels is None else pixels)
         return require_finite(rows, [u.field for u in uploads])
 
     def threshold(self, far: float | None) -> tuple[float, str]:
@@ -89,12 +93,17 @@ class Service:
                                f"{rates}")
         return pick_threshold(self.verifier.calibration, None, far, self.verifier.score_name, ("threshold", "far"))
 
-    async def verify(self, image1: Upload, image2: Upload, far: float | None = None) -> dict:
+    async def verify(self, image1: Upload, image2: Upload, far: float | None = None, faces: bool = False) -> dict:
+        """{score, decision, threshold, source}; ``faces``: also the two model inputs as PNGs (faces_shown.py)."""
         threshold, source = self.threshold(far)  # before any pixel: a bad far costs nothing
-        rows = await self.embed([image1, image2])
+        pixels = await self.model_input([image1, image2])
+        rows = await self.embed([image1, image2], pixels)
         score = float(pair_scores(rows[:1], rows[1:], self.verifier.score_name)[0])
-        return {"score": score, "decision": "same" if score >= threshold else "different",
-                "threshold": threshold, "source": source}
+        answer = {"score": score, "decision": "same" if score >= threshold else "different",
+                  "threshold": threshold, "source": source}
+        if faces:
+            answer["faces"] = [png_base64(p) for p in pixels]
+        return answer
 
     # ------------------------------------------------------------ galleries
 

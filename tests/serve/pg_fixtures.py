@@ -1,5 +1,6 @@
 """A real PostgreSQL server for the tests: initdb in a temporary folder, postgres on a free port of 127.0.0.1, stopped
-at the end of the session. Imported by tests/serve/conftest.py; tests that use it are skipped, with the reason, only
+at the end of the test module. Imported by the test modules that use it (a conftest.py here would shadow
+tests/conftest.py: the test folders are not packages); tests that use it are skipped, with the reason, only
 where PostgreSQL's binaries are not installed (CI installs Debian's postgresql).
 
 As root (CI, this project's machines) the server runs as the ``postgres`` user, which initdb requires; the process
@@ -112,9 +113,10 @@ class PostgresServer:
         return self.dsn(name)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def postgres_server():
-    """The session's PostgreSQL server (started once; a test that stops it starts it again)."""
+    """The module's PostgreSQL server (started once per test module that imports these fixtures; a test that stops
+    it starts it again)."""
     bindir = postgres_bindir()
     if bindir is None:
         pytest.skip("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/postgres): apt-get install postgresql")

@@ -10,6 +10,7 @@ from siamkit.errors import SiamkitError
 from siamkit.gallery import GALLERY_FILE, load_gallery, new_gallery, save_gallery
 from siamkit.serve.npz import export_npz, import_npz, stamp_of
 from siamkit.serve.store import SqliteStore, StoreUnavailable
+from pg_fixtures import pg_dsn, postgres_server  # noqa: F401  (fixtures: imported, not in a conftest.py)
 
 DIM = 6
 PEOPLE = {"ann": 3, "bo": 1, "cy": 4}  # identity -> images

@@ -10,6 +10,7 @@ import pytest
 
 from _serve_helpers import Server
 from siamkit.serve.store import open_store
+from pg_fixtures import pg_dsn, postgres_server  # noqa: F401  (fixtures: imported, not in a conftest.py)
 
 CLIENTS = 8
 IMAGES_PER_ENROLMENT = 3

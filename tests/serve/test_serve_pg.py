@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from _serve_helpers import Server
-from pg_fixtures import eventually
+from pg_fixtures import eventually, pg_dsn, postgres_server  # noqa: F401  (fixtures: imported, not in a conftest.py)
 
 
 def image(att_faces, person: int, k: int = 1):

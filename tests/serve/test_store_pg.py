@@ -9,7 +9,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from pg_fixtures import eventually
+from pg_fixtures import eventually, pg_dsn, postgres_server  # noqa: F401  (fixtures: imported, not in a conftest.py)
 from siamkit.errors import SiamkitError
 from siamkit.serve.store import ModelStamp, SqliteStore, StoreUnavailable
 from siamkit.serve.store_pg import PostgresStore

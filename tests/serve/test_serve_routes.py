@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 
 import numpy as np
 import pytest
@@ -95,4 +96,16 @@ def test_the_store_unreachable_is_503_and_a_bug_is_a_one_line_500(tmp_path, monk
 def test_unknown_paths_and_methods_are_one_line(tmp_path):
     with make_client(tmp_path) as c:
         assert "openapi.json" in one_line_error(c.get("/v2/verify"), 404)
+        # FastAPI's /docs and /redoc would load their scripts from a CDN: the server offers neither
+        one_line_error(c.get("/docs"), 404)
+        one_line_error(c.get("/redoc"), 404)
         one_line_error(c.get("/v1/verify"), 405)
+
+
+def test_the_page_loads_nothing_from_elsewhere():
+    """The page's files name no other host: it works offline, and nothing a user uploads leaves the machine."""
+    from importlib import resources
+
+    for name in ("index.html", "app.js", "style.css"):
+        text = resources.files("siamkit.serve").joinpath("page", name).read_text()
+        assert re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.I) is None, name

@@ -72,7 +72,10 @@ def create_app(service: Service, *, keys: KeyRing | None = None, cors: list[str]
         service.close()  # after uvicorn has finished the requests in flight
         logger.info("serve: stopped; the store is closed")
 
-    app = FastAPI(title="siamkit serve", version=__version__, lifespan=lifespan,
+    # No /docs or /redoc: FastAPI renders them with scripts fetched from a CDN at view time, and a siamkit server
+    # serves nothing that reaches the internet (an offline machine would show a blank page). /openapi.json is the
+    # description; any OpenAPI viewer reads it.
+    app = FastAPI(title="siamkit serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Face (or any identity) verification and 1:N identification with a siamkit model.")
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=int(max_upload_mb * 2**20))
